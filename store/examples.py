@@ -1,0 +1,117 @@
+"""Training and evaluation examples: imported, derived from feedback, or marked golden."""
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, func, select
+
+from store.models import Example, ExampleStatus, utcnow
+
+
+def example_hash(messages: list[dict], answer: str | None, label: str | None) -> str:
+    """Content identity of an example: same context and target → same hash."""
+    payload = json.dumps({"m": messages, "a": answer, "l": label}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def upsert_example(
+    session: Session,
+    *,
+    messages: list[dict],
+    answer: str | None = None,
+    label: str | None = None,
+    source: str,
+    provenance: dict | None = None,
+    golden: bool = False,
+    rejected_answer: str | None = None,
+    message_id: int | None = None,
+) -> tuple[Example, bool]:
+    """Insert an example unless one with the same content exists; returns (row, created).
+    An existing row keeps its history: provenance is merged and `golden` can only be switched on."""
+    if answer is None and label is None:
+        raise ValueError("an example needs an answer or a label")
+    digest = example_hash(messages, answer, label)
+    stmt = select(Example).where(Example.content_hash == digest)
+    for _attempt in range(2):
+        row = session.exec(stmt).first()
+        created = row is None
+        if created:
+            row = Example(content_hash=digest, messages=messages, answer=answer, label=label,
+                          source=source, provenance=provenance or {}, golden=golden,
+                          rejected_answer=rejected_answer, message_id=message_id)
+        else:
+            row.provenance = {**row.provenance, **(provenance or {})}
+            row.golden = row.golden or golden
+            row.rejected_answer = row.rejected_answer or rejected_answer
+            row.updated_at = utcnow()
+        session.add(row)
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            continue
+        session.refresh(row)
+        return row, created
+    raise RuntimeError("could not upsert example after a concurrent insert")
+
+
+def list_examples(
+    session: Session, *, status: ExampleStatus | str | None = ExampleStatus.active, golden: bool | None = None
+) -> list[Example]:
+    stmt = select(Example).order_by(col(Example.id))
+    if status is not None:
+        stmt = stmt.where(Example.status == str(status))
+    if golden is not None:
+        stmt = stmt.where(Example.golden == golden)
+    return list(session.exec(stmt).all())
+
+
+def examples_for_message(session: Session, message_id: int) -> list[Example]:
+    return list(session.exec(select(Example).where(Example.message_id == message_id)).all())
+
+
+def set_example_status(session: Session, example_id: int, status: ExampleStatus | str) -> Example:
+    row = session.get(Example, example_id)
+    if row is None:
+        raise LookupError(f"no example with id {example_id}")
+    row.status, row.updated_at = str(status), utcnow()
+    session.add(row)
+    session.commit()
+    return row
+
+
+def mark_golden(session: Session, example_id: int, golden: bool = True) -> Example:
+    row = session.get(Example, example_id)
+    if row is None:
+        raise LookupError(f"no example with id {example_id}")
+    row.golden, row.updated_at = golden, utcnow()
+    session.add(row)
+    session.commit()
+    return row
+
+
+def set_splits(session: Session, splits: dict[int, str]) -> None:
+    """Remember each example's split (train / eval / golden) as the last build assigned it."""
+    for example_id, split in splits.items():
+        row = session.get(Example, example_id)
+        if row is not None and row.split != split:
+            row.split = split
+            session.add(row)
+    session.commit()
+
+
+def count_examples(session: Session, since: datetime | None = None) -> dict[str, int]:
+    """Active examples per source (and 'golden', 'total'); `since` counts only newer ones."""
+    stmt = select(Example.source, func.count()).where(Example.status == ExampleStatus.active)
+    if since is not None:
+        stmt = stmt.where(col(Example.created_at) > since)
+    counts = {src: n for src, n in session.exec(stmt.group_by(Example.source)).all()}
+    golden = select(func.count()).select_from(Example).where(
+        Example.golden == True, Example.status == ExampleStatus.active  # noqa: E712
+    )
+    counts["golden"] = session.exec(golden).one()
+    counts["total"] = sum(v for k, v in counts.items() if k != "golden")
+    return counts

@@ -1,0 +1,225 @@
+"""The schema: every table Flywheel keeps. Status values are plain strings checked in Python,
+so migrations never have to alter database enum types."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Any, Optional
+
+from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    """Aware UTC; SQLModel's UTCDateTime stores it on SQLite and PostgreSQL alike."""
+    return datetime.now(timezone.utc)
+
+
+def _json(default=dict) -> Any:
+    return Field(default_factory=default, sa_column=Column(JSON, nullable=False))
+
+
+class Role(StrEnum):
+    user = "user"
+    assistant = "assistant"
+    system = "system"
+
+
+class FeedbackKind(StrEnum):
+    reaction = "reaction"  # 👍/👎 emoji on a bot answer
+    button = "button"  # feedback buttons under a bot answer
+    correction = "correction"  # "suggest a better answer": a gold answer
+    label = "label"  # configurable label emoji → class label
+    golden = "golden"  # an admin marked the item as a regression (golden) item
+
+
+class ExampleStatus(StrEnum):
+    active = "active"
+    excluded = "excluded"
+
+
+class Split(StrEnum):
+    train = "train"
+    eval = "eval"
+    golden = "golden"
+
+
+class RunStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class VersionStatus(StrEnum):
+    candidate = "candidate"  # registered, gate passed, waiting for an admin
+    rejected = "rejected"  # gate failed or an admin rejected it
+    approved = "approved"  # an admin approved it; not (yet) live
+    production = "production"  # the production alias points here
+    retired = "retired"  # was production once
+
+
+class Conversation(SQLModel, table=True):
+    """A Slack thread (or a DM's top level): the unit of dialogue context."""
+
+    __table_args__ = (UniqueConstraint("channel", "thread_ts", name="uq_conversation_thread"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    channel: str = Field(max_length=64)
+    thread_ts: str = Field(max_length=32)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Message(SQLModel, table=True):
+    """One message in a conversation; for the bot's answers also who produced it and how fast."""
+
+    __table_args__ = (UniqueConstraint("channel", "ts", name="uq_message_channel_ts"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    conversation_id: int = Field(foreign_key="conversation.id", index=True)
+    channel: str = Field(max_length=64)
+    ts: str = Field(max_length=32)
+    role: str = Field(max_length=16)
+    author: Optional[str] = Field(default=None, max_length=64)
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    model_version: Optional[str] = Field(default=None, max_length=64)
+    latency_ms: Optional[float] = None
+    error: Optional[str] = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Feedback(SQLModel, table=True):
+    """The latest vote of one user on one message for one kind; retraction keeps the row."""
+
+    __table_args__ = (UniqueConstraint("message_id", "user", "kind", name="uq_feedback_vote"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    message_id: int = Field(foreign_key="message.id", index=True)
+    user: str = Field(max_length=64)
+    kind: str = Field(max_length=16)
+    value: str = Field(max_length=64)
+    correction: Optional[str] = Field(default=None, sa_column=Column(Text))
+    is_admin: bool = False
+    retracted: bool = False
+    history: list = _json(list)  # earlier values: [{"value", "at", "retracted"}]
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Example(SQLModel, table=True):
+    """A training / evaluation item: context messages and a target answer or class label."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    content_hash: str = Field(max_length=64, unique=True)
+    messages: list = _json(list)  # [{"role", "content"}], the last one is the user's question
+    answer: Optional[str] = Field(default=None, sa_column=Column(Text))
+    label: Optional[str] = Field(default=None, max_length=64)
+    rejected_answer: Optional[str] = Field(default=None, sa_column=Column(Text))
+    source: str = Field(max_length=32)  # import / feedback / correction / augmented / ...
+    provenance: dict = _json(dict)  # feedback ids, message ids, file names
+    status: str = Field(default=ExampleStatus.active, max_length=16, index=True)
+    golden: bool = Field(default=False, index=True)
+    split: Optional[str] = Field(default=None, max_length=16)
+    message_id: Optional[int] = Field(default=None, foreign_key="message.id", index=True)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class DatasetSnapshot(SQLModel, table=True):
+    """A built dataset: same inputs and parameters give the same content hash."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    content_hash: str = Field(max_length=64, index=True)
+    counts: dict = _json(dict)
+    params: dict = _json(dict)
+    path: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class TrainingRun(SQLModel, table=True):
+    """One training cycle, from queued to a verdict; progress and loss history for the bot."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    status: str = Field(default=RunStatus.queued, max_length=16, index=True)
+    progress: float = 0.0
+    step: int = 0
+    total_steps: int = 0
+    hyperparams: dict = _json(dict)
+    metrics: list = _json(list)  # [{"step", "loss", "lr", ...}]
+    dataset_snapshot_id: Optional[int] = Field(default=None, foreign_key="datasetsnapshot.id")
+    lease_owner: Optional[str] = Field(default=None, max_length=128)
+    heartbeat_at: Optional[datetime] = None
+    queued_by: Optional[str] = Field(default=None, max_length=64)
+    error: Optional[str] = Field(default=None, sa_column=Column(Text))
+    model_version: Optional[str] = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: Optional[datetime] = None
+    finished_at: Optional[datetime] = None
+
+
+class Lease(SQLModel, table=True):
+    """A named mutual-exclusion lease with expiry: one trainer at a time across machines."""
+
+    name: str = Field(primary_key=True, max_length=64)
+    owner: str = Field(max_length=128)
+    acquired_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+
+
+class ModelVersion(SQLModel, table=True):
+    """An immutable fine-tuned adapter and its evaluation verdict."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    adapter_path: str = Field(sa_column=Column(Text, nullable=False))
+    adapter_sha256: str = Field(max_length=64)
+    base_model: str = Field(max_length=256)
+    run_id: Optional[int] = Field(default=None, foreign_key="trainingrun.id")
+    dataset_snapshot_id: Optional[int] = Field(default=None, foreign_key="datasetsnapshot.id")
+    report: dict = _json(dict)
+    report_path: Optional[str] = Field(default=None, sa_column=Column(Text))
+    gate_passed: bool = False
+    gate_reasons: list = _json(list)
+    status: str = Field(default=VersionStatus.candidate, max_length=16, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Alias(SQLModel, table=True):
+    """A movable name (production, candidate) → version; None means the base model."""
+
+    name: str = Field(primary_key=True, max_length=32)
+    version_name: Optional[str] = Field(default=None, foreign_key="modelversion.name", max_length=64)
+    updated_at: datetime = Field(default_factory=utcnow)
+    updated_by: Optional[str] = Field(default=None, max_length=64)
+
+
+class AuditEvent(SQLModel, table=True):
+    """Who did what to which target, including refusals."""
+
+    __table_args__ = (Index("ix_audit_action_target", "action", "target"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    actor: str = Field(max_length=64)
+    action: str = Field(max_length=64)
+    target: str = Field(max_length=128)
+    outcome: str = Field(default="ok", max_length=16)  # ok / refused / error
+    detail: dict = _json(dict)
+    at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class SlackEventReceipt(SQLModel, table=True):
+    """Slack event ids already handled: retried deliveries are answered once."""
+
+    event_id: str = Field(primary_key=True, max_length=128)
+    kind: str = Field(default="event", max_length=64)
+    received_at: datetime = Field(default_factory=utcnow)
+
+
+class GatewayReplica(SQLModel, table=True):
+    """What each gateway replica serves, so 'live on 3/3 replicas' can be shown."""
+
+    id: str = Field(primary_key=True, max_length=128)
+    backend: str = Field(default="transformers", max_length=32)
+    served: dict = _json(dict)  # alias → version name (None = base)
+    loaded: list = _json(list)  # version names loaded
+    last_error: Optional[str] = Field(default=None, sa_column=Column(Text))
+    started_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,67 @@
+"""Shared fixtures: databases of both kinds, migrated, one fresh database per test."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from store.db import dispose_engines, get_engine
+from store.migrate import upgrade
+from tests.support.postgres import PostgresServer, find_bindir
+
+
+def pytest_addoption(parser):
+    parser.addoption("--no-postgres", action="store_true", help="skip the PostgreSQL half of the store tests")
+
+
+@pytest.fixture(scope="session")
+def pg_server(request):
+    if request.config.getoption("--no-postgres"):
+        pytest.skip("--no-postgres given")
+    if find_bindir() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL binaries missing in CI; `make setup` should have installed them")
+        pytest.skip("PostgreSQL server binaries not installed")
+    server = PostgresServer().start()
+    yield server
+    dispose_engines()
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def empty_db_url(request, tmp_path):
+    """A database URL with nothing in it, of each kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'flywheel.db'}"
+    return request.getfixturevalue("pg_server").create_database()
+
+
+@pytest.fixture
+def db_url(empty_db_url, monkeypatch):
+    """A migrated database of each kind, also set as FLYWHEEL_DATABASE_URL for code under test."""
+    upgrade(empty_db_url)
+    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", empty_db_url)
+    yield empty_db_url
+    get_engine(empty_db_url).dispose()
+
+
+@pytest.fixture
+def engine(db_url):
+    return get_engine(db_url)
+
+
+@pytest.fixture
+def session(engine):
+    from store.db import session_scope
+
+    with session_scope(engine) as s:
+        yield s
+
+
+@pytest.fixture
+def sqlite_url(tmp_path, monkeypatch):
+    """A migrated SQLite database only (for tests of other packages that need a store)."""
+    url = f"sqlite:///{tmp_path / 'flywheel.db'}"
+    upgrade(url)
+    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", url)
+    return url

@@ -1,0 +1,76 @@
+"""A throwaway PostgreSQL server for the test session: initdb in a temp dir, loopback port,
+run as an unprivileged user (PostgreSQL refuses root), stopped and deleted at the end."""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+PG_USER = "flywheel-pg"
+
+
+def find_bindir() -> Path | None:
+    if os.environ.get("FLYWHEEL_PG_BIN"):
+        return Path(os.environ["FLYWHEEL_PG_BIN"])
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PostgresServer:
+    def __init__(self) -> None:
+        self.bindir = find_bindir()
+        if self.bindir is None:
+            raise RuntimeError("PostgreSQL server binaries not found; run `make setup` (installs postgresql)")
+        self.port = free_port()
+        self.datadir = Path(tempfile.mkdtemp(prefix="flywheel-pg-"))
+        self.run_as: list[str] = []
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam(PG_USER)
+            except KeyError:
+                subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", PG_USER], check=True)
+            shutil.chown(self.datadir, PG_USER)
+            self.run_as = ["runuser", "-u", PG_USER, "--"]
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self.run_as, *args], check=True, capture_output=True, text=True)
+
+    def start(self) -> "PostgresServer":
+        data = str(self.datadir / "data")
+        self._run(str(self.bindir / "initdb"), "-D", data, "-U", "postgres", "-A", "trust", "--no-sync")
+        opts = f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        self._run(str(self.bindir / "pg_ctl"), "-D", data, "-o", opts, "-l", str(self.datadir / "log"), "-w", "start")
+        return self
+
+    def stop(self) -> None:
+        try:
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir / "data"), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.datadir, ignore_errors=True)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A fresh, empty database for one test; returns its URL."""
+        import psycopg
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)

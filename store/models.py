@@ -150,6 +150,10 @@ class TrainingRun(SQLModel, table=True):
     queued_by: Optional[str] = Field(default=None, max_length=64)
     error: Optional[str] = Field(default=None, sa_column=Column(Text))
     model_version: Optional[str] = Field(default=None, max_length=64)
+    # The Slack message that shows this run's progress and report (updated, not reposted).
+    report_channel: Optional[str] = Field(default=None, max_length=64)
+    report_ts: Optional[str] = Field(default=None, max_length=32)
+    reported_at: Optional[datetime] = None
     created_at: datetime = Field(default_factory=utcnow)
     started_at: Optional[datetime] = None
     finished_at: Optional[datetime] = None

@@ -31,6 +31,7 @@ class FeedbackKind(StrEnum):
     correction = "correction"  # "suggest a better answer": a gold answer
     label = "label"  # configurable label emoji → class label
     golden = "golden"  # an admin marked the item as a regression (golden) item
+    shortcut = "shortcut"  # "Add to training data" message shortcut
 
 
 class ExampleStatus(StrEnum):

@@ -65,3 +65,32 @@ def sqlite_url(tmp_path, monkeypatch):
     upgrade(url)
     monkeypatch.setenv("FLYWHEEL_DATABASE_URL", url)
     return url
+
+
+@pytest.fixture(scope="session")
+def base_model_dir():
+    """The real SmolLM2 (built by `make model`); tests that need it are marked slow."""
+    from pathlib import Path
+
+    from flywheel.modelfiles import default_model_dir, read_marker
+
+    path = default_model_dir().resolve()
+    if read_marker(path) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} missing in CI; `make model` should have built it")
+        pytest.skip(f"{path} not built; run `make model`")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer: the `make model` one, else built once here."""
+    from flywheel.modelfiles import build_tiny_llama, default_model_dir, read_marker, tiny_model_dir as tiny
+
+    path = tiny().resolve()
+    if read_marker(path) is not None:
+        return path
+    source = default_model_dir()
+    if read_marker(source) is None:
+        pytest.skip("no tokenizer source: run `make model` first")
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", source)

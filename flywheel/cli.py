@@ -17,7 +17,7 @@ SUBCOMMANDS = [
     ("trainer.commands", "train_app", "train"),
     ("trainer.commands", "dataset_app", "dataset"),
     ("bot.commands", "bot_app", "bot"),
-    ("flywheel.demo", "demo_app", "demo"),
+    ("flywheel.demo.commands", "demo_app", "demo"),
 ]
 
 for module_name, attr, name in SUBCOMMANDS:
@@ -28,6 +28,11 @@ for module_name, attr, name in SUBCOMMANDS:
             raise
         continue
     app.add_typer(getattr(module, attr), name=name)
+
+
+from flywheel.up import up  # noqa: E402
+
+app.command("up")(up)
 
 
 @app.callback()

@@ -1,0 +1,124 @@
+"""The OpenAI-compatible routes: chat completions, completions, models."""
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gateway.auth import require_api_key
+from gateway.errors import GatewayError
+from gateway.registry import BASE, PRODUCTION
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+VERSION_HEADER = "X-Flywheel-Model-Version"
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def _count_tokens(gw, label: str, body: dict) -> None:
+    usage = body.get("usage") or {}
+    if usage:
+        gw.metrics.tokens.labels("prompt", label).inc(usage.get("prompt_tokens") or 0)
+        gw.metrics.tokens.labels("completion", label).inc(usage.get("completion_tokens") or 0)
+
+
+async def _serve(request: Request, endpoint: str, req) -> JSONResponse | StreamingResponse:
+    gw = request.app.state.gateway
+    metrics, registry = gw.metrics, gw.registry
+    started = time.perf_counter()
+    path = f"/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}"
+    try:
+        version = registry.resolve(req.model)
+    except GatewayError:
+        metrics.requests.labels(path, "none", "404").inc()
+        raise
+    label = registry.label(version)
+    headers = {VERSION_HEADER: label}
+    metrics.inflight.inc()
+    lease = registry.use(version)
+    lease.__enter__()
+    try:
+        if not req.stream:
+            try:
+                body = await gw.backend.generate(version, endpoint, req)
+            except GatewayError as exc:
+                exc.headers.setdefault(VERSION_HEADER, label)
+                metrics.requests.labels(path, label, str(exc.status)).inc()
+                raise
+            body["model"] = label
+            _count_tokens(gw, label, body)
+            metrics.requests.labels(path, label, "200").inc()
+            metrics.latency.labels(path, "false").observe(time.perf_counter() - started)
+            return JSONResponse(body, headers=headers)
+        chunks = gw.backend.stream(version, endpoint, req)
+        try:  # errors found before the first chunk still get a proper status code
+            first = await chunks.__anext__()
+        except GatewayError as exc:
+            exc.headers.setdefault(VERSION_HEADER, label)
+            metrics.requests.labels(path, label, str(exc.status)).inc()
+            raise
+    except BaseException:
+        lease.__exit__(None, None, None)
+        metrics.inflight.dec()
+        raise
+    metrics.first_token.labels(path).observe(time.perf_counter() - started)
+
+    async def body_iter():
+        status = "200"
+        try:
+            first["model"] = label
+            yield _sse(first)
+            async for chunk in chunks:
+                chunk["model"] = label
+                if chunk.get("usage"):
+                    _count_tokens(gw, label, chunk)
+                yield _sse(chunk)
+            yield b"data: [DONE]\n\n"
+        except GatewayError as exc:  # mid-stream: headers are gone, report in OpenAI's stream style
+            status = str(exc.status)
+            yield _sse(exc.body())
+        finally:
+            await chunks.aclose()
+            lease.__exit__(None, None, None)
+            metrics.inflight.dec()
+            metrics.requests.labels(path, label, status).inc()
+            metrics.latency.labels(path, "true").observe(time.perf_counter() - started)
+
+    headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(body_iter(), media_type="text/event-stream", headers=headers)
+
+
+@router.post("/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    return await _serve(request, "chat", req)
+
+
+@router.post("/completions")
+async def completions(req: CompletionRequest, request: Request):
+    return await _serve(request, "completions", req)
+
+
+@router.get("/models")
+async def list_models(request: Request):
+    gw = request.app.state.gateway
+    reg = gw.registry
+    created = int(reg.swapped_at or time.time())
+    base_id = gw.base_model_name()
+    data = [
+        {"id": BASE, "object": "model", "created": created, "owned_by": "flywheel", "root": base_id,
+         "parent": None, "flywheel": {"kind": "base"}},
+        {"id": PRODUCTION, "object": "model", "created": created, "owned_by": "flywheel", "root": base_id,
+         "parent": None, "flywheel": {"kind": "alias", "target": reg.label(reg.production)}},
+    ]
+    for name, entry in sorted(reg.loaded.items()):
+        if not entry.draining:
+            data.append({"id": name, "object": "model", "created": int(entry.loaded_at), "owned_by": "flywheel",
+                         "root": base_id, "parent": BASE,
+                         "flywheel": {"kind": "adapter", "sha256": entry.sha256,
+                                      "production": name == reg.production}})
+    return {"object": "list", "data": data}

@@ -1,0 +1,42 @@
+"""Bearer-token checks: API keys for /v1 (when configured), the admin token for /admin."""
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from gateway.errors import GatewayError
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(token: str, keys: list[str]) -> bool:
+    return any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
+
+
+async def require_api_key(request: Request) -> None:
+    keys = request.app.state.gateway.settings.api_keys
+    if not keys:
+        return
+    token = _bearer(request)
+    if token is None:
+        raise GatewayError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+    if not _matches(token, keys):
+        raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+
+async def require_admin(request: Request) -> None:
+    admin = request.app.state.gateway.settings.admin_token
+    if not admin:
+        raise GatewayError(403, "Admin endpoints are disabled: set FLYWHEEL_ADMIN_TOKEN.", type="permission_error",
+                           code="admin_disabled")
+    token = _bearer(request)
+    if token is None or not _matches(token, [admin]):
+        raise GatewayError(401, "Missing or wrong admin token.", code="invalid_admin_token",
+                           headers={"WWW-Authenticate": "Bearer"})

@@ -1,0 +1,37 @@
+"""`flywheel gateway ...`: run the OpenAI-compatible gateway."""
+from __future__ import annotations
+
+import typer
+
+gateway_app = typer.Typer(help="The OpenAI-compatible model gateway.", no_args_is_help=True)
+
+
+@gateway_app.callback()
+def _group() -> None:
+    """The OpenAI-compatible model gateway."""
+
+
+@gateway_app.command("serve")
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on"),
+    port: int = typer.Option(8000, help="Port to listen on"),
+    backend: str = typer.Option(None, help="transformers or vllm (default: FLYWHEEL_BACKEND)"),
+    base_model: str = typer.Option(None, help="Base model directory (default: FLYWHEEL_BASE_MODEL)"),
+) -> None:
+    """Serve /v1/chat/completions, /v1/completions, /v1/models, /healthz, /readyz, /metrics."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    overrides = {k: v for k, v in {"backend": backend, "base_model": base_model}.items() if v}
+    try:
+        settings = GatewaySettings(**overrides)
+    except ValidationError as exc:
+        typer.echo(f"invalid gateway settings:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    if settings.backend == "vllm" and not settings.vllm_urls:
+        typer.echo("FLYWHEEL_BACKEND=vllm needs FLYWHEEL_VLLM_URLS (comma-separated vLLM server URLs)", err=True)
+        raise typer.Exit(2)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)

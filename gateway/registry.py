@@ -1,0 +1,113 @@
+"""Which versions this replica serves: the production pointer, the loaded adapters, and the
+in-flight requests on each (so an old version is unloaded only after it drains).
+
+Everything here runs on the event loop, so resolve + acquire is atomic without locks."""
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.errors import model_not_found
+
+BASE = "base"
+PRODUCTION = "production"
+
+
+@dataclass
+class LoadedVersion:
+    name: str
+    path: Path
+    sha256: str
+    loaded_at: float = field(default_factory=time.time)
+    inflight: int = 0
+    draining: bool = False
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.production: str | None = None  # None: the base model
+        self.previous: str | None = None  # kept loaded for an instant rollback
+        self.loaded: dict[str, LoadedVersion] = {}
+        self.base_inflight = 0
+        self.synced = False  # True once the production alias has been read from the store
+        self.store_target: str | None = None
+        self.last_error: str | None = None
+        self.swapped_at: float | None = None
+
+    @staticmethod
+    def label(version: str | None) -> str:
+        return version or BASE
+
+    def names(self) -> list[str]:
+        return [BASE, PRODUCTION, *sorted(n for n, v in self.loaded.items() if not v.draining)]
+
+    def resolve(self, requested: str) -> str | None:
+        """Map a client's model name to a version (None = base); unknown names are a 404."""
+        if requested == PRODUCTION:
+            return self.production
+        if requested == BASE:
+            return None
+        entry = self.loaded.get(requested)
+        if entry is None or entry.draining:
+            raise model_not_found(requested, self.names())
+        return requested
+
+    @contextmanager
+    def use(self, version: str | None):
+        """Count a request against the version it runs on for as long as it runs."""
+        entry = self.loaded.get(version) if version else None
+        if entry is None:
+            self.base_inflight += 1
+        else:
+            entry.inflight += 1
+        try:
+            yield
+        finally:
+            if entry is None:
+                self.base_inflight -= 1
+            else:
+                entry.inflight -= 1
+                if entry.inflight == 0:
+                    entry.drained.set()
+
+    def add(self, name: str, path: Path, sha256: str) -> LoadedVersion:
+        entry = LoadedVersion(name=name, path=path, sha256=sha256)
+        entry.drained.set()
+        self.loaded[name] = entry
+        return entry
+
+    def switch(self, target: str | None) -> list[str]:
+        """Point production at `target` (atomically); returns versions no longer needed."""
+        if target == self.production:
+            return []
+        self.previous, self.production = self.production, target
+        self.swapped_at = time.time()
+        keep = {self.production, self.previous}
+        return [n for n in self.loaded if n not in keep and not self.loaded[n].draining]
+
+    def start_drain(self, name: str) -> LoadedVersion | None:
+        entry = self.loaded.get(name)
+        if entry is None:
+            return None
+        entry.draining = True
+        if entry.inflight == 0:
+            entry.drained.set()
+        else:
+            entry.drained.clear()
+        return entry
+
+    def served(self) -> dict:
+        return {PRODUCTION: self.label(self.production), "previous": self.label(self.previous)}
+
+    def snapshot(self) -> dict:
+        return {
+            "production": self.label(self.production), "previous": self.label(self.previous),
+            "store_target": self.label(self.store_target), "synced": self.synced,
+            "loaded": {n: {"sha256": v.sha256, "inflight": v.inflight, "draining": v.draining}
+                       for n, v in sorted(self.loaded.items())},
+            "base_inflight": self.base_inflight, "last_error": self.last_error,
+        }

@@ -1,0 +1,68 @@
+"""One gateway replica's moving parts: settings, backend, version registry, metrics, store sync."""
+from __future__ import annotations
+
+import asyncio
+
+from flywheel.logs import get_logger
+from gateway.backends import make_backend
+from gateway.metrics import Metrics
+from gateway.registry import Registry
+from gateway.settings import GatewaySettings
+
+log = get_logger("gateway")
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.backend = make_backend(settings)
+        self.registry = Registry()
+        self.metrics = Metrics()
+        self.metrics.set_production("base")
+        self.syncer = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        """Start loading in the background so /healthz answers at once and /readyz tells the story."""
+        self._tasks.append(asyncio.create_task(self._boot(), name="gateway-boot"))
+
+    async def _boot(self) -> None:
+        try:
+            await self.backend.start()
+        except Exception as exc:  # logged by the backend; /readyz reports backend.error
+            log.error("backend_start_failed", backend=self.backend.kind, error=str(exc))
+            return
+        from gateway.sync import Syncer
+
+        self.syncer = Syncer(self)
+        await self.syncer.run_forever()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.syncer is not None:
+            await self.syncer.close()
+        await self.backend.close()
+
+    def readiness(self) -> tuple[bool, dict]:
+        reg = self.registry
+        reasons = []
+        if not self.backend.ready:
+            reasons.append(self.backend.error or f"{self.backend.kind} backend is starting")
+        if not reg.synced:
+            reasons.append(f"production alias not read from the store yet ({reg.last_error or 'syncing'})")
+        elif reg.store_target != reg.production:
+            reasons.append(f"production is {reg.label(reg.store_target)} in the store but "
+                           f"{reg.label(reg.production)} here ({reg.last_error or 'loading'})")
+        ready = self.backend.ready and reg.synced and (reg.store_target == reg.production or reg.swapped_at is not None)
+        return ready, {"ready": ready, "reasons": reasons, "backend": self.backend.status(), **reg.snapshot()}
+
+    def base_model_name(self) -> str:
+        from flywheel.adapters import base_model_id
+
+        return base_model_id(self.settings.base_model)

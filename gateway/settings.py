@@ -1,0 +1,75 @@
+"""Gateway settings, read from the environment (FLYWHEEL_ prefix) so every replica is configured alike."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_csv(value):
+    """Lists come from the environment as 'a,b,c' (a JSON list also works)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            import json
+
+            return [str(v).strip() for v in json.loads(value) if str(v).strip()]
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    base_model: Path = Path("models/smollm2-135m-instruct")
+    vllm_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    admin_token: str | None = None
+    sync_interval_s: float = Field(default=2.0, gt=0)
+    adapters_dir: Path = Path("./adapters")
+    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-gateway")
+    max_new_tokens: int = Field(default=256, ge=1)
+    device: str = "auto"
+    # How long a failed adapter load waits before the next try (doubles up to the max).
+    retry_backoff_s: float = Field(default=1.0, gt=0)
+    retry_backoff_max_s: float = Field(default=60.0, gt=0)
+    # Seconds an unloaded-to-be version may take to drain its in-flight requests.
+    drain_timeout_s: float = Field(default=120.0, gt=0)
+    # vLLM: per-request timeout and the model name its server uses for the base model
+    # (discovered from GET /v1/models when unset).
+    vllm_timeout_s: float = Field(default=300.0, gt=0)
+    vllm_base_name: str | None = None
+
+    @field_validator("vllm_urls", "api_keys", mode="before")
+    @classmethod
+    def _csv(cls, value):
+        return _split_csv(value)
+
+    @field_validator("vllm_urls")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"vLLM URL {url!r} must start with http:// or https://")
+        return [url.rstrip("/") for url in value]
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value != "auto" and not (value == "cpu" or value.startswith("cuda") or value == "mps"):
+            raise ValueError(f"device {value!r}: use auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,209 @@
+"""The sync loop: watch the store's production alias and hot-swap to the version it names.
+
+On a change: check the adapter (path inside the adapters dir, registered sha256, our base
+model), load it, warm it up with one request, switch atomically, keep the previous version
+for an instant rollback, and unload older ones once their in-flight requests are done.
+A failed load keeps the old version serving and is retried with exponential backoff."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flywheel.adapters import AdapterError, base_model_id, verify_adapter
+from flywheel.logs import get_logger
+from gateway.schemas import ChatCompletionRequest
+
+log = get_logger("gateway.sync")
+
+
+@dataclass
+class VersionInfo:
+    name: str
+    adapter_path: str
+    adapter_sha256: str
+    base_model: str
+
+
+def resolve_adapter_path(raw: str, adapters_dir: Path) -> Path:
+    """Where an adapter lives, refusing anything that resolves outside `adapters_dir`
+    (`..`, absolute paths elsewhere, symlinks out). Relative paths are taken from the
+    working directory (as the trainer records them) or else from the adapters dir."""
+    if not raw or "\x00" in raw:
+        raise AdapterError(f"invalid adapter path {raw!r}")
+    root = adapters_dir.resolve()
+    path = Path(raw)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, root / path]
+    inside = []
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        if resolved != root and root in resolved.parents:
+            inside.append(resolved)
+    if not inside:
+        raise AdapterError(f"adapter path {raw!r} is outside the adapters directory {root}; refusing to load it")
+    return next((p for p in inside if p.is_dir()), inside[0])
+
+
+class Syncer:
+    def __init__(self, gateway) -> None:
+        self.gw = gateway
+        self.settings = gateway.settings
+        self.registry = gateway.registry
+        self.metrics = gateway.metrics
+        self.backend = gateway.backend
+        self.base_id = gateway.base_model_name()
+        self.wake = asyncio.Event()
+        self.lock = asyncio.Lock()
+        self.failures: dict[str | None, tuple[int, float]] = {}  # version -> (attempts, next try at)
+        self.unloading: dict[str, asyncio.Task] = {}
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.sync_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the loop die; the next round retries
+                log.exception("sync_failed", error=str(exc))
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=self.settings.sync_interval_s)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+
+    async def close(self) -> None:
+        for task in self.unloading.values():
+            task.cancel()
+
+    # ---- one round -------------------------------------------------------------------------
+    async def sync_once(self, force: bool = False) -> dict:
+        async with self.lock:
+            try:
+                target, info = await asyncio.to_thread(self._read_store)
+            except Exception as exc:
+                self.registry.last_error = f"cannot read the production alias from the store: {exc}"
+                self.metrics.sync_errors.inc()
+                log.warning("store_read_failed", error=str(exc))
+                return self.registry.snapshot()
+            self.registry.store_target = target
+            self.registry.synced = True
+            if target != self.registry.production:
+                await self._swap(target, info, force)
+            elif self.registry.last_error and self.registry.last_error.startswith("cannot read"):
+                self.registry.last_error = None
+            try:
+                await self.backend.check(sorted(self.registry.loaded))
+            except Exception as exc:
+                log.warning("backend_check_failed", error=str(exc))
+            await self._heartbeat()
+            return self.registry.snapshot()
+
+    def _read_store(self) -> tuple[str | None, VersionInfo | None]:
+        from store.db import session_scope
+        from store.versions import PRODUCTION, alias_target, find_version
+
+        with session_scope() as session:
+            name = alias_target(session, PRODUCTION)
+            if name is None:
+                return None, None
+            row = find_version(session, name)
+            if row is None:
+                return name, None
+            return name, VersionInfo(row.name, row.adapter_path, row.adapter_sha256, row.base_model)
+
+    async def _heartbeat(self) -> None:
+        from store.db import session_scope
+        from store.replicas import heartbeat_replica
+
+        reg = self.registry
+
+        def write():
+            with session_scope() as session:
+                heartbeat_replica(session, self.settings.replica_id, backend=self.backend.kind,
+                                  served=reg.served(), loaded=sorted(reg.loaded), error=reg.last_error)
+
+        try:
+            await asyncio.to_thread(write)
+        except Exception as exc:
+            log.warning("heartbeat_failed", error=str(exc))
+
+    # ---- swapping --------------------------------------------------------------------------
+    async def _swap(self, target: str | None, info: VersionInfo | None, force: bool) -> None:
+        reg = self.registry
+        started = time.perf_counter()
+        if target is not None and target not in reg.loaded or (target in reg.loaded and reg.loaded[target].draining):
+            attempts, next_at = self.failures.get(target, (0, 0.0))
+            if not force and time.monotonic() < next_at:
+                return  # backing off; the old version keeps serving
+            if target in self.unloading:  # it was being unloaded: let that finish, then load afresh
+                await asyncio.gather(self.unloading[target], return_exceptions=True)
+            try:
+                await self._load(target, info)
+            except Exception as exc:
+                delay = min(self.settings.retry_backoff_s * (2 ** attempts), self.settings.retry_backoff_max_s)
+                self.failures[target] = (attempts + 1, time.monotonic() + delay)
+                reg.last_error = f"could not load {target}: {exc}"
+                self.metrics.swap_failures.inc()
+                log.error("swap_failed", version=target, error=str(exc), attempt=attempts + 1,
+                          retry_in_s=round(delay, 2), serving=reg.label(reg.production))
+                return
+        old = reg.production
+        for name in reg.switch(target):
+            self.unloading[name] = asyncio.create_task(self._drain_and_unload(name))
+        self.failures.pop(target, None)
+        reg.last_error = None
+        self.metrics.swaps.inc()
+        self.metrics.set_production(reg.label(target))
+        self.metrics.swap_seconds.observe(time.perf_counter() - started)
+        self.metrics.loaded.set(len(reg.loaded))
+        log.info("swapped", production=reg.label(target), previous=reg.label(old),
+                 seconds=round(time.perf_counter() - started, 3))
+
+    async def _load(self, name: str, info: VersionInfo | None) -> None:
+        from store.versions import validate_version_name
+
+        if info is None:
+            raise AdapterError(f"the production alias points at {name!r}, which is not a registered version")
+        try:
+            validate_version_name(name)
+        except ValueError as exc:
+            raise AdapterError(str(exc)) from exc
+        if info.base_model != self.base_id:
+            raise AdapterError(f"{name} was trained on base model {info.base_model!r}, but this gateway serves "
+                               f"{self.base_id!r}")
+        path = resolve_adapter_path(info.adapter_path, Path(self.settings.adapters_dir))
+        await asyncio.to_thread(verify_adapter, path, expected_sha256=info.adapter_sha256)
+        await self.backend.load_adapter(name, path)
+        self.registry.add(name, path, info.adapter_sha256)
+        try:
+            await self._warm_up(name)
+        except Exception:
+            self.registry.loaded.pop(name, None)
+            await self.backend.unload_adapter(name)
+            raise
+
+    async def _warm_up(self, name: str) -> None:
+        req = ChatCompletionRequest(model=name, messages=[{"role": "user", "content": "Hello"}],
+                                    max_tokens=1, temperature=0)
+        with self.registry.use(name):
+            await self.backend.generate(name, "chat", req)
+
+    async def _drain_and_unload(self, name: str) -> None:
+        reg = self.registry
+        entry = reg.start_drain(name)
+        try:
+            if entry is None:
+                return
+            try:
+                await asyncio.wait_for(entry.drained.wait(), timeout=self.settings.drain_timeout_s)
+            except TimeoutError:
+                log.warning("drain_timeout", version=name, inflight=entry.inflight)
+            await self.backend.unload_adapter(name)
+            reg.loaded.pop(name, None)
+            self.metrics.loaded.set(len(reg.loaded))
+            log.info("unloaded", version=name)
+        except Exception as exc:
+            log.warning("unload_failed", version=name, error=str(exc))
+        finally:
+            self.unloading.pop(name, None)

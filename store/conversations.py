@@ -96,3 +96,14 @@ def count_messages(session: Session, role: Role | str | None = None) -> int:
     if role is not None:
         stmt = stmt.where(Message.role == str(role))
     return session.exec(stmt).one()
+
+
+def conversation_messages(session: Session, conversation_id: int, limit: int = 500) -> list[Message]:
+    """Every message of one conversation, oldest first (context before / reply after a message)."""
+    stmt = (
+        select(Message)
+        .where(Message.conversation_id == conversation_id)
+        .order_by(col(Message.ts), col(Message.id))
+        .limit(limit)
+    )
+    return list(session.exec(stmt).all())

@@ -20,3 +20,14 @@ def get_snapshot(session: Session, snapshot_id: int) -> DatasetSnapshot | None:
 
 def latest_snapshot(session: Session) -> DatasetSnapshot | None:
     return session.exec(select(DatasetSnapshot).order_by(col(DatasetSnapshot.id).desc()).limit(1)).first()
+
+
+def snapshot_by_hash(session: Session, content_hash: str) -> DatasetSnapshot | None:
+    """The newest snapshot with this content hash (a rebuild of the same inputs reuses it)."""
+    stmt = (
+        select(DatasetSnapshot)
+        .where(DatasetSnapshot.content_hash == content_hash)
+        .order_by(col(DatasetSnapshot.id).desc())
+        .limit(1)
+    )
+    return session.exec(stmt).first()

@@ -115,3 +115,18 @@ def count_examples(session: Session, since: datetime | None = None) -> dict[str,
     counts["golden"] = session.exec(golden).one()
     counts["total"] = sum(v for k, v in counts.items() if k != "golden")
     return counts
+
+
+def exclude_examples(session: Session, example_ids: list[int], reason: str) -> int:
+    """Exclude examples and remember why (a rebuild may re-activate its own 'stale' exclusions)."""
+    count = 0
+    for example_id in example_ids:
+        row = session.get(Example, example_id)
+        if row is None or row.status == ExampleStatus.excluded:
+            continue
+        row.status, row.updated_at = ExampleStatus.excluded, utcnow()
+        row.provenance = {**row.provenance, "excluded_reason": reason}
+        session.add(row)
+        count += 1
+    session.commit()
+    return count

@@ -2,6 +2,8 @@
 and earlier values and retractions are kept in the row's history."""
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
@@ -111,3 +113,11 @@ def top_downvoted_answers(session: Session, limit: int = 5) -> list[tuple[Messag
         .limit(limit)
     )
     return [(m, n) for m, n in session.exec(stmt).all()]
+
+
+def count_feedback_since(session: Session, since: datetime | None = None) -> int:
+    """Live votes recorded or changed after `since` (all when None): new signal for the scheduler."""
+    stmt = select(func.count()).select_from(Feedback).where(Feedback.retracted == False)  # noqa: E712
+    if since is not None:
+        stmt = stmt.where(col(Feedback.updated_at) > since)
+    return session.exec(stmt).one()

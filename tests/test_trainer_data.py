@@ -1,0 +1,277 @@
+"""Dataset building: cleaning, redaction, import, feedback targets, dedup, split, snapshots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from store.conversations import record_message
+from store.db import get_engine, session_scope
+from store.examples import list_examples, upsert_example
+from store.feedback import retract_vote, upsert_vote
+from trainer.clean import clean_text
+from trainer.dataset import build_snapshot, hash_split
+from trainer.importer import ImportFileError, import_file
+from trainer.redact import redact
+from trainer.settings import TrainerSettings
+from trainer.targets import derive_examples
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def sq(sqlite_url):
+    with session_scope(get_engine(sqlite_url)) as s:
+        yield s
+
+
+def settings(tmp_path, **kw) -> TrainerSettings:
+    return TrainerSettings(data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", adapters_dir=tmp_path / "ad", **kw)
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("<@U0BOT> what is <#C123|general> for?", "what is #general for?"),
+    ("ask <@U77|maria> or <@W99>", "ask @maria or @user"),
+    ("<!here> deploy at 10:30:45 :rocket: :+1::skin-tone-2:", "@here deploy at 10:30:45"),
+    ("see <https://docs.example.com/a?b=1&amp;c=2|the docs> &amp; <https://x.io>", "see the docs & https://x.io"),
+    ("<!subteam^S1|@oncall> <!date^1392734382^{date}|Feb 18, 2014>", "@oncall Feb 18, 2014"),
+    ("<p>Hello <b>world</b></p><br/>next   line\n\n\n\nend", "Hello world\n\nnext line\n\nend"),
+    ("a &lt;b&gt; is literal", "a <b> is literal"),
+    ("   ", ""),
+])
+def test_clean_slack_markup(raw, clean):
+    assert clean_text(raw) == clean
+
+
+def test_clean_drops_only_the_bots_own_mention_elsewhere():
+    assert clean_text("thanks <@UBOT> and <@U2|ann>", bot_user_id="UBOT") == "thanks and @ann"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("mail jane.doe@example.org now", "mail [EMAIL] now"),
+    ("call +49 30 1234 5678 or (555) 123-4567", "call [PHONE] or [PHONE]"),
+    ("token xoxb-1234567890-abcdefghij and xapp-1-A0-123-abcdef", "token [SLACK_TOKEN] and [SLACK_TOKEN]"),
+    ("key sk-proj-AbCdEf0123456789xyz", "key [API_KEY]"),
+    ("aws AKIAIOSFODNN7EXAMPLE", "aws [AWS_KEY]"),
+    ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY1", "aws_secret_access_key = [AWS_KEY]"),
+    ("card 4111 1111 1111 1111 ok", "card [CARD] ok"),
+    ("host 192.168.10.7 and fe80::1ff:fe23:4567:890a", "host [IP] and [IP]"),
+])
+def test_redaction_replaces_with_typed_placeholders(raw, expected):
+    assert redact(raw) == expected
+
+
+@pytest.mark.parametrize("keep", [
+    "released on 2024-11-29 at 10:30:45", "order 12345 costs 18,400 euros", "card-like 4111 1111 1111 1112",
+    "version 2.5 and route a::b",
+])
+def test_redaction_leaves_ordinary_text(keep):
+    assert redact(keep) == keep
+
+
+def test_import_jsonl_and_csv(sq, tmp_path):
+    r1 = import_file(sq, DATA / "faq.jsonl")
+    r2 = import_file(sq, DATA / "tickets.csv")
+    assert (r1.created, r2.created) == (20, 9)
+    again = import_file(sq, DATA / "faq.jsonl")
+    assert (again.created, again.existing) == (0, 20)
+    rows = list_examples(sq)
+    assert len(rows) == 29 and {r.source for r in rows} == {"import"}
+    labels = {r.label for r in rows if r.label}
+    assert labels == {"billing", "bug", "feature"}
+    assert rows[0].provenance == {"file": "faq.jsonl", "line": 1}
+
+
+def test_import_rejects_bad_files_whole(sq, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok?", "answer": "yes"}\n{"question": "no answer"}\nnot json\n')
+    with pytest.raises(ImportFileError) as err:
+        import_file(sq, bad)
+    assert "line 3: invalid JSON" in str(err.value)
+    bad.write_text('{"question": "ok?", "answer": "yes"}\n{"question": "no answer"}\n')
+    with pytest.raises(ImportFileError, match=r"line 2: needs 'question' and 'answer'"):
+        import_file(sq, bad)
+    assert list_examples(sq) == []  # nothing half-imported
+    with pytest.raises(ImportFileError, match="unsupported file type"):
+        (tmp_path / "x.xml").write_text("<a/>")
+        import_file(sq, tmp_path / "x.xml")
+    with pytest.raises(ImportFileError, match="no such file"):
+        import_file(sq, tmp_path / "missing.csv")
+
+
+class Thread:
+    """A Slack thread in the store: a question and the bot's answer, plus votes on it."""
+
+    n = 0
+
+    def __init__(self, s, question: str, answer: str):
+        Thread.n += 1
+        self.s, self.ts = s, f"{1700000000 + Thread.n * 10}.000100"
+        self.q = record_message(s, channel="C1", ts=self.ts, thread_ts=None, role="user", text=question, author="U1")
+        self.a = record_message(s, channel="C1", ts=f"{1700000000 + Thread.n * 10 + 1}.000100", thread_ts=self.ts,
+                                role="assistant", text=answer, model_version="base", latency_ms=12.0)
+
+    def vote(self, user, value, kind="reaction", admin=False, correction=None, on=None):
+        return upsert_vote(self.s, message_id=(on or self.a).id, user=user, kind=kind, value=value,
+                           correction=correction, is_admin=admin)
+
+
+def _by_question(s):
+    return {ex.messages[-1]["content"]: ex for ex in list_examples(s)}
+
+
+def test_feedback_target_rules(session):
+    s = session
+    up = Thread(s, "<@UBOT> what is the wifi password?", "It is on the fridge.")
+    up.vote("U2", "up"); up.vote("U3", "up", kind="button"); up.vote("U4", "down")
+    down = Thread(s, "who owns the cat?", "The dog does.")
+    down.vote("U2", "down")
+    corrected = Thread(s, "when is lunch?", "Never.")
+    corrected.vote("U2", "down"); corrected.vote("U2", "correction", kind="correction", correction="At 12:30.")
+    corrected.vote("U9", "correction", kind="correction", correction="At noon.", admin=True)
+    admin_wins = Thread(s, "is the office open on sunday?", "Yes.")
+    admin_wins.vote("U2", "up"); admin_wins.vote("U3", "up"); admin_wins.vote("U9", "down", admin=True)
+    mixed = Thread(s, "what colour is the logo?", "Blue.")
+    mixed.vote("U2", "up"); mixed.vote("U3", "down")
+    golden = Thread(s, "where is the main office?", "In Tallinn.")
+    golden.vote("U9", "golden", kind="golden", admin=True)
+    shortcut = Thread(s, "how do I book a room?", "Use the room calendar.")
+    shortcut.vote("U5", "include", kind="shortcut", on=shortcut.q)
+    labeled = Thread(s, "my invoice is wrong", "Sorry about that.")
+    labeled.vote("U2", "bug", kind="label"); labeled.vote("U3", "bug", kind="label")
+    labeled.vote("U9", "billing", kind="label", admin=True)
+
+    result = derive_examples(s)
+    ex = _by_question(s)
+    assert ex["<@UBOT> what is the wifi password?"].answer == "It is on the fridge."
+    assert ex["<@UBOT> what is the wifi password?"].source == "feedback"
+    assert "who owns the cat?" not in ex and result.rejected_only == 2  # the cat and the admin's 👎
+    lunch = ex["when is lunch?"]
+    assert (lunch.answer, lunch.source, lunch.rejected_answer, lunch.golden) == ("At noon.", "correction", "Never.", True)
+    assert sorted(lunch.provenance["feedback_ids"]) == lunch.provenance["feedback_ids"] and len(lunch.provenance["feedback_ids"]) == 3
+    assert "is the office open on sunday?" not in ex and "what colour is the logo?" not in ex
+    assert ex["where is the main office?"].golden and ex["where is the main office?"].answer == "In Tallinn."
+    assert ex["how do I book a room?"].answer == "Use the room calendar."
+    label_rows = [e for e in list_examples(s) if e.label]
+    assert [(e.messages[-1]["content"], e.label) for e in label_rows] == [("my invoice is wrong", "billing")]
+
+    # Retracting the votes that made a target excludes the example on the next build.
+    retract_vote(s, message_id=up.a.id, user="U2", kind="reaction")
+    retract_vote(s, message_id=up.a.id, user="U3", kind="button")
+    derive_examples(s)
+    assert "<@UBOT> what is the wifi password?" not in _by_question(s)
+    up.vote("U2", "up"); up.vote("U3", "up", kind="button")  # and it comes back when the votes do
+    again = derive_examples(s)
+    assert again.excluded == 0 and again.created == 0, again
+    assert "<@UBOT> what is the wifi password?" in _by_question(s)
+
+
+def _fill(s):
+    import_file(s, DATA / "faq.jsonl")
+    import_file(s, DATA / "tickets.csv")
+
+
+def test_snapshot_is_deterministic_and_content_hashed(tmp_path, sqlite_url, monkeypatch):
+    cfg = settings(tmp_path)
+    with session_scope(get_engine(sqlite_url)) as s:
+        _fill(s)
+        first = build_snapshot(s, cfg)
+        second = build_snapshot(s, cfg)
+    assert second.reused and second.row.id == first.row.id
+    assert first.counts["train"] + first.counts["eval"] == 29 and first.counts["eval"] > 0
+    # A second store with the same content (different row ids, different times) → same hash.
+    other = tmp_path / "other.db"
+    from store.migrate import upgrade
+
+    upgrade(f"sqlite:///{other}")
+    with session_scope(get_engine(f"sqlite:///{other}")) as s:
+        upsert_example(s, messages=[{"role": "user", "content": "filler"}], answer="x", source="import")
+        from store.examples import set_example_status
+
+        set_example_status(s, 1, "excluded")
+        _fill(s)
+        third = build_snapshot(s, settings(tmp_path / "b"))
+    assert third.row.content_hash == first.row.content_hash
+    files = sorted(p.name for p in first.path.iterdir())
+    assert files == ["eval.jsonl", "golden.jsonl", "hf", "manifest.json", "train.jsonl"]
+    line = json.loads((first.path / "train.jsonl").read_text().splitlines()[0])
+    assert line["messages"][-1]["role"] == "assistant"
+    from datasets import load_from_disk
+
+    assert load_from_disk(str(first.path / "hf"))["train"].num_rows == first.counts["train"]
+    from trainer.dataset import load_snapshot
+
+    assert load_snapshot(first.row)["golden"].num_rows == 0
+    # A changed parameter is a different snapshot.
+    with session_scope(get_engine(sqlite_url)) as s:
+        assert build_snapshot(s, settings(tmp_path, eval_fraction=0.5)).row.content_hash != first.row.content_hash
+
+
+def test_split_is_a_function_of_the_question():
+    assert hash_split("What are the hours?", 0.3) == hash_split("  what ARE the hours ", 0.3)
+    splits = [hash_split(f"question {i}", 0.2) for i in range(1000)]
+    assert 150 < splits.count("eval") < 250
+
+
+def _question_in(split: str, stem: str) -> str:
+    for i in range(200):
+        q = f"{stem} number {i} for the quarterly planning meeting in the Tartu office?"
+        if hash_split(q, 0.3) == split:
+            return q
+    raise AssertionError
+
+
+def test_near_duplicate_of_an_eval_item_never_reaches_train(sq, tmp_path):
+    cfg = settings(tmp_path, eval_fraction=0.3)
+    q_eval = _question_in("eval", "Which room is booked")
+    # A near-duplicate phrasing that hashes to train on its own.
+    for i in range(200):
+        q_train = q_eval.replace("Which room is booked", f"Which room is booked{'!' * (i % 3)} exactly") + " " * i
+        q_train = q_train.rstrip() + ("" if i == 0 else f" please{i}")
+        if hash_split(q_train, 0.3) == "train":
+            break
+    answer = "Room Kuu is booked for the quarterly planning meeting in the Tartu office."
+    upsert_example(sq, messages=[{"role": "user", "content": q_eval}], answer=answer, source="import")
+    upsert_example(sq, messages=[{"role": "user", "content": q_train}], answer=answer, source="import")
+    other = _question_in("train", "What is the lunch menu")
+    upsert_example(sq, messages=[{"role": "user", "content": other}], answer="Soup.", source="import")
+    snap = build_snapshot(sq, cfg)
+    train_q = [r["messages"][-1]["content"] for r in snap.dataset["train"]]
+    eval_q = [r["messages"][-1]["content"] for r in snap.dataset["eval"]]
+    assert q_eval in eval_q and q_train not in train_q and other in train_q
+    assert snap.counts["leakage_removed"] == 1
+
+
+def test_exact_duplicates_and_conflicts_resolved_by_source(sq, tmp_path):
+    q = [{"role": "user", "content": "What is the guest wifi?"}]
+    upsert_example(sq, messages=q, answer="Ask reception.", source="import")
+    upsert_example(sq, messages=[{"role": "user", "content": "what is the guest WIFI"}], answer="Guest-5G.",
+                   source="correction")
+    upsert_example(sq, messages=q, answer="No idea.", source="feedback")
+    snap = build_snapshot(sq, settings(tmp_path, eval_fraction=0.0))
+    assert [r["answer"] for r in snap.dataset["train"]] == ["Guest-5G."]
+    assert snap.counts["exact_duplicates"] == 2
+
+
+def test_snapshot_files_are_redacted_and_cleaned(sq, tmp_path):
+    upsert_example(sq, messages=[{"role": "user", "content": "<@U1> my email is bob@corp.example, key sk-abcdefghijklmnop1234"}],
+                   answer="Thanks &amp; noted :thumbsup:", source="import")
+    upsert_example(sq, messages=[{"role": "user", "content": "   "}], answer="empty question", source="import")
+    upsert_example(sq, messages=[{"role": "user", "content": "long?"}], answer="x" * 5000, source="import")
+    snap = build_snapshot(sq, settings(tmp_path, eval_fraction=0.0))
+    text = (snap.path / "train.jsonl").read_text()
+    assert "bob@corp.example" not in text and "sk-abc" not in text
+    row = snap.dataset["train"][0]
+    assert row["messages"][-1]["content"] == "my email is [EMAIL], key [API_KEY]"
+    assert row["answer"] == "Thanks & noted"
+    assert snap.counts["dropped_empty"] == 1 and snap.counts["dropped_too_long"] == 1
+    assert snap.counts["redacted_email"] == 1 and snap.counts["redacted_api_key"] == 1
+
+
+def test_label_items_get_the_label_set_prompt(sq, tmp_path):
+    import_file(sq, DATA / "tickets.csv")
+    snap = build_snapshot(sq, settings(tmp_path, eval_fraction=0.0))
+    row = snap.dataset["train"][0]
+    assert row["messages"][0]["role"] == "system" and "billing, bug, feature" in row["messages"][0]["content"]
+    assert row["answer"] == row["label"]

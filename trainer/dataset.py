@@ -1,0 +1,264 @@
+"""Build a dataset snapshot from the store: derive examples from feedback, clean, redact,
+dedupe (exact and near), split deterministically, export, and record it.
+
+Same inputs and parameters give the same content hash and the same files; a rebuild with
+nothing new reuses the recorded snapshot."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, Features, List, Value, disable_progress_bars
+from sqlmodel import Session
+
+from flywheel.logs import get_logger
+from store.datasets import record_snapshot, snapshot_by_hash
+from store.examples import list_examples, set_splits
+from store.models import DatasetSnapshot, Example
+from trainer.clean import clean_text, normalize_for_hash
+from trainer.dedup import NearDupIndex, exact_key
+from trainer.redact import redact
+from trainer.settings import TrainerSettings
+from trainer.targets import derive_examples
+
+log = get_logger("trainer.dataset")
+disable_progress_bars()
+SPLITS = ("train", "eval", "golden")
+# Which example wins when several give different targets for the same context.
+SOURCE_PRIORITY = {"correction": 5, "import": 4, "shortcut": 3, "label": 3, "feedback": 2, "augmented": 1}
+FEATURES = Features({
+    "example_id": Value("int64"),
+    "messages": List({"role": Value("string"), "content": Value("string")}),
+    "answer": Value("string"),
+    "label": Value("string"),
+    "rejected_answer": Value("string"),
+    "source": Value("string"),
+    "golden": Value("bool"),
+    "augmented": Value("bool"),
+})
+
+
+def label_system_prompt(labels: list[str]) -> str:
+    return "Classify the user's message. Answer with exactly one of these labels: " + ", ".join(labels) + "."
+
+
+@dataclass
+class Snapshot:
+    """A built dataset: the DatasetDict, the recorded row and what happened on the way."""
+
+    dataset: DatasetDict
+    row: DatasetSnapshot
+    counts: dict
+    reused: bool = False
+    derivation: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.row.path)
+
+
+def hash_split(question: str, eval_fraction: float) -> str:
+    """The split is a function of the normalized question alone: an eval item stays eval forever."""
+    digest = hashlib.sha256(("split\x1f" + normalize_for_hash(question)).encode()).digest()
+    return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
+
+
+def _clean_example(ex: Example, settings: TrainerSettings, redactions: Counter) -> dict | None:
+    def fix(text):
+        return redact(clean_text(text, bot_user_id=settings.bot_user_id), redactions) if text else None
+
+    messages = [{"role": m.get("role", "user"), "content": fix(m.get("content") or "") or ""} for m in ex.messages]
+    messages = [m for m in messages if m["content"]]
+    answer = fix(ex.answer) if ex.answer is not None else None
+    label = (ex.label or "").strip() or None
+    if not messages or messages[-1]["role"] != "user" or (answer is None and label is None) or (label is None and not answer):
+        return None
+    return {"example_id": ex.id, "messages": messages, "answer": answer, "label": label,
+            "rejected_answer": fix(ex.rejected_answer), "source": ex.source, "golden": bool(ex.golden),
+            "augmented": ex.source == "augmented", "parent": (ex.provenance or {}).get("augmented_from"),
+            "updated": ex.updated_at.isoformat() if ex.updated_at else ""}
+
+
+def _too_long(item: dict, max_chars: int) -> bool:
+    texts = [m["content"] for m in item["messages"]] + [item["answer"] or ""]
+    return any(len(t) > max_chars for t in texts)
+
+
+def _text(item: dict) -> str:
+    return item["messages"][-1]["content"] + "\n" + (item["answer"] or item["label"] or "")
+
+
+def select_items(examples: list[Example], settings: TrainerSettings) -> tuple[dict[str, list[dict]], Counter]:
+    """Clean, redact, drop, dedupe and split; returns the items per split and the counts."""
+    counts: Counter = Counter()
+    redactions: Counter = Counter()
+    items = []
+    for ex in examples:
+        item = _clean_example(ex, settings, redactions)
+        if item is None:
+            counts["dropped_empty"] += 1
+        elif _too_long(item, settings.max_chars):
+            counts["dropped_too_long"] += 1
+        else:
+            items.append(item)
+    # Exact duplicates and conflicts: one item per (kind, normalized context); the best source wins.
+    groups: dict[str, list[dict]] = {}
+    for item in items:
+        kind = "label" if item["label"] is not None and item["answer"] is None else "answer"
+        key = exact_key(kind, *[f"{m['role']}:{m['content']}" for m in item["messages"]])
+        groups.setdefault(key, []).append(item)
+    winners = []
+    for group in groups.values():
+        group.sort(key=lambda it: (SOURCE_PRIORITY.get(it["source"], 0), it["updated"], it["example_id"]), reverse=True)
+        best = dict(group[0])
+        best["golden"] = any(it["golden"] for it in group)
+        counts["exact_duplicates"] += len(group) - 1
+        winners.append(best)
+    winners.sort(key=lambda it: (-SOURCE_PRIORITY.get(it["source"], 0), it["example_id"]))
+    # Labels become answers with a system prompt listing the label set, so one SFT recipe trains both.
+    labels = sorted({it["label"] for it in winners if it["label"] is not None and it["answer"] is None})
+    for it in winners:
+        if it["label"] is not None and it["answer"] is None:
+            it["messages"] = [{"role": "system", "content": label_system_prompt(labels)}, *it["messages"]]
+            it["answer"] = it["label"]
+    by_id = {it["example_id"]: it for it in winners}
+    for it in winners:
+        parent = by_id.get(it["parent"]) if it["augmented"] else None
+        if it["augmented"]:
+            it["split"] = "train" if parent is not None and parent["split"] == "train" else None
+        else:
+            it["split"] = hash_split(it["messages"][-1]["content"], settings.eval_fraction)
+    # Near duplicates: nothing like an eval item may be trained on; within a split keep the first.
+    eval_index = NearDupIndex(settings.near_dup_threshold, settings.minhash_perms)
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for it in winners:
+        if it["split"] != "eval":
+            continue
+        if eval_index.matches(_text(it)):
+            counts["near_duplicates"] += 1
+            continue
+        eval_index.add(str(it["example_id"]), _text(it))
+        out["eval"].append(it)
+        if it["golden"]:
+            out["golden"].append(it)
+    train_index = NearDupIndex(settings.near_dup_threshold, settings.minhash_perms)
+    for it in winners:
+        if it["split"] is None:
+            counts["dropped_orphan_augmented"] += 1
+            continue
+        if it["split"] != "train":
+            continue
+        text = _text(it)
+        if eval_index.matches(text):
+            counts["leakage_removed"] += 1
+            continue
+        if not it["augmented"] and train_index.matches(text):
+            counts["near_duplicates"] += 1
+            continue
+        train_index.add(str(it["example_id"]), text)
+        if it["golden"]:
+            out["golden"].append(it)
+            if not settings.train_on_golden:
+                continue
+        out["train"].append(it)
+    for split in SPLITS:
+        out[split].sort(key=lambda it: it["example_id"])
+        counts[split] = len(out[split])
+    counts["augmented"] = sum(it["augmented"] for it in out["train"])
+    counts["label_items"] = sum(it["label"] is not None for s in ("train", "eval") for it in out[s])
+    counts.update({f"redacted_{k.lower()}": v for k, v in redactions.items()})
+    return out, counts, labels
+
+
+def content_hash(items: dict[str, list[dict]], params: dict) -> str:
+    """Identity of a snapshot: its items' content (not row ids or times) and the build params."""
+    payload = {s: [{k: it[k] for k in ("messages", "answer", "label", "rejected_answer", "golden", "augmented")}
+                   for it in items[s]] for s in SPLITS}
+    blob = json.dumps({"items": payload, "params": params}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def build_params(settings: TrainerSettings) -> dict:
+    return {"eval_fraction": settings.eval_fraction, "near_dup_threshold": settings.near_dup_threshold,
+            "minhash_perms": settings.minhash_perms, "max_chars": settings.max_chars,
+            "context_turns": settings.context_turns, "train_on_golden": settings.train_on_golden,
+            "augment": settings.augment, "bot_user_id": settings.bot_user_id}
+
+
+def to_dataset(items: dict[str, list[dict]]) -> DatasetDict:
+    cols = list(FEATURES)
+    return DatasetDict({s: Dataset.from_dict({k: [it[k] for it in items[s]] for k in cols}, features=FEATURES)
+                        for s in SPLITS})
+
+
+def write_snapshot(ds: DatasetDict, target: Path, manifest: dict) -> None:
+    """Write into a temporary sibling and rename, so a crash never leaves a half snapshot."""
+    if (target / "manifest.json").is_file():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for split in SPLITS:
+            export_jsonl(ds[split], tmp / f"{split}.jsonl")
+        # Empty splits are left out: datasets cannot load a zero-shard split back.
+        DatasetDict({k: v for k, v in ds.items() if v.num_rows}).save_to_disk(str(tmp / "hf"))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_jsonl(split: Dataset, path: Path) -> int:
+    """Chat-format JSONL (messages ending with the assistant's target), the common fine-tune format."""
+    with path.open("w", encoding="utf-8") as fh:
+        for row in split:
+            record = {"messages": [*row["messages"], {"role": "assistant", "content": row["answer"]}]}
+            for key in ("label", "rejected_answer", "source", "golden", "augmented", "example_id"):
+                if row[key] is not None:
+                    record[key] = row[key]
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return len(split)
+
+
+def build_snapshot(session: Session, settings: TrainerSettings | None = None, *, derive: bool = True,
+                   augmenter=None) -> Snapshot:
+    """Everything from store rows to a recorded, exported snapshot."""
+    settings = settings or TrainerSettings()
+    derivation = derive_examples(session, context_turns=settings.context_turns).__dict__ if derive else {}
+    if settings.augment and augmenter is not None:
+        augmenter(session, settings)
+    items, counts, labels = select_items(list_examples(session), settings)
+    params = build_params(settings)
+    digest = content_hash(items, params)
+    counts = {**dict(sorted(counts.items())), "labels": labels}
+    ds = to_dataset(items)
+    existing = snapshot_by_hash(session, digest)
+    target = Path(settings.data_dir).resolve() / "snapshots" / digest[:16]
+    manifest = {"content_hash": digest, "counts": counts, "params": params}
+    write_snapshot(ds, target, manifest)
+    set_splits(session, {it["example_id"]: s for s in ("eval", "train", "golden") for it in items[s]})
+    if existing is not None and Path(existing.path).resolve() == target:
+        log.info("dataset unchanged", snapshot=existing.id, hash=digest[:12])
+        return Snapshot(ds, existing, counts, reused=True, derivation=derivation)
+    row = record_snapshot(session, content_hash=digest, counts=counts, params=params, path=str(target))
+    log.info("dataset built", snapshot=row.id, hash=digest[:12], train=counts["train"], eval=counts["eval"],
+             golden=counts["golden"])
+    return Snapshot(ds, row, counts, derivation=derivation)
+
+
+def load_snapshot(row: DatasetSnapshot) -> DatasetDict:
+    """The saved DatasetDict with all three splits (empty ones recreated)."""
+    from datasets import load_from_disk
+
+    loaded = load_from_disk(str(Path(row.path) / "hf"))
+    empty = Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
+    return DatasetDict({s: loaded[s] if s in loaded else empty for s in SPLITS})

@@ -1,0 +1,99 @@
+"""Trainer settings, all from the environment (FLYWHEEL_ prefix): paths, hyperparameters,
+gate thresholds and the watch schedule. Defaults are sized for a CPU laptop."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TrainerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")
+
+    # Paths
+    base_model: str = "models/smollm2-135m-instruct"
+    adapters_dir: Path = Path("./adapters")
+    runs_dir: Path = Path("./runs")  # checkpoints, reports (JSON + PNG)
+    data_dir: Path = Path("./data")  # dataset snapshots and exports
+    gateway_url: Optional[str] = None  # only for paraphrase augmentation
+    gateway_api_key: Optional[str] = None
+    bot_user_id: Optional[str] = None  # the bot's own Slack id, stripped from questions
+
+    # Dataset building
+    max_chars: int = Field(4000, ge=10)  # items longer than this (question or answer) are dropped
+    context_turns: int = Field(6, ge=1)  # messages of thread context kept before the question
+    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    near_dup_threshold: float = Field(0.8, gt=0.0, le=1.0)  # MinHash Jaccard
+    minhash_perms: int = Field(128, ge=16)
+    train_on_golden: bool = True  # golden items are also learned (corrections must stick)
+    augment: bool = False
+    augment_paraphrases: int = Field(2, ge=1, le=10)
+    augment_model: str = "production"
+
+    # LoRA and optimisation
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str = "all-linear"  # or a comma list: q_proj,k_proj,v_proj,o_proj
+    learning_rate: float = Field(1e-3, gt=0.0)
+    lr_schedule: Literal["linear", "cosine", "exponential", "constant"] = "linear"
+    lr_decay_gamma: float = Field(0.97, gt=0.0, le=1.0)  # per step, for "exponential"
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # SGD only
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    epochs: int = Field(3, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)  # caps epochs when set
+    batch_size: int = Field(8, ge=1)  # sequences per optimizer micro-batch (upper bound)
+    batch_tokens: int = Field(4096, ge=64)  # padded tokens per micro-batch (upper bound)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=16)  # longer items are dropped, never truncated
+    seed: int = 0
+    device: str = "auto"  # auto / cpu / cuda
+    bf16: Optional[bool] = None  # None: bf16 on GPUs that support it
+    checkpoint_every: int = Field(25, ge=1)  # optimizer steps
+    log_every: int = Field(1, ge=1)  # steps between store progress points
+    min_train_examples: int = Field(4, ge=1)
+
+    # Evaluation and gate
+    max_new_tokens: int = Field(64, ge=1)
+    eval_batch_size: int = Field(16, ge=1)
+    max_eval_items: int = Field(200, ge=1)
+    golden_pass_f1: float = Field(0.6, ge=0.0, le=1.0)  # a golden answer counts as right at this F1
+    gate_min_eval_items: int = Field(5, ge=0)
+    gate_margin: float = 0.01  # candidate primary metric must beat production by this much
+    gate_golden_tolerance: int = Field(0, ge=0)  # golden items production got right and we lost
+    gate_max_loss_ratio: float = Field(1.5, gt=0.0)  # candidate eval loss vs base eval loss
+
+    # Scheduling
+    lease_ttl_s: float = Field(60.0, gt=1.0)
+    heartbeat_s: float = Field(10.0, gt=0.1)
+    watch_min_new: int = Field(20, ge=1)  # new examples + feedback since the last run
+    watch_cooldown_s: float = Field(3600.0, ge=0.0)
+    watch_poll_s: float = Field(30.0, gt=0.0)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("target_modules must be 'all-linear' or a comma-separated list")
+        return value
+
+    def target_module_list(self) -> list[str] | str:
+        """PEFT's form: 'all-linear' or a list of module names (both load in vLLM)."""
+        if self.target_modules == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def hyperparams(self) -> dict:
+        """What a run records: everything that changes the trained weights."""
+        keys = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_schedule",
+                "lr_decay_gamma", "warmup_ratio", "optimizer", "weight_decay", "momentum", "max_grad_norm",
+                "epochs", "max_steps", "batch_size", "batch_tokens", "grad_accum", "max_length", "seed")
+        out = {k: getattr(self, k) for k in keys}
+        out["base_model"] = str(self.base_model)
+        return out

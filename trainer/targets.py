@@ -1,0 +1,198 @@
+"""Turn what people said about the bot's answers into Example rows.
+
+The rules (per answer message, over live, non-retracted feedback):
+- Votes (reactions and buttons, "up"/"down"): when any admin voted, the admins' net decides;
+  otherwise everyone's net. Net > 0: the answer is a positive target; net < 0: it is never a
+  target and is kept as a rejected answer; net == 0 (mixed): nothing is derived from votes.
+- Corrections beat everything: an admin's correction beats a user's, then the newest one wins.
+  The bot's answer becomes the rejected answer of a corrected item.
+- "Add to training data" (shortcut "include") on an answer makes it a target unless its net vote
+  is negative; on a user message, the next bot answer in the thread is the target.
+- Golden: an admin's "golden" mark makes the item golden (its best target: correction, else the
+  answer when its net is not negative); every 👎-then-corrected answer is golden too.
+- Labels classify the question (the user message an answer replied to, or the labeled message
+  itself): admins' labels win; otherwise the majority; a tie goes to the newest label.
+Examples derived earlier from a message whose target has since changed are excluded, so a
+changed vote never leaves a stale target behind.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from sqlmodel import Session
+
+from flywheel.logs import get_logger
+from store.conversations import conversation_messages
+from store.examples import exclude_examples, list_examples, set_example_status, upsert_example
+from store.feedback import active_feedback
+from store.models import ExampleStatus, Feedback, FeedbackKind, Message, Role
+
+log = get_logger("trainer.targets")
+VOTE_KINDS = (FeedbackKind.reaction, FeedbackKind.button)
+DERIVED_SOURCES = ("feedback", "correction", "shortcut", "label")
+STALE = "stale: its feedback changed"
+
+
+@dataclass
+class Derivation:
+    created: int = 0
+    existing: int = 0
+    excluded: int = 0
+    rejected_only: int = 0  # net-negative answers without a correction (kept for preferences)
+    skipped: list[str] = field(default_factory=list)
+
+
+def net_votes(votes: list[Feedback]) -> int:
+    """Admins decide when they voted; otherwise everyone's up minus down."""
+    admin = [v for v in votes if v.is_admin]
+    counted = admin or votes
+    return sum(1 if v.value == "up" else -1 if v.value == "down" else 0 for v in counted)
+
+
+def best_correction(corrections: list[Feedback]) -> Feedback | None:
+    usable = [c for c in corrections if (c.correction or "").strip()]
+    if not usable:
+        return None
+    return max(usable, key=lambda c: (c.is_admin, c.updated_at, c.id))
+
+
+def winning_label(labels: list[Feedback]) -> str | None:
+    if not labels:
+        return None
+    admin = [lab for lab in labels if lab.is_admin]
+    pool = admin or labels
+    counts = Counter(lab.value for lab in pool)
+    top = max(counts.values())
+    tied = {v for v, n in counts.items() if n == top}
+    newest = max((lab for lab in pool if lab.value in tied), key=lambda lab: (lab.updated_at, lab.id))
+    return newest.value
+
+
+def _as_turns(messages: list[Message]) -> list[dict]:
+    return [{"role": m.role, "content": m.text} for m in messages if m.role in (Role.user, Role.assistant)]
+
+
+def _context_for(thread: list[Message], answer: Message, turns: int) -> list[dict] | None:
+    """The dialogue up to the question this answer replied to (ending with a user message)."""
+    before = [m for m in thread if m.ts < answer.ts and m.id != answer.id]
+    while before and before[-1].role != Role.user:
+        before.pop()
+    if not before:
+        return None
+    return _as_turns(before[-turns:]) or None
+
+
+def _question_of(thread: list[Message], msg: Message) -> Message | None:
+    if msg.role == Role.user:
+        return msg
+    users = [m for m in thread if m.role == Role.user and m.ts < msg.ts]
+    return users[-1] if users else None
+
+
+def _next_answer(thread: list[Message], msg: Message) -> Message | None:
+    later = [m for m in thread if m.ts > msg.ts]
+    for m in later:
+        if m.role == Role.assistant:
+            return m
+        if m.role == Role.user:
+            return None
+    return None
+
+
+def derive_examples(session: Session, *, context_turns: int = 6) -> Derivation:
+    """Upsert one Example per message that has a target (and one per labeled question)."""
+    result = Derivation()
+    by_message: dict[int, list[Feedback]] = defaultdict(list)
+    messages: dict[int, Message] = {}
+    for fb, msg in active_feedback(session):
+        by_message[fb.message_id].append(fb)
+        messages[msg.id] = msg
+    threads: dict[int, list[Message]] = {}
+
+    def thread_of(msg: Message) -> list[Message]:
+        if msg.conversation_id not in threads:
+            threads[msg.conversation_id] = conversation_messages(session, msg.conversation_id)
+        return threads[msg.conversation_id]
+
+    # A shortcut on a user message stands for "include the bot's reply to it".
+    for mid, fbs in list(by_message.items()):
+        msg = messages[mid]
+        if msg.role == Role.user and any(f.kind == FeedbackKind.shortcut for f in fbs):
+            reply = _next_answer(thread_of(msg), msg)
+            if reply is None:
+                result.skipped.append(f"message {mid}: 'add to training data' on a question with no bot answer")
+                continue
+            messages.setdefault(reply.id, reply)
+            by_message[reply.id].extend(f for f in fbs if f.kind == FeedbackKind.shortcut)
+
+    kept: set[str] = set()  # content hashes of examples that are current
+    for mid in sorted(by_message):
+        msg, fbs = messages[mid], by_message[mid]
+        kinds = defaultdict(list)
+        for f in fbs:
+            kinds[f.kind].append(f)
+        thread = thread_of(msg)
+        labels = kinds.get(FeedbackKind.label, [])
+        if labels:
+            _derive_label(session, thread, msg, labels, kept, result)
+        if msg.role != Role.assistant:
+            continue
+        votes = [f for k in VOTE_KINDS for f in kinds.get(k, [])]
+        net = net_votes(votes)
+        correction = best_correction(kinds.get(FeedbackKind.correction, []))
+        shortcut = kinds.get(FeedbackKind.shortcut, [])
+        golden_marks = [f for f in kinds.get(FeedbackKind.golden, []) if f.is_admin]
+        if not (votes or correction or shortcut or golden_marks):
+            continue
+        context = _context_for(thread, msg, context_turns)
+        if context is None:
+            result.skipped.append(f"message {mid}: no user question before this answer")
+            continue
+        downvoted = any(v.value == "down" for v in votes)
+        if correction is not None:
+            answer, source = correction.correction.strip(), "correction"
+            rejected = msg.text if msg.text.strip() != answer else None
+        elif net > 0 or (shortcut and net == 0) or (golden_marks and net >= 0):
+            answer, source, rejected = msg.text, ("feedback" if net > 0 else "shortcut"), None
+        else:
+            if net < 0:
+                result.rejected_only += 1
+            elif golden_marks:
+                result.skipped.append(f"message {mid}: marked golden but its answer is voted down and uncorrected")
+            continue
+        golden = bool(golden_marks) or (correction is not None and downvoted)
+        provenance = {"feedback_ids": sorted(f.id for f in fbs if f.kind != FeedbackKind.label),
+                      "message_id": mid, "net_votes": net}
+        if correction is not None:
+            provenance["correction_by"] = correction.user
+        row, created = upsert_example(session, messages=context, answer=answer, source=source,
+                                      provenance=provenance, golden=golden, rejected_answer=rejected,
+                                      message_id=mid)
+        _count(session, row, created, kept, result)
+    stale = [ex.id for ex in list_examples(session, status=ExampleStatus.active)
+             if ex.source in DERIVED_SOURCES and ex.message_id is not None and ex.content_hash not in kept]
+    result.excluded = exclude_examples(session, stale, STALE)
+    for reason in result.skipped:
+        log.info("feedback skipped", reason=reason)
+    return result
+
+
+def _count(session, row, created: bool, kept: set[str], result: Derivation) -> None:
+    kept.add(row.content_hash)
+    if row.status == ExampleStatus.excluded and row.provenance.get("excluded_reason") == STALE:
+        set_example_status(session, row.id, ExampleStatus.active)  # its target came back
+    result.created += created
+    result.existing += not created
+
+
+def _derive_label(session, thread, msg, labels, kept, result) -> None:
+    label = winning_label(labels)
+    question = _question_of(thread, msg)
+    if label is None or question is None:
+        result.skipped.append(f"message {msg.id}: label without a question to classify")
+        return
+    row, created = upsert_example(
+        session, messages=[{"role": "user", "content": question.text}], label=label, source="label",
+        provenance={"feedback_ids": sorted(lab.id for lab in labels), "message_id": msg.id}, message_id=msg.id)
+    _count(session, row, created, kept, result)

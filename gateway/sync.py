@@ -34,6 +34,8 @@ def resolve_adapter_path(raw: str, adapters_dir: Path) -> Path:
         raise AdapterError(f"invalid adapter path {raw!r}")
     root = adapters_dir.resolve()
     path = Path(raw)
+    if ".." in path.parts:
+        raise AdapterError(f"adapter path {raw!r} contains '..'; refusing to load it")
     candidates = [path] if path.is_absolute() else [Path.cwd() / path, root / path]
     inside = []
     for candidate in candidates:

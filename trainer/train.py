@@ -1,0 +1,175 @@
+"""The LoRA SFT loop: length-grouped micro-batches, gradient accumulation, warmup + decay,
+gradient clipping, a progress bar, progress callbacks (the store's heartbeat) and
+checkpoints a later run with the same data and settings resumes from."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from flywheel.adapters import adapter_digest
+from flywheel.logs import get_logger
+from trainer.batching import collate, padding_waste, plan_batches
+from trainer.encode import IGNORE, Encoded
+from trainer.modeling import answer_loss, autocast
+from trainer.optim import make_optimizer, make_scheduler
+
+log = get_logger("trainer.train")
+CHECKPOINT = "checkpoint.pt"
+StepHook = Callable[[int, int, dict], None]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (no data, a non-finite loss, a lost lease)."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict] = field(default_factory=list)  # [{"step", "loss", "lr", "tokens_per_s"}]
+    tokens: int = 0  # real (non-padding) tokens processed in this process
+    target_tokens: int = 0
+    seconds: float = 0.0
+    padding_waste: float = 0.0
+    resumed_from: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def plan_steps(lengths: list[int], settings) -> list[list[list[int]]]:
+    """Every optimizer step's micro-batches, over as many epochs as the settings ask for."""
+    if not lengths:
+        raise TrainingError("no training items left after encoding")
+    steps: list[list[list[int]]] = []
+    epoch = 0
+    while True:
+        batches = plan_batches(lengths, batch_size=settings.batch_size, batch_tokens=settings.batch_tokens,
+                               seed=settings.seed, epoch=epoch)
+        steps += [batches[i:i + settings.grad_accum] for i in range(0, len(batches), settings.grad_accum)]
+        epoch += 1
+        if settings.max_steps is None and epoch >= settings.epochs:
+            return steps
+        if settings.max_steps is not None and len(steps) >= settings.max_steps:
+            return steps[:settings.max_steps]
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path / CHECKPOINT)
+
+
+def _load_checkpoint(path: Path | None) -> dict | None:
+    if path is None or not (path / CHECKPOINT).is_file():
+        return None
+    try:
+        return torch.load(path / CHECKPOINT, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a torn or foreign file: start over rather than crash
+        log.warning("ignoring unreadable checkpoint", path=str(path), error=str(exc))
+        return None
+
+
+def train_lora(model, encoded: list[Encoded], settings, *, device: torch.device, bf16: bool, pad_id: int,
+               checkpoint_dir: Path | None = None, on_step: StepHook | None = None,
+               progress: bool = True) -> TrainResult:
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    torch.manual_seed(settings.seed)
+    lengths = [len(e) for e in encoded]
+    steps = plan_steps(lengths, settings)
+    total = len(steps)
+    optimizer = make_optimizer(model.parameters(), settings)
+    scheduler = make_scheduler(optimizer, settings, total)
+    result = TrainResult(steps=total, padding_waste=padding_waste([b for s in steps for b in s], lengths))
+    start = 0
+    state = _load_checkpoint(checkpoint_dir)
+    if state is not None and state.get("total") == total:
+        set_peft_model_state_dict(model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start, result.history, result.resumed_from = state["step"], state["history"], state["step"]
+        log.info("resuming from checkpoint", step=start, total=total, path=str(checkpoint_dir))
+    model.train()
+    bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress or None,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, total):
+            micro = steps[step]
+            items = [[encoded[i] for i in b] for b in micro]
+            step_targets = sum(max(0, sum(1 for x in e.labels[1:] if x != IGNORE)) for b in items for e in b)
+            if step_targets == 0:
+                raise TrainingError("a batch has no target tokens (empty answers?)")
+            loss_sum = 0.0
+            for batch_items in items:
+                batch = {k: v.to(device) for k, v in collate(batch_items, pad_id).items()}
+                with autocast(device, bf16):
+                    loss, _n = answer_loss(model, batch)
+                (loss / step_targets).backward()
+                loss_sum += float(loss.detach())
+                result.tokens += sum(len(e) for e in batch_items)
+            result.target_tokens += step_targets
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = loss_sum / step_targets
+            if not math.isfinite(step_loss):
+                raise TrainingError(f"training loss became {step_loss} at step {step + 1}; lower the learning rate")
+            elapsed = time.perf_counter() - t0
+            point = {"loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
+                     "tokens_per_s": round(result.tokens / elapsed, 1) if elapsed else 0.0}
+            result.history.append({"step": step + 1, **point})
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+            done = step + 1
+            if on_step and (done % settings.log_every == 0 or done == total):
+                on_step(done, total, point)
+            if checkpoint_dir is not None and done % settings.checkpoint_every == 0 and done < total:
+                _save_checkpoint(checkpoint_dir, {
+                    "step": done, "total": total, "history": result.history,
+                    "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
+    finally:
+        bar.close()
+    result.seconds = time.perf_counter() - t0
+    model.eval()
+    return result
+
+
+def clear_checkpoint(checkpoint_dir: Path | None) -> None:
+    if checkpoint_dir is not None and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def save_adapter(model, target: Path) -> str:
+    """PEFT format with safetensors; returns the adapter's sha256 (flywheel.adapters contract)."""
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(target), safe_serialization=True)
+    config_path = target / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("modules_to_save"):
+        raise TrainingError(f"adapter has modules_to_save={config['modules_to_save']}; vLLM cannot load that")
+    # PEFT writes "all-linear" resolved to full module paths; the plain list of layer names
+    # (q_proj, …) targets the same modules and is the form every loader (PEFT, vLLM) accepts.
+    modules = config.get("target_modules")
+    if isinstance(modules, list):
+        config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return adapter_digest(target)

@@ -1,0 +1,283 @@
+"""The vLLM engine: one or more vLLM OpenAI servers behind the gateway.
+
+Adapters are loaded on every server with POST /v1/load_lora_adapter under their immutable
+version name (never reused for other weights: vLLM keeps prefix-cache blocks by name);
+requests are forwarded with model=<version> (or the server's base model name) and streamed
+through. A server that restarted has lost its adapters: the periodic check, and any 404 for a
+version we loaded, put them back. An unreachable vLLM gives a 503 that says so."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from flywheel.adapters import AdapterError
+from flywheel.logs import get_logger
+from gateway.backends.base import Backend, Endpoint, Request
+from gateway.errors import GatewayError, unavailable
+
+log = get_logger("gateway.vllm")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per forwarded request is noise
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+@dataclass
+class _Server:
+    url: str
+    healthy: bool = True
+    adapters: set[str] = field(default_factory=set)
+    last_error: str | None = None
+
+
+def _vllm_error(resp: httpx.Response, server: str) -> GatewayError:
+    """vLLM's error body (either of its shapes) as our OpenAI-shaped error, same status for 4xx."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {}
+    err = body.get("error") if isinstance(body.get("error"), dict) else body
+    message = str(err.get("message") or resp.text[:500] or f"HTTP {resp.status_code}")
+    code = err.get("code") if isinstance(err.get("code"), str) else None
+    lowered = message.lower()
+    if any(s in lowered for s in ("maximum context length", "max_model_len", "maximum model length")):
+        code = "context_length_exceeded"
+    elif resp.status_code == 404 and "does not exist" in lowered:
+        code = "model_not_found"
+    if resp.status_code < 500:
+        param = err.get("param") if isinstance(err.get("param"), str) else None
+        return GatewayError(resp.status_code, message, code=code, param=param)
+    return GatewayError(502, f"vLLM server {server} failed (HTTP {resp.status_code}): {message}",
+                        type="server_error", code="backend_error")
+
+
+class VLLMBackend(Backend):
+    kind = "vllm"
+
+    def __init__(self, settings) -> None:
+        super().__init__()
+        if not settings.vllm_urls:
+            raise ValueError("the vllm backend needs FLYWHEEL_VLLM_URLS")
+        self.settings = settings
+        self.servers = [_Server(url) for url in settings.vllm_urls]
+        self._rr = itertools.cycle(range(len(self.servers)))
+        self.base_name = settings.vllm_base_name
+        self.paths: dict[str, Path] = {}  # adapters we loaded, to restore them on restarted servers
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.vllm_timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=500),
+        )
+        self._restoring: dict[tuple[str, str], asyncio.Task] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Wait (forever, cancellable) until one vLLM server answers; learn its base model name."""
+        delay = 0.5
+        while True:
+            for server in self.servers:
+                try:
+                    models = await self._models(server)
+                except GatewayError as exc:
+                    self.error = f"waiting for vLLM: {exc.message}"
+                    continue
+                if self.base_name is None:
+                    roots = [m["id"] for m in models if not m.get("parent")]
+                    if not roots:
+                        self.error = f"vLLM at {server.url} lists no base model"
+                        continue
+                    self.base_name = roots[0]
+                self.ready, self.error = True, None
+                log.info("vllm_connected", url=server.url, base=self.base_name)
+                return
+            log.warning("vllm_waiting", error=self.error)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def close(self) -> None:
+        for task in self._restoring.values():
+            task.cancel()
+        await self.client.aclose()
+
+    async def _models(self, server: _Server) -> list[dict]:
+        try:
+            resp = await self.client.get(f"{server.url}/v1/models", timeout=5.0)
+        except httpx.TransportError as exc:
+            self._down(server, exc)
+            raise self._unreachable([server]) from exc
+        if resp.status_code != 200:
+            raise _vllm_error(resp, server.url)
+        server.healthy, server.last_error = True, None
+        return resp.json().get("data", [])
+
+    def _down(self, server: _Server, exc: Exception) -> None:
+        if server.healthy:
+            log.warning("vllm_unreachable", url=server.url, error=f"{type(exc).__name__}: {exc}")
+        server.healthy = False
+        server.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+    def _unreachable(self, servers: list[_Server]) -> GatewayError:
+        detail = "; ".join(f"{s.url} ({s.last_error})" for s in servers)
+        return unavailable(f"vLLM backend unavailable: cannot reach {detail}. Retry shortly.",
+                           code="backend_unavailable")
+
+    # ---- adapters --------------------------------------------------------------------------
+    async def _load_on(self, server: _Server, name: str, path: Path) -> None:
+        resp = await self.client.post(f"{server.url}/v1/load_lora_adapter",
+                                      json={"lora_name": name, "lora_path": str(Path(path).resolve())})
+        if resp.status_code == 200 or (resp.status_code == 400 and "already" in resp.text.lower()):
+            server.adapters.add(name)
+            return
+        raise AdapterError(f"vLLM at {server.url} refused adapter {name}: {_vllm_error(resp, server.url).message}")
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        reached = []
+        for server in self.servers:
+            try:
+                await self._load_on(server, name, path)
+                reached.append(server)
+            except httpx.TransportError as exc:
+                self._down(server, exc)  # it gets the adapter from check() once it is back
+            except AdapterError:
+                for done in reached:  # leave no half-loaded version behind
+                    await self._unload_on(done, name)
+                raise
+        if not reached:
+            raise AdapterError(self._unreachable(self.servers).message)
+        self.paths[name] = Path(path)
+
+    async def _unload_on(self, server: _Server, name: str) -> None:
+        try:
+            resp = await self.client.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": name})
+            if resp.status_code != 200:
+                log.warning("vllm_unload_refused", url=server.url, version=name, body=resp.text[:300])
+        except httpx.TransportError as exc:
+            self._down(server, exc)
+        server.adapters.discard(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        self.paths.pop(name, None)
+        await asyncio.gather(*(self._unload_on(s, name) for s in self.servers))
+
+    async def check(self, loaded: list[str]) -> None:
+        """Mark servers up or down and give restarted ones back the adapters they lost."""
+        for server in self.servers:
+            try:
+                names = {m["id"] for m in await self._models(server)}
+            except GatewayError:
+                continue
+            for name in loaded:
+                if name not in names and name in self.paths:
+                    log.info("vllm_restoring_adapter", url=server.url, version=name)
+                    server.adapters.discard(name)
+                    try:
+                        await self._load_on(server, name, self.paths[name])
+                    except (AdapterError, httpx.TransportError) as exc:
+                        log.warning("vllm_restore_failed", url=server.url, version=name, error=str(exc))
+
+    # ---- requests --------------------------------------------------------------------------
+    def _order(self) -> list[_Server]:
+        """Round-robin over healthy servers first, then the others (one may be back)."""
+        start = next(self._rr)
+        ring = self.servers[start:] + self.servers[:start]
+        return [s for s in ring if s.healthy] + [s for s in ring if not s.healthy]
+
+    def _body(self, version: str | None, req: Request, stream: bool) -> dict:
+        body = req.model_dump(exclude_unset=True, exclude_none=True)
+        body["model"] = version or self.base_name
+        body["stream"] = stream
+        return body
+
+    async def _restore(self, server: _Server, version: str) -> bool:
+        """A 404 for a version we loaded: the server restarted. Load it again (once at a time)."""
+        if version not in self.paths:
+            return False
+        key = (server.url, version)
+        task = self._restoring.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load_on(server, version, self.paths[version]))
+            self._restoring[key] = task
+            task.add_done_callback(lambda _t: self._restoring.pop(key, None))
+        try:
+            await asyncio.shield(task)
+            return True
+        except (AdapterError, httpx.TransportError) as exc:
+            log.warning("vllm_restore_failed", url=server.url, version=version, error=str(exc))
+            return False
+
+    async def generate(self, version: str | None, endpoint: Endpoint, req: Request) -> dict:
+        if not self.ready:
+            raise unavailable(self.error or "connecting to vLLM", code="backend_unavailable")
+        body = self._body(version, req, stream=False)
+        tried = []
+        for server in self._order():
+            for attempt in range(2):
+                try:
+                    resp = await self.client.post(f"{server.url}{PATHS[endpoint]}", json=body)
+                except httpx.TransportError as exc:
+                    self._down(server, exc)
+                    tried.append(server)
+                    break
+                server.healthy = True
+                if resp.status_code == 200:
+                    return resp.json()
+                if resp.status_code == 404 and version and attempt == 0 and await self._restore(server, version):
+                    continue
+                raise _vllm_error(resp, server.url)
+        raise self._unreachable(tried)
+
+    async def stream(self, version: str | None, endpoint: Endpoint, req: Request) -> AsyncIterator[dict]:
+        if not self.ready:
+            raise unavailable(self.error or "connecting to vLLM", code="backend_unavailable")
+        body = self._body(version, req, stream=True)
+        tried = []
+        for server in self._order():
+            for attempt in range(2):
+                request = self.client.build_request("POST", f"{server.url}{PATHS[endpoint]}", json=body)
+                try:
+                    resp = await self.client.send(request, stream=True)
+                except httpx.TransportError as exc:
+                    self._down(server, exc)
+                    tried.append(server)
+                    break
+                server.healthy = True
+                try:
+                    if resp.status_code != 200:
+                        await resp.aread()
+                        if resp.status_code == 404 and version and attempt == 0 and await self._restore(server, version):
+                            continue
+                        raise _vllm_error(resp, server.url)
+                    async for chunk in self._chunks(resp, server):
+                        yield chunk
+                    return
+                finally:
+                    await resp.aclose()
+        raise self._unreachable(tried)
+
+    @staticmethod
+    async def _chunks(resp: httpx.Response, server: _Server) -> AsyncIterator[dict]:
+        try:
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk and "choices" not in chunk:
+                    err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+                    raise GatewayError(502, f"vLLM stream error: {err.get('message')}", type="server_error",
+                                       code="backend_error")
+                yield chunk
+        except httpx.TransportError as exc:
+            raise GatewayError(502, f"vLLM server {server.url} dropped the stream: {type(exc).__name__}",
+                               type="server_error", code="backend_error") from exc
+
+    def status(self) -> dict:
+        return {**super().status(), "base_name": self.base_name,
+                "servers": [{"url": s.url, "healthy": s.healthy, "error": s.last_error,
+                             "adapters": sorted(s.adapters)} for s in self.servers]}

@@ -1,0 +1,130 @@
+"""Start and stop a local vLLM OpenAI server (the CPU build in .venv-vllm, or an official vllm
+install) for tests, benchmarks and the demo. Production runs vLLM as its own service."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from flywheel.logs import get_logger
+
+log = get_logger("gateway.vllm_server")
+logging.getLogger("httpx").setLevel(logging.WARNING)
+DEFAULT_VENV = Path(".venv-vllm")
+
+
+class VLLMServerError(RuntimeError):
+    """vLLM is not installed, or the server died or did not get ready in time (log tail included)."""
+
+
+def vllm_python(venv: Path | str | None = None) -> Path:
+    """The python that has vLLM: FLYWHEEL_VLLM_PYTHON, else <venv>/bin/python (`make vllm`)."""
+    if os.environ.get("FLYWHEEL_VLLM_PYTHON"):
+        return Path(os.environ["FLYWHEEL_VLLM_PYTHON"])
+    venv = Path(venv or os.environ.get("FLYWHEEL_VLLM_VENV", DEFAULT_VENV))
+    return venv / "bin" / "python"
+
+
+def vllm_available(venv: Path | str | None = None) -> bool:
+    python = vllm_python(venv)
+    return python.is_file() and any((python.parent.parent / "lib").glob("python3*/site-packages/vllm/__init__.py"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """`python -m vllm.entrypoints.openai.api_server` with runtime LoRA loading enabled."""
+
+    def __init__(self, model_dir: Path | str, *, served_name: str | None = None, port: int | None = None,
+                 max_lora_rank: int = 16, max_loras: int = 2, max_model_len: int = 1024,
+                 kv_cache_gb: int = 2, venv: Path | str | None = None, extra_args: list[str] | None = None):
+        self.model_dir = Path(model_dir).resolve()
+        self.served_name = served_name or self.model_dir.name
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.python = vllm_python(venv)
+        self.args = [
+            str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+            "--served-model-name", self.served_name, "--enable-lora", "--max-lora-rank", str(max_lora_rank),
+            "--max-loras", str(max_loras), "--dtype", "bfloat16", "--max-model-len", str(max_model_len),
+            "--host", "127.0.0.1", "--port", str(self.port), *(extra_args or []),
+        ]
+        self.env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+                    "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb), "HF_HUB_OFFLINE": "1",
+                    "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        self.proc: subprocess.Popen | None = None
+        self.logdir = Path(tempfile.mkdtemp(prefix="vllm-server-"))
+        self.logfile = self.logdir / "server.log"
+
+    def start(self, timeout_s: float = 300.0) -> "VLLMServer":
+        if not self.python.is_file():
+            raise VLLMServerError(f"no vLLM python at {self.python}: run `make vllm` (or set FLYWHEEL_VLLM_PYTHON)")
+        log.info("vllm_starting", model=str(self.model_dir), port=self.port, log=str(self.logfile))
+        with open(self.logfile, "wb") as out:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.proc.poll() is not None:
+                raise VLLMServerError(f"vLLM exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                    log.info("vllm_ready", port=self.port, seconds=round(time.monotonic() - started, 1))
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise VLLMServerError(f"vLLM not ready after {timeout_s}s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            import signal
+
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: engine workers go too
+                self.proc.wait(timeout=timeout_s)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.logdir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+
+if __name__ == "__main__":  # python -m gateway.vllm_server MODEL_DIR [PORT]
+    server = VLLMServer(sys.argv[1], port=int(sys.argv[2]) if len(sys.argv) > 2 else None).start()
+    print(server.url, flush=True)
+    try:
+        server.proc.wait()
+    except KeyboardInterrupt:
+        server.cleanup()

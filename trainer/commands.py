@@ -1,0 +1,131 @@
+"""`flywheel train …` and `flywheel dataset …`: the trainer's command line."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from trainer.settings import TrainerSettings
+
+train_app = typer.Typer(help="Fine-tune, evaluate and register model versions.", no_args_is_help=True)
+dataset_app = typer.Typer(help="Import examples and build dataset snapshots.", no_args_is_help=True)
+EXIT_BUSY = 3
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def _settings(**overrides) -> TrainerSettings:
+    from pydantic import ValidationError
+
+    try:
+        base = TrainerSettings()
+        return base.model_copy(update={k: v for k, v in overrides.items() if v is not None}) if overrides else base
+    except ValidationError as exc:
+        _fail(f"bad trainer settings: {exc}")
+
+
+@train_app.command("run")
+def run(
+    force: bool = typer.Option(False, "--force", help="Train even if the dataset did not change"),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Stop after this many optimizer steps"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs over the training split"),
+    learning_rate: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Peak learning rate"),
+) -> None:
+    """One cycle: build the dataset, fine-tune, evaluate, gate and register a version."""
+    from store.errors import StoreError
+    from trainer.cycle import run_cycle
+    from trainer.lease import LeaseBusy
+    from trainer.modeling import ModelLoadError
+
+    settings = _settings(max_steps=max_steps, epochs=epochs, learning_rate=learning_rate)
+    try:
+        outcome = run_cycle(settings, force=force)
+    except LeaseBusy as exc:
+        typer.secho(str(exc), fg="yellow", err=True)
+        raise typer.Exit(EXIT_BUSY)
+    except (ModelLoadError, StoreError) as exc:
+        _fail(str(exc))
+    if outcome.status == "skipped":
+        typer.secho(outcome.message, fg="yellow")
+        return
+    typer.secho(f"run {outcome.run_id}: {outcome.message}", fg="green" if outcome.gate_passed else "yellow")
+    for reason in outcome.report["gate"]["reasons"]:
+        typer.echo(f"  - {reason}")
+    for name, row in outcome.report["metrics"].items():
+        typer.echo(f"  {name:<11} F1 {row['token_f1'] if row['token_f1'] is not None else '-'}  "
+                   f"EM {row['exact_match'] if row['exact_match'] is not None else '-'}  golden {row['golden']}")
+
+
+@train_app.command("watch")
+def watch_cmd(
+    once: bool = typer.Option(False, "--once", help="Check once (and run if due), then exit"),
+    max_cycles: Optional[int] = typer.Option(None, min=1, help="Exit after this many cycles"),
+    poll: Optional[float] = typer.Option(None, min=0.1, help="Seconds between checks"),
+) -> None:
+    """Run cycles when enough new data arrived (after a cooldown) or when an admin queued one."""
+    from trainer.watch import watch
+
+    settings = _settings(watch_poll_s=poll)
+    cycles = watch(settings, max_cycles=max_cycles, once=once)
+    typer.echo(f"watch stopped after {cycles} cycle(s)")
+
+
+@dataset_app.command("import")
+def import_cmd(
+    file: Path = typer.Argument(..., help="JSONL/JSON/CSV/TSV of question,answer or text,label rows"),
+    source: str = typer.Option("import", help="Source name recorded on the examples"),
+) -> None:
+    """Import examples from a file; a file with bad rows imports nothing and lists them."""
+    from store.db import session_scope
+    from store.errors import StoreError
+    from trainer.importer import ImportFileError, import_file
+
+    try:
+        with session_scope() as s:
+            result = import_file(s, file, source=source)
+    except ImportFileError as exc:
+        _fail(str(exc))
+    except StoreError as exc:
+        _fail(str(exc))
+    typer.echo(f"imported {file.name}: {result.created} new, {result.existing} already known, {result.golden} golden")
+
+
+@dataset_app.command("build")
+def build_cmd() -> None:
+    """Build (or reuse) the dataset snapshot from the store and print its counts."""
+    from store.db import session_scope
+    from trainer.dataset import build_snapshot
+
+    with session_scope() as s:
+        snap = build_snapshot(s, _settings())
+    state = "unchanged, reused" if snap.reused else "new"
+    typer.echo(f"snapshot {snap.row.id} ({state}) {snap.row.content_hash[:12]} at {snap.row.path}")
+    typer.echo(json.dumps(snap.counts, indent=2))
+
+
+@dataset_app.command("export")
+def export_cmd(
+    out: Path = typer.Argument(..., help="Directory to write train/eval/golden JSONL and the HF dataset to"),
+    snapshot: Optional[int] = typer.Option(None, help="Snapshot id (default: the latest)"),
+) -> None:
+    """Copy a snapshot's files (chat-format JSONL per split + datasets save_to_disk) to OUT."""
+    from store.datasets import get_snapshot, latest_snapshot
+    from store.db import session_scope
+
+    with session_scope() as s:
+        row = get_snapshot(s, snapshot) if snapshot is not None else latest_snapshot(s)
+    if row is None:
+        _fail(f"no snapshot {snapshot}" if snapshot is not None else "no snapshot yet; run `flywheel dataset build`")
+    src = Path(row.path)
+    if not (src / "manifest.json").is_file():
+        _fail(f"snapshot {row.id}'s files are gone from {src}; rebuild with `flywheel dataset build`")
+    if out.exists() and any(out.iterdir()):
+        _fail(f"{out} exists and is not empty; choose a new directory")
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    typer.echo(f"exported snapshot {row.id} ({row.content_hash[:12]}) to {out}")

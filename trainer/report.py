@@ -1,0 +1,78 @@
+"""The run report: a JSON document (for the store and the bot) and a PNG with the loss curve
+and the metric comparison (for Slack)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METRICS = ("token_f1", "exact_match", "rouge_l")
+
+
+def metrics_table(results: dict) -> dict:
+    """{variant: {token_f1, exact_match, rouge_l, eval_loss, perplexity, golden, labels?}}."""
+    table = {}
+    for name in results["variants"]:
+        m = results[name]
+        row = {k: _round(m.get(k)) for k in (*METRICS, "eval_loss", "perplexity")}
+        row["golden"] = f"{m.get('golden_passed', 0)}/{m.get('golden_total', 0)}"
+        if "labels" in m:
+            row["labels"] = {k: _round(m["labels"][k]) for k in ("accuracy", "precision", "recall", "f1")}
+        table[name] = row
+    return table
+
+
+def _round(x):
+    return round(x, 4) if isinstance(x, float) else x
+
+
+def build_report(*, version: str, run_id: int, snapshot, results: dict, verdict, train, hyperparams: dict,
+                 base_model: str) -> dict:
+    return {
+        "version": version, "run_id": run_id, "base_model": base_model,
+        "dataset": {"snapshot_id": snapshot.id, "content_hash": snapshot.content_hash, "counts": snapshot.counts},
+        "metrics": metrics_table(results),
+        "reference": results["reference"], "production_version": results.get("production_version"),
+        "golden": results.get("golden", []), "golden_lost": results.get("golden_lost", []),
+        "samples": results.get("samples", []),
+        "gate": {"passed": verdict.passed, "reasons": verdict.reasons},
+        "training": {"steps": train.steps, "resumed_from": train.resumed_from, "seconds": round(train.seconds, 2),
+                     "tokens": train.tokens, "target_tokens": train.target_tokens,
+                     "tokens_per_s": round(train.tokens_per_s, 1), "padding_waste": round(train.padding_waste, 4),
+                     "final_loss": _round(train.final_loss), "loss_history": train.history},
+        "hyperparams": hyperparams,
+    }
+
+
+def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
+    """report.json and report.png side by side; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "report.json", out_dir / "report.png"
+    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    fig, (ax_loss, ax_bar) = plt.subplots(1, 2, figsize=(11, 4))
+    hist = report["training"]["loss_history"]
+    ax_loss.plot([h["step"] for h in hist], [h["loss"] for h in hist], color="#1f77b4")
+    ax_loss.set_title("training loss (answer tokens)")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.grid(alpha=0.3)
+    table = report["metrics"]
+    names = list(table)
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        values = [table[name].get(m) or 0.0 for m in METRICS]
+        bars = ax_bar.bar([j + i * width for j in range(len(METRICS))], values, width, label=name)
+        ax_bar.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax_bar.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(METRICS))], ["token F1", "exact match", "ROUGE-L"])
+    ax_bar.set_ylim(0, 1.1)
+    ax_bar.legend()
+    verdict = "gate passed" if report["gate"]["passed"] else "gate failed"
+    ax_bar.set_title(f"{report['version']}: {verdict}")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return json_path, png_path

@@ -1,0 +1,241 @@
+"""The `/flywheel` command and the report buttons: status for everyone, changes for admins.
+Every admin action checks FLYWHEEL_ADMINS and leaves an audit event, refusals and errors too."""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from bot import metrics
+from bot.gateway_client import GatewayClient
+from bot.settings import BotSettings
+from flywheel.logs import get_logger
+from store.audit import record_audit
+from store.conversations import count_messages
+from store.db import session_scope
+from store.errors import StoreError
+from store.examples import count_examples
+from store.feedback import count_feedback
+from store.models import Role, VersionStatus
+from store.replicas import list_replicas
+from store.runs import list_runs, queue_run
+from store.versions import (
+    PRODUCTION,
+    alias_history,
+    alias_target,
+    find_version,
+    list_versions,
+    move_alias,
+    rollback_target,
+    set_version_status,
+)
+
+log = get_logger("bot.admin")
+
+HELP = """*`/flywheel` commands*
+• `help`: this text
+• `status`: production version, last runs, data counts
+• `versions`: model versions and their gate verdicts
+• `history`: which version was live when
+• `train`: queue a training run _(admin)_
+• `approve <version>` / `promote <version> [--force "reason"]`: put a version in production _(admin; gate-passed versions only unless forced)_
+• `reject <version>`: reject a candidate _(admin)_
+• `rollback`: put the previous production version back _(admin)_"""
+
+ADMIN_COMMANDS = {"train", "approve", "promote", "reject", "rollback"}
+
+
+@dataclass
+class Reply:
+    text: str
+    public: bool = False  # announce a change in the channel; otherwise only the caller sees it
+
+
+class CommandError(ValueError):
+    """The command text could not be understood."""
+
+
+def parse(text: str) -> tuple[str, list[str], str | None]:
+    """`approve ft-0002 --force "looks fine"` → ("approve", ["ft-0002"], "looks fine")."""
+    try:
+        words = shlex.split(text or "")
+    except ValueError as exc:
+        raise CommandError(f"cannot read the command ({exc}); check the quotes") from exc
+    if not words:
+        return "help", [], None
+    force = None
+    if "--force" in words:
+        at = words.index("--force")
+        if at + 1 >= len(words) or not words[at + 1].strip() or words[at + 1].startswith("--"):
+            raise CommandError('--force needs a reason: --force "why this version must go live"')
+        force = words[at + 1].strip()
+        words = words[:at] + words[at + 2:]
+    return words[0].lower(), words[1:], force
+
+
+def _bar(progress: float, width: int = 10) -> str:
+    filled = max(0, min(width, round(progress * width)))
+    return "▓" * filled + "░" * (width - filled)
+
+
+def run_line(run) -> str:
+    if run.status == "running":
+        state = f"running {_bar(run.progress)} {run.progress:.0%} (step {run.step}/{run.total_steps})"
+    else:
+        state = run.status
+    extra = f" → `{run.model_version}`" if run.model_version else ""
+    return f"#{run.id} {state}{extra}"
+
+
+class Admin:
+    def __init__(self, settings: BotSettings, gateway: GatewayClient) -> None:
+        self.settings, self.gateway = settings, gateway
+
+    # -- entry points ----------------------------------------------------------------------------
+    def run_command(self, user: str, text: str) -> Reply:
+        try:
+            name, args, force = parse(text)
+        except CommandError as exc:
+            return Reply(f":x: {exc}\n\n{HELP}")
+        if name in ADMIN_COMMANDS:
+            target = args[0] if args else PRODUCTION
+            return self.admin_action(user, name, target, lambda: self._dispatch(user, name, args, force),
+                                     detail={"command": text})
+        handler = {"help": lambda: Reply(HELP), "status": self.status, "versions": self.versions,
+                   "history": self.history}.get(name)
+        if handler is None:
+            return Reply(f":x: unknown command `{name}`\n\n{HELP}")
+        return handler()
+
+    def admin_action(self, user: str, action: str, target: str, do, detail: dict | None = None) -> Reply:
+        """Check the caller is an admin, run `do`, audit refusals and failures (successful
+        changes audit themselves inside the store's transaction)."""
+        if not self.settings.is_admin(user):
+            with session_scope() as s:
+                record_audit(s, actor=user, action=f"command.{action}", target=target, outcome="refused",
+                             detail={**(detail or {}), "reason": "not an admin"})
+            metrics.ADMIN.labels(action, "refused").inc()
+            log.warning("admin command refused", user=user, action=action, target=target)
+            return Reply(f":no_entry: Only Flywheel admins can `{action}`. This attempt was logged.")
+        try:
+            reply = do()
+        except (StoreError, ValueError) as exc:
+            log.warning("admin command failed", user=user, action=action, target=target, error=str(exc),
+                        exc_info=not isinstance(exc, StoreError))
+            with session_scope() as s:
+                record_audit(s, actor=user, action=f"command.{action}", target=target, outcome="error",
+                             detail={**(detail or {}), "error": str(exc)})
+            metrics.ADMIN.labels(action, "error").inc()
+            return Reply(f":x: {exc}")
+        metrics.ADMIN.labels(action, "ok").inc()
+        return reply
+
+    def _dispatch(self, user: str, name: str, args: list[str], force: str | None) -> Reply:
+        if name == "train":
+            return self.train(user)
+        if name == "rollback":
+            return self.rollback(user)
+        if len(args) != 1:
+            raise ValueError(f"usage: /flywheel {name} <version>" + (' [--force "reason"]' if name != "reject" else ""))
+        if name == "reject":
+            return self.reject(user, args[0])
+        return self.approve(user, args[0], force)
+
+    # -- changes (admins only; callers go through admin_action) ----------------------------------
+    def train(self, user: str) -> Reply:
+        with session_scope() as s:
+            run = queue_run(s, queued_by=user)
+            record_audit(s, actor=user, action="run.queue", target=f"run {run.id}")
+        return Reply(f":gear: <@{user}> queued training run #{run.id}. Progress will show in "
+                     f"{'<#' + self.settings.admin_channel + '>' if self.settings.admin_channel else 'the admin channel'}.",
+                     public=True)
+
+    def approve(self, user: str, version: str, force: str | None = None) -> Reply:
+        """Approve and promote: the production alias moves (audited in the same transaction),
+        then the gateway is asked to swap now."""
+        with session_scope() as s:
+            current = find_version(s, version)
+            if current is not None and current.status not in (VersionStatus.approved, VersionStatus.production):
+                set_version_status(s, version, VersionStatus.approved, actor=user, reason=force,
+                                   force=force is not None)
+            moved = move_alias(s, PRODUCTION, version, actor=user, reason=force, force=force is not None)
+        sync = self.gateway.request_sync()
+        forced = f' (forced: "{force}")' if force else ""
+        log.info("promoted", version=version, previous=moved["from"], by=user, forced=bool(force))
+        return Reply(f":rocket: <@{user}> promoted `{version}` to production{forced}; "
+                     f"previously `{moved['from'] or 'base model'}`. {sync}. {self._live(version)}", public=True)
+
+    def reject(self, user: str, version: str) -> Reply:
+        with session_scope() as s:
+            set_version_status(s, version, VersionStatus.rejected, actor=user)
+        return Reply(f":no_entry_sign: <@{user}> rejected `{version}`.", public=True)
+
+    def rollback(self, user: str) -> Reply:
+        with session_scope() as s:
+            target = rollback_target(s)
+            version = find_version(s, target) if target else None
+            force = version is not None and not version.gate_passed
+            moved = move_alias(s, PRODUCTION, target, actor=user, reason="rollback", force=force)
+        sync = self.gateway.request_sync()
+        return Reply(f":rewind: <@{user}> rolled production back from `{moved['from'] or 'base model'}` "
+                     f"to `{target or 'base model'}`. {sync}. {self._live(target)}", public=True)
+
+    # -- read-only -------------------------------------------------------------------------------
+    def _live(self, version: str | None) -> str:
+        with session_scope() as s:
+            replicas = list_replicas(s)
+        if not replicas:
+            return ""
+        label = version or "base"  # what replicas report for the base model
+        live = sum(1 for r in replicas if (r.served or {}).get(PRODUCTION) == label)
+        return f"Live on {live}/{len(replicas)} gateway replicas."
+
+    def status(self) -> Reply:
+        with session_scope() as s:
+            prod = alias_target(s, PRODUCTION)
+            runs = list_runs(s, limit=3)
+            questions, answers = count_messages(s, Role.user), count_messages(s, Role.assistant)
+            feedback = count_feedback(s)
+            examples = count_examples(s)
+        votes = sum(feedback.values())
+        lines = [f"*Production:* `{prod or 'base model'}`. {self._live(prod)}",
+                 "*Last runs:* " + ("; ".join(run_line(r) for r in runs) if runs else "none yet"),
+                 (f"*Data:* {questions} questions, {answers} answers, {votes} feedback "
+                  f"({feedback_summary(feedback)}), {examples.get('total', 0)} examples "
+                  f"({examples.get('golden', 0)} golden)")]
+        return Reply("\n".join(lines))
+
+    def versions(self) -> Reply:
+        with session_scope() as s:
+            prod = alias_target(s, PRODUCTION)  # first: it expires the session's objects
+            versions = list_versions(s, limit=10)
+        if not versions:
+            return Reply("No model versions yet: production serves the base model.")
+        lines = ["*Model versions* (newest first)"]
+        for v in versions:
+            gate = "gate passed" if v.gate_passed else "gate failed"
+            star = " ← production" if v.name == prod else ""
+            lines.append(f"• `{v.name}` {v.status}, {gate}, {v.created_at:%Y-%m-%d %H:%M}{star}")
+        return Reply("\n".join(lines))
+
+    def history(self) -> Reply:
+        with session_scope() as s:
+            moves = alias_history(s, PRODUCTION, limit=10)
+        if not moves:
+            return Reply("Production has always served the base model.")
+        lines = ["*Production history* (newest first)"]
+        for m in moves:
+            why = f' ("{m["reason"]}")' if m.get("reason") else ""
+            lines.append(f"• {m['at']:%Y-%m-%d %H:%M} <@{m['actor']}>: `{m['from'] or 'base'}` → "
+                         f"`{m['to'] or 'base'}`{why}")
+        return Reply("\n".join(lines))
+
+
+def feedback_summary(counts: dict[str, int]) -> str:
+    """{"reaction:up": 2, "button:up": 1, "label:unclear": 1, ...} → "👍 3, 👎 0, 1 labels, …"."""
+    def total(kinds, value=None):
+        return sum(n for k, n in counts.items()
+                   if k.split(":", 1)[0] in kinds and (value is None or k.split(":", 1)[1] == value))
+
+    return (f"👍 {total(('reaction', 'button'), 'up')}, 👎 {total(('reaction', 'button'), 'down')}, "
+            f"{total(('correction',))} corrections, {total(('label',))} labels, "
+            f"{total(('golden',))} golden, {total(('shortcut',))} added by shortcut")

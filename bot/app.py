@@ -1,0 +1,111 @@
+"""The Bolt app: which Slack event, action, view, shortcut and command goes to which handler."""
+from __future__ import annotations
+
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+from slack_bolt import App
+from slack_sdk.http_retry.builtin_handlers import (
+    ConnectionErrorRetryHandler,
+    RateLimitErrorRetryHandler,
+)
+from slack_sdk.web import WebClient
+
+from bot import blocks
+from bot.admin import Admin
+from bot.answering import Answerer
+from bot.feedback import Feedback
+from bot.gateway_client import GatewayClient
+from bot.home import publish_home
+from bot.reports import on_report_button
+from bot.settings import BotSettings
+from flywheel.logs import get_logger
+
+log = get_logger("bot.app")
+COMMAND = "/flywheel"
+
+
+def make_web_client(settings: BotSettings) -> WebClient:
+    """Slack's Web API (or the local double): 429s wait for Retry-After, dropped connections retry."""
+    return WebClient(
+        token=settings.slack_bot_token, base_url=settings.api_base_url, timeout=30,
+        retry_handlers=[ConnectionErrorRetryHandler(max_retry_count=settings.slack_retries),
+                        RateLimitErrorRetryHandler(max_retry_count=settings.slack_retries)])
+
+
+def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | None = None,
+               socket_mode: bool = False) -> App:
+    """Build the Bolt app. Over HTTP every request must carry a valid Slack signature at most
+    five minutes old (Bolt's verification); Socket Mode needs no signing secret."""
+    settings = settings or BotSettings()
+    if not settings.slack_bot_token:
+        raise ValueError("missing setting SLACK_BOT_TOKEN (the bot's xoxb- token)")
+    if not socket_mode:
+        settings.require_http_credentials()
+    gateway = gateway or GatewayClient(settings)
+    app = App(
+        client=make_web_client(settings),
+        signing_secret=settings.slack_signing_secret or "", request_verification_enabled=not socket_mode,
+        process_before_response=False, logger=logging.getLogger("slack_bolt"),
+        listener_executor=ThreadPoolExecutor(max_workers=settings.listener_threads,
+                                             thread_name_prefix="bot-listener"),
+    )
+    answerer, feedback, admin = Answerer(settings, gateway), Feedback(settings), Admin(settings, gateway)
+    app.flywheel = {"settings": settings, "gateway": gateway, "admin": admin}  # for the server
+
+    # -- questions -------------------------------------------------------------------------------
+    @app.event("app_mention")
+    def _mention(event, body, client, context):
+        answerer.on_app_mention(event, body, client, context.bot_user_id)
+
+    @app.event("message")
+    def _message(event, body, client, context):
+        answerer.on_message(event, body, client, context.bot_user_id)
+
+    # -- feedback --------------------------------------------------------------------------------
+    @app.event("reaction_added")
+    def _reaction_added(event, body, context):
+        feedback.on_reaction(event, body, context.bot_user_id, removed=False)
+
+    @app.event("reaction_removed")
+    def _reaction_removed(event, body, context):
+        feedback.on_reaction(event, body, context.bot_user_id, removed=True)
+
+    app.action(blocks.FEEDBACK_ACTION)(feedback.on_vote_button)
+    app.action(re.compile("^(" + "|".join(blocks.VOTE_ACTIONS) + ")$"))(feedback.on_vote_button)
+    app.action(blocks.SUGGEST_ACTION)(feedback.on_suggest)
+    app.view_submission(blocks.CORRECTION_VIEW)(feedback.on_correction)
+    app.message_shortcut(blocks.SHORTCUT_INCLUDE)(feedback.on_include_shortcut)
+    app.message_shortcut(blocks.SHORTCUT_GOLDEN)(feedback.on_golden_shortcut)
+
+    # -- admin -----------------------------------------------------------------------------------
+    def _ack_command(ack):
+        ack()  # within Slack's 3 s, whatever the store or the gateway are doing
+
+    def _run_command(command, respond):
+        try:
+            reply = admin.run_command(command["user_id"], command.get("text", ""))
+        except Exception as exc:  # the caller must hear something, not silence
+            log.exception("command failed", text=command.get("text"))
+            respond(text=f":x: The command failed: {exc}", response_type="ephemeral")
+            return
+        respond(text=reply.text, response_type="in_channel" if reply.public else "ephemeral")
+
+    app.command(COMMAND)(ack=_ack_command, lazy=[_run_command])
+
+    @app.action(re.compile(f"^({blocks.REPORT_APPROVE}|{blocks.REPORT_REJECT})$"))
+    def _report_button(ack, body, client, respond):
+        on_report_button(admin, ack, body, client, respond)
+
+    # -- App Home --------------------------------------------------------------------------------
+    @app.event("app_home_opened")
+    def _home(event, client):
+        if event.get("tab", "home") == "home":
+            publish_home(settings, client, event["user"])
+
+    @app.error
+    def _error(error, body):
+        log.error("listener failed", error=repr(error), type=(body or {}).get("type"))
+
+    return app

@@ -1,0 +1,88 @@
+"""Block Kit for answers and the correction modal; action ids the listeners match on."""
+from __future__ import annotations
+
+import json
+
+from bot.slack_text import escape
+
+FEEDBACK_ACTION = "answer_feedback"  # Slack's feedback_buttons element: value up / down
+VOTE_ACTIONS = ("vote_up", "vote_down")  # classic buttons, same meaning
+SUGGEST_ACTION = "suggest_correction"
+CORRECTION_VIEW = "correction_modal"
+CORRECTION_BLOCK, CORRECTION_INPUT = "correction", "text"
+SHORTCUT_INCLUDE = "add_to_training"
+SHORTCUT_GOLDEN = "mark_golden"
+REPORT_APPROVE, REPORT_REJECT = "report_approve", "report_reject"
+
+SECTION_LIMIT = 2900  # Slack allows 3000 characters per section text
+THINKING = "_Thinking…_"
+
+
+def plain(text: str) -> dict:
+    return {"type": "plain_text", "text": text, "emoji": True}
+
+
+def mrkdwn(text: str) -> dict:
+    return {"type": "mrkdwn", "text": text}
+
+
+def sections(text: str) -> list[dict]:
+    """Long text split into sections Slack accepts (at line breaks where possible)."""
+    out, rest = [], text or " "
+    while rest:
+        cut = len(rest) if len(rest) <= SECTION_LIMIT else (rest.rfind("\n", 0, SECTION_LIMIT) + 1 or SECTION_LIMIT)
+        out.append({"type": "section", "text": mrkdwn(rest[:cut])})
+        rest = rest[cut:]
+    return out[:40]
+
+
+def feedback_block(style: str) -> dict:
+    if style == "feedback_buttons":
+        return {"type": "context_actions", "block_id": "feedback", "elements": [{
+            "type": "feedback_buttons", "action_id": FEEDBACK_ACTION,
+            "positive_button": {"text": plain("👍"), "value": "up",
+                                "accessibility_label": "Mark this answer as helpful"},
+            "negative_button": {"text": plain("👎"), "value": "down",
+                                "accessibility_label": "Mark this answer as unhelpful"},
+        }]}
+    return {"type": "actions", "block_id": "feedback", "elements": [
+        {"type": "button", "action_id": VOTE_ACTIONS[0], "text": plain("👍"), "value": "up"},
+        {"type": "button", "action_id": VOTE_ACTIONS[1], "text": plain("👎"), "value": "down"},
+    ]}
+
+
+def answer_blocks(text: str, *, model_version: str | None, latency_ms: float, style: str) -> list[dict]:
+    """The answer, who produced it, feedback buttons and the correction button."""
+    served = f"model `{model_version or 'unknown'}` · {latency_ms / 1000:.1f} s"
+    return [
+        *sections(escape(text)),
+        {"type": "context", "elements": [mrkdwn(served)]},
+        feedback_block(style),
+        {"type": "actions", "block_id": "answer_actions", "elements": [
+            {"type": "button", "action_id": SUGGEST_ACTION, "text": plain("Suggest a better answer"),
+             "value": "suggest"},
+        ]},
+    ]
+
+
+def streaming_blocks(text_so_far: str) -> list[dict]:
+    return [*sections(escape(text_so_far) + " ▌"), {"type": "context", "elements": [mrkdwn("_writing…_")]}]
+
+
+def correction_modal(*, channel: str, ts: str, question: str | None, answer: str) -> dict:
+    """"Suggest a better answer": the question and answer for reference, one text input."""
+    def excerpt(text: str, n: int = 600) -> str:
+        return escape(text if len(text) <= n else text[:n] + "…")
+
+    blocks = []
+    if question:
+        blocks.append({"type": "section", "text": mrkdwn(f"*Question*\n{excerpt(question)}")})
+    blocks += [
+        {"type": "section", "text": mrkdwn(f"*Answer given*\n{excerpt(answer)}")},
+        {"type": "input", "block_id": CORRECTION_BLOCK, "label": plain("A better answer"),
+         "element": {"type": "plain_text_input", "action_id": CORRECTION_INPUT, "multiline": True,
+                     "max_length": 3000, "placeholder": plain("What should the bot have said?")}},
+    ]
+    return {"type": "modal", "callback_id": CORRECTION_VIEW, "title": plain("Suggest a better answer"),
+            "submit": plain("Save"), "close": plain("Cancel"),
+            "private_metadata": json.dumps({"channel": channel, "ts": ts}), "blocks": blocks}

@@ -1,0 +1,193 @@
+"""Feedback on the bot's answers: reactions, buttons, the correction modal, and the message
+shortcuts. Everything lands in store.feedback as one vote per user, message and kind."""
+from __future__ import annotations
+
+import json
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web import WebClient
+
+from bot import blocks, metrics
+from bot.settings import BotSettings
+from bot.slack_text import base_emoji
+from flywheel.logs import get_logger
+from store.audit import record_audit
+from store.conversations import get_message, previous_user_message
+from store.db import session_scope
+from store.feedback import retract_vote, upsert_vote
+from store.models import FeedbackKind, Message, Role
+from store.receipts import record_event_once
+
+log = get_logger("bot.feedback")
+NOT_AN_ANSWER = "Feedback only counts on my own answers, and this message is not one of them."
+
+
+def find_answer(channel: str | None, ts: str | None) -> Message | None:
+    """The stored bot answer at (channel, ts), or None for anything else (people's messages,
+    apologies for a failed answer, messages from before the bot stored them)."""
+    if not channel or not ts:
+        return None
+    with session_scope() as s:
+        msg = get_message(s, channel, ts)
+    if msg is None or msg.role != Role.assistant or msg.error:
+        return None
+    return msg
+
+
+class Feedback:
+    def __init__(self, settings: BotSettings) -> None:
+        self.settings = settings
+
+    def reaction_meaning(self, emoji: str) -> tuple[str, str] | None:
+        """(kind, value) for a reaction, or None for emojis that mean nothing here."""
+        emoji = base_emoji(emoji)
+        if emoji in self.settings.up_emojis:
+            return FeedbackKind.reaction.value, "up"
+        if emoji in self.settings.down_emojis:
+            return FeedbackKind.reaction.value, "down"
+        if emoji in self.settings.label_emojis:
+            return FeedbackKind.label.value, self.settings.label_emojis[emoji]
+        return None
+
+    def _vote(self, msg: Message, user: str, kind: str, value: str, correction: str | None = None) -> None:
+        with session_scope() as s:
+            upsert_vote(s, message_id=msg.id, user=user, kind=kind, value=value, correction=correction,
+                        is_admin=self.settings.is_admin(user))
+        metrics.FEEDBACK.labels(kind, value if kind != FeedbackKind.label else "label").inc()
+        log.info("feedback", kind=kind, value=value, message_id=msg.id, user=user)
+
+    # -- reactions -------------------------------------------------------------------------------
+    def on_reaction(self, event: dict, body: dict, bot_user_id: str | None, removed: bool) -> None:
+        meaning = self.reaction_meaning(event.get("reaction", ""))
+        item = event.get("item") or {}
+        if meaning is None or item.get("type") != "message" or not event.get("user"):
+            return
+        if bot_user_id and event.get("item_user") not in (None, bot_user_id):
+            return  # someone else's message
+        msg = find_answer(item.get("channel"), item.get("ts"))
+        if msg is None:
+            return
+        event_id = body.get("event_id")
+        if event_id:
+            with session_scope() as s:
+                if not record_event_once(s, event_id, kind=event.get("type", "reaction")):
+                    metrics.DUPLICATES.inc()
+                    return
+        kind, value = meaning
+        if removed:
+            with session_scope() as s:
+                row = retract_vote(s, message_id=msg.id, user=event["user"], kind=kind, value=value)
+            if row is not None:
+                metrics.FEEDBACK.labels(kind, "retracted").inc()
+                log.info("feedback retracted", kind=kind, value=value, message_id=msg.id, user=event["user"])
+        else:
+            self._vote(msg, event["user"], kind, value)
+
+    # -- buttons under an answer -----------------------------------------------------------------
+    def on_vote_button(self, ack, body: dict, respond) -> None:
+        ack()
+        action = body["actions"][0]
+        value = action.get("value")
+        if value not in ("up", "down"):
+            log.warning("vote button with an unexpected value", value=value)
+            return
+        msg = find_answer(*_container(body))
+        if msg is None:
+            respond(text=NOT_AN_ANSWER, response_type="ephemeral", replace_original=False)
+            return
+        self._vote(msg, body["user"]["id"], FeedbackKind.button.value, value)
+        if action.get("type") == "button":  # classic buttons show no state of their own
+            respond(text=f"Thanks, noted {'👍' if value == 'up' else '👎'}", response_type="ephemeral",
+                    replace_original=False)
+
+    def on_suggest(self, ack, body: dict, client: WebClient, respond) -> None:
+        ack()
+        channel, ts = _container(body)
+        msg = find_answer(channel, ts)
+        if msg is None:
+            respond(text=NOT_AN_ANSWER, response_type="ephemeral", replace_original=False)
+            return
+        with session_scope() as s:
+            question = previous_user_message(s, msg)
+        view = blocks.correction_modal(channel=channel, ts=ts, question=question.text if question else None,
+                                       answer=msg.text)
+        try:
+            client.views_open(trigger_id=body["trigger_id"], view=view)
+        except SlackApiError as exc:
+            log.error("cannot open the correction modal", error=exc.response.get("error"))
+
+    def on_correction(self, ack, body: dict, view: dict, client: WebClient) -> None:
+        """The modal's text becomes a correction; empty text or a vanished answer keeps the modal
+        open with the reason (Slack shows it under the field)."""
+        value = (((view.get("state") or {}).get("values") or {}).get(blocks.CORRECTION_BLOCK) or {}).get(
+            blocks.CORRECTION_INPUT) or {}
+        text = (value.get("value") or "").strip()
+        if not text:
+            ack(response_action="errors", errors={blocks.CORRECTION_BLOCK: "Please write the better answer."})
+            return
+        try:
+            meta = json.loads(view.get("private_metadata") or "{}")
+        except json.JSONDecodeError:
+            meta = {}
+        msg = find_answer(meta.get("channel"), meta.get("ts"))
+        if msg is None:
+            ack(response_action="errors",
+                errors={blocks.CORRECTION_BLOCK: "I can no longer find the answer this corrects."})
+            return
+        user = body["user"]["id"]
+        try:
+            self._vote(msg, user, FeedbackKind.correction.value, "correction", correction=text)
+        except Exception:
+            log.exception("cannot store the correction")
+            ack(response_action="errors",
+                errors={blocks.CORRECTION_BLOCK: "Saving failed; please try again in a moment."})
+            return
+        ack()
+        try:
+            client.chat_postEphemeral(channel=msg.channel, user=user,
+                                      text="Thanks! Your answer is saved and will be used for training.")
+        except SlackApiError as exc:
+            log.info("could not confirm the correction", error=exc.response.get("error"))
+
+    # -- message shortcuts -----------------------------------------------------------------------
+    def on_include_shortcut(self, ack, body: dict, respond) -> None:
+        ack()
+        msg = find_answer(body.get("channel", {}).get("id"), (body.get("message") or {}).get("ts"))
+        if msg is None:
+            respond(text=NOT_AN_ANSWER, response_type="ephemeral")
+            return
+        self._vote(msg, body["user"]["id"], FeedbackKind.shortcut.value, "include")
+        respond(text="Added to the training data. Thanks!", response_type="ephemeral")
+
+    def on_golden_shortcut(self, ack, body: dict, respond) -> None:
+        """Admins mark an answer as a golden (regression) item; others are refused and audited."""
+        ack()
+        user = body["user"]["id"]
+        channel, ts = body.get("channel", {}).get("id"), (body.get("message") or {}).get("ts")
+        target = f"message {channel}/{ts}"
+        with session_scope() as s:
+            if not self.settings.is_admin(user):
+                record_audit(s, actor=user, action="answer.golden", target=target, outcome="refused",
+                             detail={"reason": "not an admin"})
+                metrics.ADMIN.labels("golden", "refused").inc()
+                respond(text="Only Flywheel admins can mark golden examples.", response_type="ephemeral")
+                return
+        msg = find_answer(channel, ts)
+        if msg is None:
+            respond(text=NOT_AN_ANSWER, response_type="ephemeral")
+            return
+        self._vote(msg, user, FeedbackKind.golden.value, "golden")
+        with session_scope() as s:
+            record_audit(s, actor=user, action="answer.golden", target=f"message {msg.id}",
+                         detail={"channel": channel, "ts": ts})
+        metrics.ADMIN.labels("golden", "ok").inc()
+        respond(text="Marked as a golden example: later models must keep getting it right.",
+                response_type="ephemeral")
+
+
+def _container(body: dict) -> tuple[str | None, str | None]:
+    """(channel, ts) of the message a button sits on."""
+    container = body.get("container") or {}
+    channel = container.get("channel_id") or (body.get("channel") or {}).get("id")
+    ts = container.get("message_ts") or (body.get("message") or {}).get("ts")
+    return channel, ts

@@ -1,0 +1,67 @@
+"""App Home: what the bot serves, how training goes, and where it answers worst."""
+from __future__ import annotations
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web import WebClient
+
+from bot.admin import feedback_summary, run_line
+from bot.blocks import mrkdwn, plain
+from bot.settings import BotSettings
+from bot.slack_text import escape, to_plain
+from flywheel.logs import get_logger
+from store.conversations import count_messages, previous_user_message
+from store.db import session_scope
+from store.examples import count_examples
+from store.feedback import count_feedback, top_downvoted_answers
+from store.models import Role
+from store.runs import list_runs
+from store.versions import PRODUCTION, alias_target
+
+log = get_logger("bot.home")
+
+
+def _short(text: str, n: int = 150) -> str:
+    text = " ".join(text.split())
+    return escape(text if len(text) <= n else text[:n] + "…")
+
+
+def home_view(settings: BotSettings, user: str) -> dict:
+    with session_scope() as s:
+        prod = alias_target(s, PRODUCTION)
+        runs = list_runs(s, limit=5)
+        questions, answers = count_messages(s, Role.user), count_messages(s, Role.assistant)
+        feedback = count_feedback(s)
+        examples = count_examples(s)
+        worst = [(m, n, previous_user_message(s, m)) for m, n in top_downvoted_answers(s, limit=5)]
+    blocks = [
+        {"type": "header", "text": plain("Flywheel")},
+        {"type": "section", "text": mrkdwn(f"*Production model:* `{prod or 'base model'}`")},
+        {"type": "section", "text": mrkdwn("*Last training runs*\n" + (
+            "\n".join(f"• {run_line(r)}" for r in runs) if runs else "_none yet_"))},
+        {"type": "section", "fields": [
+            mrkdwn(f"*Questions*\n{questions}"), mrkdwn(f"*Answers*\n{answers}"),
+            mrkdwn(f"*Examples*\n{examples.get('total', 0)} ({examples.get('golden', 0)} golden)"),
+            mrkdwn(f"*Feedback*\n{feedback_summary(feedback)}"),
+        ]},
+        {"type": "divider"},
+        {"type": "section", "text": mrkdwn("*Most 👎 answers*")},
+    ]
+    if not worst:
+        blocks.append({"type": "context", "elements": [mrkdwn("No 👎 yet.")]})
+    for msg, downs, question in worst:
+        q = _short(to_plain(question.text)) if question else "_(question not stored)_"
+        blocks.append({"type": "section", "text": mrkdwn(
+            f"*{downs}× 👎* · `{msg.model_version or 'unknown'}`\n>{q}\n{_short(msg.text)}")})
+    if settings.is_admin(user):
+        blocks += [{"type": "divider"}, {"type": "context", "elements": [mrkdwn(
+            "You are a Flywheel admin: `/flywheel train`, `/flywheel approve <version>`, "
+            "`/flywheel rollback`. Reports arrive in "
+            + (f"<#{settings.admin_channel}>" if settings.admin_channel else "the admin channel (unset)") + ".")]}]
+    return {"type": "home", "blocks": blocks[:100]}
+
+
+def publish_home(settings: BotSettings, client: WebClient, user: str) -> None:
+    try:
+        client.views_publish(user_id=user, view=home_view(settings, user))
+    except SlackApiError as exc:
+        log.error("cannot publish App Home", user=user, error=exc.response.get("error"))

@@ -1,0 +1,17 @@
+"""Prometheus metrics for the bot (served at /metrics)."""
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Histogram(
+    "flywheel_bot_request_seconds", "Time to answer (ack) one Slack HTTP request", ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+EVENTS = Counter("flywheel_bot_events_total", "Slack events handled", ["type"])
+DUPLICATES = Counter("flywheel_bot_duplicate_events_total", "Retried deliveries dropped by event id")
+ANSWERS = Counter("flywheel_bot_answers_total", "Answers posted", ["outcome"])
+ANSWER_SECONDS = Histogram(
+    "flywheel_bot_answer_seconds", "Gateway time per answer",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+FEEDBACK = Counter("flywheel_bot_feedback_total", "Votes, labels and corrections recorded", ["kind", "value"])
+ADMIN = Counter("flywheel_bot_admin_actions_total", "Admin actions by outcome", ["action", "outcome"])
+REPORTS = Counter("flywheel_bot_report_messages_total", "Run report posts and updates", ["op"])

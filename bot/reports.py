@@ -1,0 +1,211 @@
+"""Training reports in the admin channel: one message per run, updated as it progresses, and
+when the run finishes the metrics table, the gate verdict, the plot and Approve / Reject."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web import WebClient
+
+from bot import metrics
+from bot.admin import Admin, run_line
+from bot.blocks import REPORT_APPROVE, REPORT_REJECT, mrkdwn, plain
+from bot.settings import BotSettings
+from bot.slack_text import escape
+from flywheel.logs import get_logger
+from store.db import session_scope
+from store.leases import acquire_lease, release_lease
+from store.models import ModelVersion, RunStatus, TrainingRun, VersionStatus, utcnow
+from store.runs import FINISHED, mark_run_reported, runs_to_report, set_report_message
+from store.versions import find_version
+
+log = get_logger("bot.reports")
+LEASE = "bot-reports"
+MODEL_ORDER = ("candidate", "production", "base")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def metrics_table(report: dict) -> str:
+    """{"candidate": {"token_f1": 0.8}, "production": {...}, "base": {...}} as aligned text."""
+    models = [m for m in MODEL_ORDER if isinstance(report.get(m), dict)]
+    models += [m for m, v in report.items() if isinstance(v, dict) and m not in models]
+    names: list[str] = []
+    for m in models:
+        names += [k for k, v in report[m].items() if not isinstance(v, (dict, list)) and k not in names]
+    if not models or not names:
+        return ""
+    rows = [["metric", *models]] + [[n, *(_fmt(report[m].get(n, "–")) for m in models)] for n in names]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    return "\n".join(lines)
+
+
+def report_blocks(run: TrainingRun, version: ModelVersion | None, final: bool) -> list[dict]:
+    title = f"Training run #{run.id}" + (f": {version.name}" if version else "")
+    blocks: list[dict] = [{"type": "header", "text": plain(title[:150])}]
+    who = f"queued by <@{run.queued_by}>" if run.queued_by else "scheduled"
+    if not final:
+        loss = next((p.get("loss") for p in reversed(run.metrics or []) if p.get("loss") is not None), None)
+        status = run_line(run) + (f" · loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+        blocks.append({"type": "section", "text": mrkdwn(f"{status}\n_{who}_")})
+        return blocks
+    if run.status == RunStatus.failed:
+        blocks.append({"type": "section", "text": mrkdwn(
+            f":x: *Failed*: {escape((run.error or 'no error recorded')[:2500])}\n_{who}_")})
+        return blocks
+    if version is None:
+        blocks.append({"type": "section", "text": mrkdwn(f"Run {run.status}, no new model version. _{who}_")})
+        return blocks
+    verdict = ":white_check_mark: *Gate passed*" if version.gate_passed else ":x: *Gate failed*"
+    reasons = "\n".join(f"• {escape(str(r))}" for r in version.gate_reasons or [])
+    blocks.append({"type": "section", "text": mrkdwn(f"{verdict}\n{reasons}".strip()[:2900])})
+    table = metrics_table(version.report or {})
+    if table:
+        blocks.append({"type": "section", "text": mrkdwn(f"```{table[:2800]}```")})
+    blocks.append({"type": "context", "elements": [mrkdwn(
+        f"{who} · base `{escape(version.base_model)}` · {run.total_steps} steps")]})
+    if version.status in (VersionStatus.candidate, VersionStatus.approved):
+        buttons = [{"type": "button", "action_id": REPORT_REJECT, "text": plain("Reject"), "style": "danger",
+                    "value": version.name}]
+        if version.gate_passed:
+            buttons.insert(0, {
+                "type": "button", "action_id": REPORT_APPROVE, "text": plain("Approve"), "style": "primary",
+                "value": version.name,
+                "confirm": {"title": plain("Promote to production?"), "confirm": plain("Promote"),
+                            "deny": plain("Cancel"),
+                            "text": mrkdwn(f"`{version.name}` will serve every answer.")}})
+        blocks.append({"type": "actions", "block_id": "report_actions", "elements": buttons})
+    elif not version.gate_passed:
+        blocks.append({"type": "context", "elements": [mrkdwn(
+            f'An admin can still override: `/flywheel approve {version.name} --force "reason"`')]})
+    return blocks
+
+
+class ReportPoller:
+    """A background thread; with several bot replicas a store lease keeps it to one poster."""
+
+    def __init__(self, settings: BotSettings, client: WebClient, owner: str | None = None) -> None:
+        self.settings, self.client = settings, client
+        self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self._shown: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if not self.settings.admin_channel:
+            log.warning("FLYWHEEL_ADMIN_CHANNEL unset: training reports will not be posted")
+            return
+        self._thread = threading.Thread(target=self._loop, name="report-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+            with session_scope() as s:
+                release_lease(s, LEASE, self.owner)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # keep polling: the next round may succeed (database back, etc.)
+                log.exception("report poll failed")
+            self._stop.wait(self.settings.report_interval_s)
+
+    def poll_once(self) -> int:
+        """Post or update every unreported run's message; returns how many Slack writes it made."""
+        ttl = max(30.0, 3 * self.settings.report_interval_s)
+        since = utcnow() - timedelta(days=self.settings.report_backlog_days)
+        with session_scope() as s:
+            if not acquire_lease(s, LEASE, self.owner, ttl):
+                return 0
+            work = []
+            for run in runs_to_report(s, since=since):
+                version = find_version(s, run.model_version) if run.model_version else None
+                work.append((run, version))
+        return sum(self._show(run, version) for run, version in work)
+
+    def _show(self, run: TrainingRun, version: ModelVersion | None) -> int:
+        final = run.status in FINISHED and (run.model_version is None or version is not None)
+        shown = report_blocks(run, version, final)
+        text = f"Training run #{run.id}: {run.status}"
+        digest = hashlib.sha256(json.dumps(shown, sort_keys=True, default=str).encode()).hexdigest()
+        channel, ts = run.report_channel or self.settings.admin_channel, run.report_ts
+        try:
+            if ts is None:
+                ts = self.client.chat_postMessage(channel=channel, text=text, blocks=shown)["ts"]
+                with session_scope() as s:
+                    if not set_report_message(s, run.id, channel=channel, ts=ts):
+                        log.warning("another poster owns this run's message", run_id=run.id)
+                        return 1
+                metrics.REPORTS.labels("post").inc()
+            elif self._shown.get(run.id) != digest:
+                self.client.chat_update(channel=channel, ts=ts, text=text, blocks=shown)
+                metrics.REPORTS.labels("update").inc()
+            else:
+                return 0
+            self._shown[run.id] = digest
+            if final:
+                self._upload_plot(channel, ts, version)
+                with session_scope() as s:
+                    mark_run_reported(s, run.id)
+                self._shown.pop(run.id, None)
+                log.info("run reported", run_id=run.id, version=version.name if version else None)
+            return 1
+        except SlackApiError as exc:
+            log.error("cannot post the run report", run_id=run.id, channel=channel,
+                      error=exc.response.get("error"))
+            return 0
+
+    def _upload_plot(self, channel: str, ts: str, version: ModelVersion | None) -> None:
+        if version is None or not version.report_path:
+            return
+        path = Path(version.report_path)
+        if not path.is_file():
+            self.client.chat_postMessage(channel=channel, thread_ts=ts,
+                                         text=f"(the evaluation plot is missing: {path})")
+            return
+        self.client.files_upload_v2(channel=channel, thread_ts=ts, file=str(path), filename=path.name,
+                                    title=f"{version.name} evaluation")
+        metrics.REPORTS.labels("plot").inc()
+
+
+def on_report_button(admin: Admin, ack, body: dict, client: WebClient, respond) -> None:
+    """Approve / Reject under a report: the same admin checks and audit as the commands; the
+    report message then says who decided, and the buttons go away."""
+    ack()
+    action = body["actions"][0]
+    user, version = body["user"]["id"], action.get("value") or ""
+    if action["action_id"] == REPORT_APPROVE:
+        reply = admin.admin_action(user, "approve", version, lambda: admin.approve(user, version),
+                                   detail={"via": "report button"})
+    else:
+        reply = admin.admin_action(user, "reject", version, lambda: admin.reject(user, version),
+                                   detail={"via": "report button"})
+    if not reply.public:  # refused or failed: only the clicker hears about it
+        respond(text=reply.text, response_type="ephemeral", replace_original=False)
+        return
+    channel = (body.get("container") or {}).get("channel_id") or (body.get("channel") or {}).get("id")
+    message = body.get("message") or {}
+    kept = [b for b in message.get("blocks") or [] if b.get("type") != "actions"]
+    kept.append({"type": "section", "text": mrkdwn(reply.text)})
+    try:
+        client.chat_update(channel=channel, ts=message.get("ts"), text=reply.text, blocks=kept)
+    except SlackApiError as exc:
+        log.error("cannot update the report message", error=exc.response.get("error"))
+        respond(text=reply.text, response_type="in_channel", replace_original=False)

@@ -1,0 +1,144 @@
+"""Bot settings from the environment: Slack's own variable names for Slack credentials,
+FLYWHEEL_-prefixed names for everything else (so one .env serves every package)."""
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+SLACK_API_URL = "https://slack.com/api/"
+
+
+def _split_csv(value) -> list[str]:
+    """Lists come from the environment as 'a,b,c' (a JSON list also works)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            value = json.loads(value)
+        else:
+            value = value.split(",")
+    return [str(v).strip().strip(":") for v in value if str(v).strip().strip(":")]
+
+
+def _split_mapping(value) -> dict[str, str]:
+    """Label emojis come as 'emoji=label,emoji=label' (a JSON object also works)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("{"):
+            value = json.loads(value)
+        else:
+            pairs = [p for p in value.split(",") if p.strip()]
+            bad = [p for p in pairs if "=" not in p]
+            if bad:
+                raise ValueError(f"label emojis must look like 'emoji=label,emoji=label'; got {bad[0]!r}")
+            value = dict(p.split("=", 1) for p in pairs)
+    out = {}
+    for emoji, label in dict(value).items():
+        emoji, label = str(emoji).strip().strip(":"), str(label).strip()
+        if not emoji or not label:
+            raise ValueError(f"empty emoji or label in label emojis: {emoji!r}={label!r}")
+        out[emoji] = label
+    return out
+
+
+def _slack(name: str, **kw):
+    """A field read from Slack's conventional variable name (no prefix)."""
+    return Field(validation_alias=AliasChoices(name, name.lower()), **kw)
+
+
+class BotSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore", populate_by_name=True)
+
+    slack_bot_token: str | None = _slack("SLACK_BOT_TOKEN", default=None)
+    slack_signing_secret: str | None = _slack("SLACK_SIGNING_SECRET", default=None)
+    slack_app_token: str | None = _slack("SLACK_APP_TOKEN", default=None)
+    slack_api_url: str = _slack("SLACK_API_URL", default=SLACK_API_URL)
+
+    gateway_url: str = "http://127.0.0.1:8000"
+    gateway_api_key: str | None = None
+    gateway_admin_token: str | None = None
+    gateway_model: str = "production"
+    gateway_timeout_s: float = Field(default=120.0, gt=0)
+    stream: bool = True
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.2, ge=0)
+    system_prompt: str | None = None
+
+    admins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    admin_channel: str | None = None
+
+    up_emojis: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["+1", "thumbsup", "white_check_mark", "heavy_check_mark"])
+    down_emojis: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["-1", "thumbsdown", "x"])
+    label_emojis: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: {"question": "unclear", "warning": "unsafe", "zzz": "off-topic"})
+    # Buttons under each answer: Slack's feedback_buttons element, or classic buttons.
+    feedback_style: str = "feedback_buttons"
+
+    # Dialogue context: the thread's newest messages that fit both limits.
+    context_max_messages: int = Field(default=20, ge=1)
+    context_max_chars: int = Field(default=6000, ge=200)
+
+    # Seconds between placeholder updates while an answer streams (chat.update is rate limited).
+    stream_update_interval_s: float = Field(default=1.5, gt=0)
+    slack_retries: int = Field(default=3, ge=0)
+    # Report poller: posts run progress and reports to the admin channel.
+    report_interval_s: float = Field(default=5.0, gt=0)
+    reports_enabled: bool = True
+    # Runs older than this are never reported (a bot configured late does not flood the channel).
+    report_backlog_days: float = Field(default=7.0, gt=0)
+    listener_threads: int = Field(default=16, ge=1)
+
+    @field_validator("admins", "up_emojis", "down_emojis", mode="before")
+    @classmethod
+    def _csv(cls, value):
+        return _split_csv(value)
+
+    @field_validator("label_emojis", mode="before")
+    @classmethod
+    def _mapping(cls, value):
+        return _split_mapping(value)
+
+    @field_validator("slack_api_url", "gateway_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"URL {value!r} must start with http:// or https://")
+        return value
+
+    @field_validator("feedback_style")
+    @classmethod
+    def _style(cls, value: str) -> str:
+        if value not in ("feedback_buttons", "buttons"):
+            raise ValueError(f"feedback style {value!r}: use feedback_buttons or buttons")
+        return value
+
+    @model_validator(mode="after")
+    def _emojis_disjoint(self):
+        clash = (set(self.up_emojis) & set(self.down_emojis)) | (
+            (set(self.up_emojis) | set(self.down_emojis)) & set(self.label_emojis))
+        if clash:
+            raise ValueError(f"emoji(s) {sorted(clash)} mapped twice (up, down and label emojis must differ)")
+        return self
+
+    @property
+    def api_base_url(self) -> str:
+        """WebClient wants the trailing slash."""
+        return self.slack_api_url if self.slack_api_url.endswith("/") else self.slack_api_url + "/"
+
+    def is_admin(self, user_id: str | None) -> bool:
+        return bool(user_id) and user_id in self.admins
+
+    def require_http_credentials(self) -> None:
+        """Fail early, naming the variable, instead of a Bolt traceback."""
+        missing = [n for n, v in (("SLACK_BOT_TOKEN", self.slack_bot_token),
+                                  ("SLACK_SIGNING_SECRET", self.slack_signing_secret)) if not v]
+        if missing:
+            raise ValueError(f"missing setting(s): {', '.join(missing)} (set them in the environment)")

@@ -1,0 +1,67 @@
+"""The bot under test: its ASGI app served by uvicorn on loopback, its WebClient pointed at the
+local Slack double, and a sender of signed Slack requests. Used by the bot tests and the bench."""
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from tests.support.gateway_server import free_port
+from tests.support.slack_double import SlackDouble, SlackSender
+
+SIGNING_SECRET = "test-signing-secret-0123456789abcdef"
+ADMIN_USER = "UADMIN001"
+ADMIN_CHANNEL = "CADMIN001"
+
+
+class BotServer:
+    def __init__(self, *, gateway_url: str, double: SlackDouble | None = None, **overrides) -> None:
+        import uvicorn
+
+        from bot.server import create_asgi
+        from bot.settings import BotSettings
+
+        self.own_double = double is None
+        self.double = double or SlackDouble().start()
+        values = dict(slack_bot_token=self.double.bot_token, slack_signing_secret=SIGNING_SECRET,
+                      slack_api_url=self.double.api_url, gateway_url=gateway_url, admins=[ADMIN_USER],
+                      admin_channel=ADMIN_CHANNEL, report_interval_s=0.2, stream_update_interval_s=0.2,
+                      slack_retries=2, max_tokens=12)
+        values.update(overrides)
+        self.settings = BotSettings(**values)
+        self.app = create_asgi(self.settings)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"bot-{self.port}", daemon=True)
+        self.sender = SlackSender(f"{self.url}/slack/events", SIGNING_SECRET, double=self.double)
+
+    def start(self, timeout_s: float = 30.0) -> BotServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if not self.thread.is_alive():
+                raise RuntimeError("bot server thread exited during startup")
+            time.sleep(0.05)
+        raise RuntimeError(f"bot not up after {timeout_s}s")
+
+    def stop(self) -> None:
+        self.sender.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        if self.own_double:
+            self.double.stop()
+
+    def __enter__(self) -> BotServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

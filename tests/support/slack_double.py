@@ -1,0 +1,523 @@
+"""A local Slack: a real HTTP server on loopback that answers the Web API methods the bot uses
+like Slack does and records every call, plus a sender of correctly signed Slack requests.
+
+The only fake in the project (Slack itself cannot run here). Tests assert on `calls`; the demo
+runs it with `printer=` to show what the bot would post. Shapes follow api.slack.com."""
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+from slack_sdk.signature import SignatureVerifier
+
+BOT_USER_ID = "UBOT0001"
+BOT_ID = "BBOT0001"
+TEAM_ID = "T0000001"
+APP_ID = "A0000001"
+
+
+@dataclass
+class Call:
+    """One request the bot made: the API method (or 'upload' / 'response'), its arguments."""
+
+    method: str
+    args: dict
+    token: str | None
+    at: float = field(default_factory=time.time)
+    response: dict | None = None  # what the double answered
+
+
+_clock_lock = threading.Lock()
+_last_ts = [0.0]
+
+
+def new_ts() -> str:
+    """A Slack message timestamp: wall-clock seconds with microseconds, strictly increasing
+    across the double and the sender, as Slack's are within a channel."""
+    with _clock_lock:
+        now = max(time.time(), _last_ts[0] + 0.000001)
+        _last_ts[0] = now
+        return f"{now:.6f}"
+
+
+class _State:
+    """What the double remembers between calls: messages, views, uploads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Condition()
+        self.calls: list[Call] = []
+        self.messages: dict[tuple[str, str], dict] = {}
+        self.uploads: dict[str, dict] = {}
+        self.views: dict[str, dict] = {}
+        self.failures: dict[str, list[tuple[int, str, int]]] = {}
+
+    def next_ts(self) -> str:
+        return new_ts()
+
+
+class SlackDouble:
+    """Start with `with SlackDouble() as slack:`; point WebClient at `slack.api_url`."""
+
+    def __init__(self, *, bot_token: str = "xoxb-test-token", bot_user_id: str = BOT_USER_ID,
+                 team_id: str = TEAM_ID, users: dict[str, dict] | None = None,
+                 printer: Callable[[str], None] | None = None, port: int = 0) -> None:
+        self.bot_token, self.bot_user_id, self.team_id = bot_token, bot_user_id, team_id
+        self.users = users or {}
+        self.printer = printer
+        self.state = _State()
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.base_url}/api/"
+
+    def start(self) -> SlackDouble:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="slack-double", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> SlackDouble:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- what tests look at ------------------------------------------------------------------
+    @property
+    def calls(self) -> list[Call]:
+        with self.state.lock:
+            return list(self.state.calls)
+
+    def calls_to(self, method: str) -> list[Call]:
+        return [c for c in self.calls if c.method == method]
+
+    def wait_for(self, method: str, predicate: Callable[[Call], bool] = lambda c: True,
+                 count: int = 1, timeout: float = 30.0) -> list[Call]:
+        """Block until `count` calls to `method` match; fail with what was seen instead."""
+        deadline = time.monotonic() + timeout
+        with self.state.lock:
+            while True:
+                found = [c for c in self.state.calls if c.method == method and predicate(c)]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = [(c.method, {k: c.args.get(k) for k in ("channel", "text")}) for c in self.state.calls]
+                    raise AssertionError(f"expected {count} {method} call(s) within {timeout}s; saw {seen}")
+                self.state.lock.wait(min(left, 0.2))
+
+    def message(self, channel: str, ts: str) -> dict | None:
+        with self.state.lock:
+            msg = self.state.messages.get((channel, ts))
+            return dict(msg) if msg else None
+
+    def thread(self, channel: str, thread_ts: str) -> list[dict]:
+        with self.state.lock:
+            msgs = [m for (ch, _ts), m in self.state.messages.items()
+                    if ch == channel and (m.get("thread_ts") == thread_ts or m["ts"] == thread_ts)]
+        return sorted(msgs, key=lambda m: float(m["ts"]))
+
+    def fail_next(self, method: str, *, status: int = 429, error: str = "ratelimited",
+                  retry_after: int = 1, times: int = 1) -> None:
+        """Make the next `times` calls to `method` fail (429 + Retry-After, like Slack's limits)."""
+        with self.state.lock:
+            self.state.failures.setdefault(method, []).extend([(status, error, retry_after)] * times)
+
+    def reset(self) -> None:
+        with self.state.lock:
+            self.state.calls.clear()
+
+    # -- the Web API -------------------------------------------------------------------------
+    def _user(self, user_id: str) -> dict:
+        base = {"id": user_id, "team_id": self.team_id, "name": user_id.lower(),
+                "real_name": f"User {user_id}", "is_bot": user_id == self.bot_user_id,
+                "profile": {"display_name": user_id.lower(), "real_name": f"User {user_id}"}}
+        return {**base, **self.users.get(user_id, {})}
+
+    def _post(self, args: dict, *, ephemeral: bool = False) -> dict:
+        channel = args.get("channel")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        if not (args.get("text") or args.get("blocks")):
+            return {"ok": False, "error": "no_text"}
+        blocks = _maybe_json(args.get("blocks"))
+        ts = self.state.next_ts()
+        msg = {"type": "message", "ts": ts, "text": args.get("text", ""), "blocks": blocks or [],
+               "user": self.bot_user_id, "bot_id": BOT_ID, "app_id": APP_ID, "team": self.team_id}
+        if args.get("thread_ts"):
+            msg["thread_ts"] = args["thread_ts"]
+        if ephemeral:
+            return {"ok": True, "message_ts": ts}
+        self.state.messages[(channel, ts)] = msg
+        return {"ok": True, "channel": channel, "ts": ts, "message": msg}
+
+    def handle(self, method: str, args: dict) -> dict:
+        """One Web API call; `args` are the merged query, form and JSON arguments."""
+        st = self.state
+        if method == "api.test":
+            return {"ok": True, "args": args}
+        if method == "auth.test":
+            return {"ok": True, "url": "https://flywheel-test.slack.com/", "team": "Flywheel Test",
+                    "user": "flywheel", "team_id": self.team_id, "user_id": self.bot_user_id,
+                    "bot_id": BOT_ID, "is_enterprise_install": False}
+        if method == "chat.postMessage":
+            return self._post(args)
+        if method == "chat.postEphemeral":
+            if not args.get("user"):
+                return {"ok": False, "error": "user_not_found"}
+            return self._post(args, ephemeral=True)
+        if method == "chat.update":
+            key = (args.get("channel"), args.get("ts"))
+            msg = st.messages.get(key)
+            if msg is None:
+                return {"ok": False, "error": "message_not_found"}
+            msg["text"] = args.get("text", msg["text"])
+            if "blocks" in args:
+                msg["blocks"] = _maybe_json(args["blocks"]) or []
+            msg.setdefault("edits", 0)
+            msg["edits"] += 1
+            return {"ok": True, "channel": key[0], "ts": key[1], "text": msg["text"], "message": msg}
+        if method == "reactions.add":
+            key = (args.get("channel"), args.get("timestamp"))
+            if key not in st.messages:
+                return {"ok": True}  # user messages live in Slack only; accept like Slack does
+            reactions = st.messages[key].setdefault("reactions", [])
+            if any(r["name"] == args.get("name") for r in reactions):
+                return {"ok": False, "error": "already_reacted"}
+            reactions.append({"name": args.get("name"), "users": [self.bot_user_id], "count": 1})
+            return {"ok": True}
+        if method == "users.info":
+            if not args.get("user"):
+                return {"ok": False, "error": "user_not_found"}
+            return {"ok": True, "user": self._user(args["user"])}
+        if method == "conversations.replies":
+            msgs = self.thread(args.get("channel", ""), args.get("ts", ""))
+            return {"ok": True, "messages": msgs, "has_more": False}
+        if method in ("views.open", "views.publish", "views.update", "views.push"):
+            view = _maybe_json(args.get("view"))
+            if not isinstance(view, dict) or "type" not in view:
+                return {"ok": False, "error": "invalid_arguments"}
+            if method == "views.open" and not args.get("trigger_id"):
+                return {"ok": False, "error": "invalid_trigger_id"}
+            view_id = args.get("view_id") or f"V{len(st.views) + 1:08d}"
+            full = {**view, "id": view_id, "team_id": self.team_id, "user_id": args.get("user_id")}
+            st.views[view_id] = full
+            return {"ok": True, "view": full}
+        if method == "files.getUploadURLExternal":
+            if not args.get("filename") or not str(args.get("length", "")).isdigit():
+                return {"ok": False, "error": "invalid_arguments"}
+            file_id = f"F{len(st.uploads) + 1:08d}"
+            st.uploads[file_id] = {"id": file_id, "name": args["filename"], "length": int(args["length"]),
+                                   "data": None}
+            return {"ok": True, "upload_url": f"{self.base_url}/upload/{file_id}", "file_id": file_id}
+        if method == "files.completeUploadExternal":
+            files = _maybe_json(args.get("files")) or []
+            done = []
+            for item in files:
+                up = st.uploads.get(item.get("id"))
+                if up is None or up["data"] is None:
+                    return {"ok": False, "error": "file_not_found"}
+                up.update(title=item.get("title"), channel=args.get("channel_id"),
+                          thread_ts=args.get("thread_ts"))
+                done.append({"id": up["id"], "name": up["name"], "title": up.get("title"),
+                             "size": len(up["data"])})
+            return {"ok": True, "files": done}
+        return {"ok": False, "error": "unknown_method"}
+
+    def _log(self, call: Call, response: dict) -> None:
+        if self.printer is None:
+            return
+        a = call.args
+        if call.method in ("chat.postMessage", "chat.update", "chat.postEphemeral"):
+            where = a.get("channel", "?") + (f" (thread {a['thread_ts']})" if a.get("thread_ts") else "")
+            who = f" to {a['user']}" if a.get("user") else ""
+            text = _render(a)
+            self.printer(f"[slack] {call.method} {where}{who}:\n{_indent(text)}")
+        elif call.method in ("views.open", "views.publish"):
+            view = _maybe_json(a.get("view")) or {}
+            self.printer(f"[slack] {call.method} {view.get('type')}:\n{_indent(_render({'blocks': view.get('blocks')}))}")
+        elif call.method == "upload":
+            self.printer(f"[slack] file uploaded ({a.get('bytes')} bytes)")
+        elif call.method == "files.completeUploadExternal":
+            self.printer(f"[slack] file shared in {a.get('channel_id')}: {a.get('files')}")
+        elif call.method == "response":
+            self.printer(f"[slack] reply to the command ({a.get('response_type', 'ephemeral')}):\n{_indent(_render(a))}")
+        elif call.method not in ("auth.test",):
+            self.printer(f"[slack] {call.method} {json.dumps(a)[:200]}")
+
+
+def _maybe_json(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _render(args: dict) -> str:
+    """Block Kit as plain lines, for the printing mode."""
+    blocks = _maybe_json(args.get("blocks")) or []
+    lines: list[str] = []
+    for block in blocks if isinstance(blocks, list) else []:
+        kind = block.get("type")
+        if kind in ("section", "header") and block.get("text"):
+            lines.append(block["text"].get("text", ""))
+        for f in block.get("fields") or []:
+            lines.append(f.get("text", ""))
+        if kind == "context":
+            lines.extend(e.get("text", "") for e in block.get("elements", []) if isinstance(e, dict))
+        if kind in ("actions", "context_actions"):
+            labels = []
+            for e in block.get("elements", []):
+                if e.get("type") == "feedback_buttons":
+                    labels += ["👍", "👎"]
+                elif e.get("text"):
+                    labels.append(e["text"].get("text", ""))
+            lines.append(" ".join(f"[{x}]" for x in labels))
+    return "\n".join(x for x in lines if x) or args.get("text", "")
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in str(text).splitlines())
+
+
+def _make_handler(double: SlackDouble):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet: calls are recorded instead
+            pass
+
+        def _reply(self, status: int, body: dict, headers: dict | None = None) -> None:
+            raw = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(raw)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def _args(self, raw: bytes) -> dict:
+            parsed = urllib.parse.urlsplit(self.path)
+            args = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query).items()}
+            ctype = self.headers.get("Content-Type", "")
+            if raw and "application/json" in ctype:
+                args.update(json.loads(raw))
+            elif raw and "application/x-www-form-urlencoded" in ctype:
+                args.update({k: v[-1] for k, v in urllib.parse.parse_qs(raw.decode()).items()})
+            return args
+
+        def _handle(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            path = urllib.parse.urlsplit(self.path).path
+            st = double.state
+            if path.startswith("/upload/"):
+                file_id = path.rsplit("/", 1)[-1]
+                with st.lock:
+                    up = st.uploads.get(file_id)
+                    if up is not None:
+                        up["data"] = raw
+                    call = Call("upload", {"file_id": file_id, "bytes": len(raw)}, None)
+                    st.calls.append(call)
+                    st.lock.notify_all()
+                double._log(call, {})
+                self._reply(200 if up is not None else 404, {"ok": up is not None})
+                return
+            if path.startswith("/response/"):
+                try:
+                    args = json.loads(raw or b"{}")
+                except json.JSONDecodeError:
+                    self._reply(400, {"ok": False, "error": "invalid_json"})
+                    return
+                call = Call("response", {**args, "response_id": path.rsplit("/", 1)[-1]}, None)
+                with st.lock:
+                    st.calls.append(call)
+                    st.lock.notify_all()
+                double._log(call, {})
+                self._reply(200, {"ok": True})
+                return
+            if not path.startswith("/api/"):
+                self._reply(404, {"ok": False, "error": "not_found"})
+                return
+            method = path[len("/api/"):]
+            try:
+                args = self._args(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self._reply(200, {"ok": False, "error": "invalid_json"})
+                return
+            auth = self.headers.get("Authorization", "")
+            token = auth[len("Bearer "):] if auth.startswith("Bearer ") else args.pop("token", None)
+            call = Call(method, args, token)
+            with st.lock:
+                st.calls.append(call)
+                pending = st.failures.get(method)
+                failure = pending.pop(0) if pending else None
+                if failure is not None:
+                    status, error, retry_after = failure
+                    response = {"ok": False, "error": error}
+                elif token != double.bot_token:
+                    response = {"ok": False, "error": "invalid_auth" if token else "not_authed"}
+                else:
+                    response = double.handle(method, args)
+                call.response = response
+                st.lock.notify_all()
+            if failure is not None:
+                self._reply(status, response, {"Retry-After": str(retry_after)})
+                return
+            double._log(call, response)
+            self._reply(200, response)
+
+        do_POST = _handle
+        do_GET = _handle
+
+    return Handler
+
+
+class SlackSender:
+    """Plays Slack's side towards the bot: correctly signed Events API, interactivity and
+    slash-command requests (HMAC-SHA256 of `v0:{timestamp}:{body}`)."""
+
+    def __init__(self, url: str, signing_secret: str, *, double: SlackDouble | None = None,
+                 team_id: str = TEAM_ID, timeout: float = 30.0) -> None:
+        self.url, self.secret, self.double, self.team_id = url, signing_secret, double, team_id
+        self.client = httpx.Client(timeout=timeout)
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def next_ts(self) -> str:
+        """A timestamp for a person's message, ordered with the bot's."""
+        return new_ts()
+
+    def headers(self, body: str, *, timestamp: int | None = None, secret: str | None = None,
+                content_type: str = "application/json") -> dict:
+        ts = str(int(time.time()) if timestamp is None else timestamp)
+        sig = SignatureVerifier(secret or self.secret).generate_signature(timestamp=ts, body=body)
+        return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": sig, "Content-Type": content_type}
+
+    def post_raw(self, body: str, *, content_type: str = "application/json", extra: dict | None = None,
+                 **sign_kw) -> httpx.Response:
+        headers = {**self.headers(body, content_type=content_type, **sign_kw), **(extra or {})}
+        return self.client.post(self.url, content=body.encode(), headers=headers)
+
+    # -- Events API --------------------------------------------------------------------------
+    def event_body(self, event: dict, *, event_id: str | None = None) -> str:
+        event_id = event_id or f"Ev{uuid.uuid4().hex[:16].upper()}"  # unique, as Slack's are
+        return json.dumps({
+            "token": "unused", "team_id": self.team_id, "api_app_id": APP_ID, "type": "event_callback",
+            "event_id": event_id, "event_time": int(time.time()), "event": event,
+            "authorizations": [{"team_id": self.team_id, "user_id": BOT_USER_ID, "is_bot": True}],
+        })
+
+    def event(self, event: dict, *, event_id: str | None = None, retry_num: int | None = None,
+              **sign_kw) -> httpx.Response:
+        extra = {"X-Slack-Retry-Num": str(retry_num), "X-Slack-Retry-Reason": "http_timeout"} if retry_num else None
+        return self.post_raw(self.event_body(event, event_id=event_id), extra=extra, **sign_kw)
+
+    def mention(self, text: str, *, user: str = "UALICE01", channel: str = "CGENERAL1",
+                ts: str | None = None, thread_ts: str | None = None, **kw) -> tuple[str, httpx.Response]:
+        ts = ts or self.next_ts()
+        ev = {"type": "app_mention", "user": user, "text": f"<@{BOT_USER_ID}> {text}", "ts": ts,
+              "channel": channel, "event_ts": ts, "team": self.team_id}
+        if thread_ts:
+            ev["thread_ts"] = thread_ts
+        return ts, self.event(ev, **kw)
+
+    def message(self, text: str, *, user: str = "UALICE01", channel: str = "CGENERAL1",
+                channel_type: str = "channel", ts: str | None = None, thread_ts: str | None = None,
+                **kw) -> tuple[str, httpx.Response]:
+        ts = ts or self.next_ts()
+        ev = {"type": "message", "user": user, "text": text, "ts": ts, "channel": channel,
+              "channel_type": channel_type, "event_ts": ts, "team": self.team_id}
+        if thread_ts:
+            ev["thread_ts"] = thread_ts
+        return ts, self.event(ev, **kw)
+
+    def reaction(self, name: str, *, channel: str, ts: str, user: str = "UALICE01",
+                 item_user: str = BOT_USER_ID, removed: bool = False, **kw) -> httpx.Response:
+        ev = {"type": "reaction_removed" if removed else "reaction_added", "user": user, "reaction": name,
+              "item_user": item_user, "item": {"type": "message", "channel": channel, "ts": ts},
+              "event_ts": self.next_ts()}
+        return self.event(ev, **kw)
+
+    def home_opened(self, user: str = "UALICE01") -> httpx.Response:
+        return self.event({"type": "app_home_opened", "user": user, "channel": "DHOME0001", "tab": "home",
+                           "event_ts": self.next_ts()})
+
+    # -- interactivity -----------------------------------------------------------------------
+    def interactive(self, payload: dict) -> httpx.Response:
+        body = urllib.parse.urlencode({"payload": json.dumps(payload)})
+        return self.post_raw(body, content_type="application/x-www-form-urlencoded")
+
+    def _response_url(self) -> str | None:
+        return f"{self.double.base_url}/response/{next(self._ids)}" if self.double else None
+
+    def block_action(self, *, action_id: str, value: str, channel: str, message_ts: str,
+                     user: str = "UALICE01", thread_ts: str | None = None, action_type: str = "button",
+                     block_id: str = "b1", message: dict | None = None) -> httpx.Response:
+        msg = message or {"type": "message", "ts": message_ts, "user": BOT_USER_ID, "text": ""}
+        if thread_ts:
+            msg.setdefault("thread_ts", thread_ts)
+        return self.interactive({
+            "type": "block_actions", "team": {"id": self.team_id}, "api_app_id": APP_ID,
+            "user": {"id": user, "team_id": self.team_id}, "trigger_id": f"trig.{next(self._ids)}",
+            "container": {"type": "message", "message_ts": message_ts, "channel_id": channel,
+                          "is_ephemeral": False, "thread_ts": thread_ts},
+            "channel": {"id": channel}, "message": msg, "response_url": self._response_url(),
+            "actions": [{"type": action_type, "action_id": action_id, "block_id": block_id,
+                         "value": value, "action_ts": str(time.time())}],
+        })
+
+    def view_submission(self, *, callback_id: str, values: dict, private_metadata: str = "",
+                        user: str = "UALICE01") -> httpx.Response:
+        return self.interactive({
+            "type": "view_submission", "team": {"id": self.team_id}, "api_app_id": APP_ID,
+            "user": {"id": user, "team_id": self.team_id}, "trigger_id": f"trig.{next(self._ids)}",
+            "view": {"id": f"V{next(self._ids):08d}", "type": "modal", "callback_id": callback_id,
+                     "private_metadata": private_metadata, "state": {"values": values}},
+        })
+
+    def message_shortcut(self, *, callback_id: str, channel: str, message_ts: str, user: str = "UALICE01",
+                         message_user: str = BOT_USER_ID, text: str = "") -> httpx.Response:
+        return self.interactive({
+            "type": "message_action", "callback_id": callback_id, "team": {"id": self.team_id},
+            "user": {"id": user, "team_id": self.team_id}, "channel": {"id": channel},
+            "trigger_id": f"trig.{next(self._ids)}", "response_url": self._response_url(),
+            "message_ts": message_ts,
+            "message": {"type": "message", "ts": message_ts, "user": message_user, "text": text},
+        })
+
+    # -- slash commands ----------------------------------------------------------------------
+    def command(self, text: str, *, user: str = "UALICE01", channel: str = "CGENERAL1",
+                command: str = "/flywheel") -> httpx.Response:
+        body = urllib.parse.urlencode({
+            "token": "unused", "team_id": self.team_id, "channel_id": channel, "user_id": user,
+            "command": command, "text": text, "api_app_id": APP_ID,
+            "response_url": self._response_url() or "", "trigger_id": f"trig.{next(self._ids)}",
+        })
+        return self.post_raw(body, content_type="application/x-www-form-urlencoded")

@@ -40,8 +40,9 @@ def run(
     """One cycle: build the dataset, fine-tune, evaluate, gate and register a version."""
     from store.errors import StoreError
     from trainer.cycle import run_cycle
-    from trainer.lease import LeaseBusy
+    from trainer.lease import LeaseBusy, LeaseLost
     from trainer.modeling import ModelLoadError
+    from trainer.train import TrainingError
 
     settings = _settings(max_steps=max_steps, epochs=epochs, learning_rate=learning_rate)
     try:
@@ -51,6 +52,8 @@ def run(
         raise typer.Exit(EXIT_BUSY)
     except (ModelLoadError, StoreError) as exc:
         _fail(str(exc))
+    except (TrainingError, LeaseLost) as exc:  # the run is already marked failed with this error
+        _fail(f"training run failed: {exc}", code=1)
     if outcome.status == "skipped":
         typer.secho(outcome.message, fg="yellow")
         return

@@ -121,22 +121,32 @@ def start_gateway(args, vllm_url: str, base_name: str, adapters: Path, db_url: s
     raise RuntimeError(f"gateway did not get ready:\n{(work / 'gateway.log').read_text()[-2000:]}")
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc), to report the gateway's own cost."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def row(name: str, r: dict) -> str:
     lat = [x * 1000 for x in r["lat"]]
     return (f"{name:<9} p50 {statistics.median(lat):8.2f} ms  p99 {pct(lat, 0.99):8.2f} ms  "
             f"{r['rps']:8.1f} req/s  failures {r['failures']}")
 
 
-async def bench(args, vllm_url: str, gateway: str, base_name: str) -> None:
+async def bench(args, vllm_url: str, gateway: str, base_name: str, gateway_pid: int) -> None:
     print(f"\n## Latency and throughput: chat completions, max_tokens={args.max_tokens}, "
           f"{args.requests} requests per run, runs alternate direct/gateway x{args.rounds}")
     for conc in args.concurrency:
         await load(vllm_url, base_name, conc, conc * 4, args.max_tokens)  # warm up both paths
         await load(gateway, "production", conc, conc * 4, args.max_tokens)
         merged = {"direct": {"lat": [], "failures": 0, "rps": []}, "gateway": {"lat": [], "failures": 0, "rps": []}}
+        cpu = 0.0
         for _ in range(args.rounds):
             for name, url, model in (("direct", vllm_url, base_name), ("gateway", gateway, "production")):
+                before = process_cpu_s(gateway_pid)
                 r = await load(url, model, conc, args.requests, args.max_tokens)
+                if name == "gateway":
+                    cpu += process_cpu_s(gateway_pid) - before
                 merged[name]["lat"] += r["lat"]
                 merged[name]["failures"] += r["failures"]
                 merged[name]["rps"].append(r["rps"])
@@ -149,7 +159,8 @@ async def bench(args, vllm_url: str, gateway: str, base_name: str) -> None:
         d, g = results["direct"], results["gateway"]
         added = (statistics.median(g["lat"]) - statistics.median(d["lat"])) * 1000
         loss = (1 - g["rps"] / d["rps"]) * 100
-        print(f"  gateway adds {added:+.2f} ms at p50, throughput change {-loss:+.1f}%")
+        print(f"  gateway adds {added:+.2f} ms at p50, throughput change {-loss:+.1f}%, gateway process CPU "
+              f"{cpu / (args.requests * args.rounds) * 1000:.2f} ms per request, load average {os.getloadavg()[0]:.1f}")
 
 
 async def swaps(gateway: str) -> None:
@@ -183,7 +194,10 @@ def main() -> None:
     from store.migrate import upgrade
     from store.versions import register_version
 
+    import logging
+
     upgrade(db_url)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     adapters = work / "adapters"
     for i, name in enumerate(("ft-0001", "ft-0002")):
         path = make_adapter(args.model, adapters / name, seed=i + 1)
@@ -203,7 +217,7 @@ def main() -> None:
     try:
         proc, gateway = start_gateway(args, vllm_url, base_name, adapters, db_url, work)
         print(f"model {args.model.name}, vLLM {vllm_url}, gateway {gateway}, {os.cpu_count()} CPUs")
-        asyncio.run(bench(args, vllm_url, gateway, base_name))
+        asyncio.run(bench(args, vllm_url, gateway, base_name, proc.pid))
         asyncio.run(swaps(gateway))
     finally:
         if proc is not None:

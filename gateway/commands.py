@@ -35,3 +35,29 @@ def serve(
         typer.echo("FLYWHEEL_BACKEND=vllm needs FLYWHEEL_VLLM_URLS (comma-separated vLLM server URLs)", err=True)
         raise typer.Exit(2)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+
+
+@gateway_app.command("vllm-server")
+def vllm_server(
+    model: str = typer.Option(..., help="Model directory (transformers format) for vLLM to serve"),
+    port: int = typer.Option(8001, help="Port on 127.0.0.1"),
+    max_loras: int = typer.Option(2, help="Adapters vLLM batches at once (keep >= 2 for hot-swap)"),
+    max_model_len: int = typer.Option(1024, help="Context length"),
+) -> None:
+    """Run a local vLLM OpenAI server with runtime LoRA loading (the `make vllm` venv), until Ctrl-C."""
+    from gateway.vllm_server import VLLMServer, VLLMServerError
+
+    server = VLLMServer(model, port=port, max_loras=max_loras, max_model_len=max_model_len)
+    try:
+        server.start()
+    except VLLMServerError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"vLLM serving {model} at {server.url} (log: {server.logfile}); "
+               f"use FLYWHEEL_BACKEND=vllm FLYWHEEL_VLLM_URLS={server.url}")
+    try:
+        server.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.cleanup()

@@ -29,7 +29,7 @@ class Gateway:
     async def _boot(self) -> None:
         try:
             await self.backend.start()
-        except Exception as exc:  # logged by the backend; /readyz reports backend.error
+        except Exception as exc:  # noqa: BLE001 - logged by the backend; /readyz reports backend.error
             log.error("backend_start_failed", backend=self.backend.kind, error=str(exc))
             return
         from gateway.sync import Syncer
@@ -43,8 +43,8 @@ class Gateway:
         for task in self._tasks:
             try:
                 await task
-            except (asyncio.CancelledError, Exception):
-                pass
+            except (asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - shutting down anyway
+                log.debug("task_stopped", task=task.get_name(), error=repr(exc))
         if self.syncer is not None:
             await self.syncer.close()
         await self.backend.close()

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flywheel.adapters import AdapterError, base_model_id, verify_adapter
+from flywheel.adapters import AdapterError, verify_adapter
 from flywheel.logs import get_logger
 from gateway.schemas import ChatCompletionRequest
 
@@ -83,7 +83,7 @@ class Syncer:
         async with self.lock:
             try:
                 target, info = await asyncio.to_thread(self._read_store)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
                 self.registry.last_error = f"cannot read the production alias from the store: {exc}"
                 self.metrics.sync_errors.inc()
                 log.warning("store_read_failed", error=str(exc))
@@ -96,7 +96,7 @@ class Syncer:
                 self.registry.last_error = None
             try:
                 await self.backend.check(sorted(self.registry.loaded))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
                 log.warning("backend_check_failed", error=str(exc))
             await self._heartbeat()
             return self.registry.snapshot()
@@ -127,7 +127,7 @@ class Syncer:
 
         try:
             await asyncio.to_thread(write)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the loop must survive anything
             log.warning("heartbeat_failed", error=str(exc))
 
     # ---- swapping --------------------------------------------------------------------------
@@ -142,7 +142,7 @@ class Syncer:
                 await asyncio.gather(self.unloading[target], return_exceptions=True)
             try:
                 await self._load(target, info)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
                 delay = min(self.settings.retry_backoff_s * (2 ** attempts), self.settings.retry_backoff_max_s)
                 self.failures[target] = (attempts + 1, time.monotonic() + delay)
                 reg.last_error = f"could not load {target}: {exc}"
@@ -205,7 +205,7 @@ class Syncer:
             reg.loaded.pop(name, None)
             self.metrics.loaded.set(len(reg.loaded))
             log.info("unloaded", version=name)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the loop must survive anything
             log.warning("unload_failed", version=name, error=str(exc))
         finally:
             self.unloading.pop(name, None)

@@ -68,7 +68,7 @@ class VLLMServer:
         self.logdir = Path(tempfile.mkdtemp(prefix="vllm-server-"))
         self.logfile = self.logdir / "server.log"
 
-    def start(self, timeout_s: float = 300.0) -> "VLLMServer":
+    def start(self, timeout_s: float = 300.0) -> VLLMServer:
         if not self.python.is_file():
             raise VLLMServerError(f"no vLLM python at {self.python}: run `make vllm` (or set FLYWHEEL_VLLM_PYTHON)")
         log.info("vllm_starting", model=str(self.model_dir), port=self.port, log=str(self.logfile))

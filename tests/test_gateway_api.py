@@ -87,7 +87,7 @@ def test_completions(client):
 
 def test_stop_sequences_are_cut(client):
     # Seeded sampling is reproducible and, unlike greedy decoding of a random model, varied.
-    args = dict(model="base", messages=HELLO, max_tokens=12, temperature=1.0, seed=7)
+    args = {"model": "base", "messages": HELLO, "max_tokens": 12, "temperature": 1.0, "seed": 7}
     text = client.chat.completions.create(**args).choices[0].message.content
     stop = text[len(text) // 2: len(text) // 2 + 3]
     assert stop.strip(), f"output too varied-less to pick a stop string: {text!r}"

@@ -22,7 +22,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from gateway.vllm_server import VLLMServer, free_port  # noqa: E402
+from gateway.vllm_server import VLLMServer, free_port
 
 ADMIN = "bench-admin"
 MESSAGES = [{"role": "user", "content": "Say hi."}]
@@ -43,7 +43,7 @@ def make_adapter(base_dir: Path, out_dir: Path, seed: int) -> Path:
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def load(url: str, model: str, concurrency: int, total: int, max_tokens: int) -> dict:
@@ -103,7 +103,7 @@ def start_gateway(args, vllm_url: str, base_name: str, adapters: Path, db_url: s
            "FLYWHEEL_BASE_MODEL": str(args.model), "FLYWHEEL_ADAPTERS_DIR": str(adapters),
            "FLYWHEEL_DATABASE_URL": db_url, "FLYWHEEL_ADMIN_TOKEN": ADMIN, "FLYWHEEL_VLLM_BASE_NAME": base_name,
            "FLYWHEEL_REPLICA_ID": "bench", "FLYWHEEL_LOG_LEVEL": "WARNING"}
-    log = open(work / "gateway.log", "wb")
+    log = open(work / "gateway.log", "wb")  # noqa: SIM115 - the child process keeps writing to it
     proc = subprocess.Popen([sys.executable, "-c", "from gateway.commands import gateway_app; gateway_app()",
                              "serve", "--port", str(port)], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -189,12 +189,12 @@ def main() -> None:
     os.environ["FLYWHEEL_DATABASE_URL"] = db_url
     os.environ.setdefault("FLYWHEEL_LOG_LEVEL", "WARNING")
 
+    import logging
+
     from flywheel.adapters import adapter_digest, base_model_id
     from store.db import session_scope
     from store.migrate import upgrade
     from store.versions import register_version
-
-    import logging
 
     upgrade(db_url)
     logging.getLogger("alembic").setLevel(logging.WARNING)

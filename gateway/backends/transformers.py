@@ -100,7 +100,7 @@ class TransformersBackend(Backend):
         if isinstance(self.model, PeftModel) and name in self.model.peft_config:
             try:
                 self.model.delete_adapter(name)
-            except Exception as exc:  # a half-loaded adapter: log, it is never routed to
+            except Exception as exc:  # noqa: BLE001 - a half-loaded adapter: log, it is never routed to
                 log.warning("adapter_cleanup_failed", name=name, error=str(exc))
 
     async def unload_adapter(self, name: str) -> None:
@@ -120,7 +120,7 @@ class TransformersBackend(Backend):
                 return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except ValueError as exc:
                 raise bad_request(str(exc), param="messages") from exc
-            except Exception as exc:  # jinja TemplateError: the template refused these messages
+            except Exception as exc:
                 raise bad_request(f"the chat template refused these messages: {exc}", param="messages") from exc
         prompt = req.prompt
         if isinstance(prompt, list):

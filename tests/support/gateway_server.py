@@ -28,7 +28,7 @@ class GatewayServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"gateway-{self.port}", daemon=True)
 
-    def start(self, ready_timeout_s: float = 120.0, require_ready: bool = True) -> "GatewayServer":
+    def start(self, ready_timeout_s: float = 120.0, require_ready: bool = True) -> GatewayServer:
         self.thread.start()
         deadline = time.monotonic() + ready_timeout_s
         last = None

@@ -4,11 +4,13 @@ carries the events. The report poller runs for the app's lifetime."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from slack_bolt import App, BoltRequest
+from slack_sdk.signature import SignatureVerifier
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -41,16 +43,36 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
     poller = ReportPoller(settings, bolt.client)
     holder: dict = {}
 
+    verifier = SignatureVerifier(settings.slack_signing_secret or "")
+    dispatcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bot-dispatch")
+
+    def dispatch_later(bolt_request: BoltRequest) -> None:
+        try:
+            resp = bolt.dispatch(bolt_request)
+            if resp.status >= 400:
+                log.warning("event not handled", status=resp.status, body=resp.body[:200])
+        except Exception:
+            log.exception("event dispatch failed")
+
     async def slack_events(request: Request) -> Response:
-        """Bolt runs in a worker thread, so the event loop keeps accepting while it verifies
-        and acks; listeners continue on Bolt's executor after the response."""
+        """Events API deliveries are acked as soon as their signature checks out (Slack's
+        3-second budget does not wait for Bolt's middleware), and Bolt then verifies again
+        and dispatches them on a worker thread. Interactivity and commands need Bolt's
+        response body, so they go through Bolt before the response, in a worker thread."""
         started = time.perf_counter()
         body = await request.body()
-        bolt_request = BoltRequest(body=body.decode("utf-8", errors="replace"), query=request.query_params,
-                                   headers=dict(request.headers))
+        kind = _kind(body, request.headers.get("content-type", ""))
+        text = body.decode("utf-8", errors="replace")
+        headers = dict(request.headers)
+        bolt_request = BoltRequest(body=text, query=request.query_params, headers=headers)
+        if kind == "event" and '"event_callback"' in text:
+            if not verifier.is_valid_request(text, headers):
+                return JSONResponse({"error": "invalid request"}, status_code=401)
+            dispatcher.submit(dispatch_later, bolt_request)
+            metrics.REQUESTS.labels(kind).observe(time.perf_counter() - started)
+            return Response(status_code=200)
         resp = await anyio.to_thread.run_sync(bolt.dispatch, bolt_request)
-        metrics.REQUESTS.labels(_kind(body, request.headers.get("content-type", ""))).observe(
-            time.perf_counter() - started)
+        metrics.REQUESTS.labels(kind).observe(time.perf_counter() - started)
         return Response(content=resp.body, status_code=resp.status, headers=resp.first_headers_without_set_cookie())
 
     async def healthz(_request: Request) -> Response:
@@ -76,6 +98,7 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
             if "socket" in holder:
                 holder["socket"].close()
             await anyio.to_thread.run_sync(poller.stop)
+            dispatcher.shutdown(wait=True, cancel_futures=False)
             gateway.close()
 
     routes = [Route("/healthz", healthz), Route("/metrics", prometheus)]

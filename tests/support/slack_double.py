@@ -521,3 +521,28 @@ class SlackSender:
             "response_url": self._response_url() or "", "trigger_id": f"trig.{next(self._ids)}",
         })
         return self.post_raw(body, content_type="application/x-www-form-urlencoded")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the double on its own: `python -m tests.support.slack_double --port 3999 --print`."""
+    import argparse
+    import signal
+
+    ap = argparse.ArgumentParser(description="A local Slack Web API double on loopback.")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--token", default="xoxb-test-token", help="the bot token it accepts")
+    ap.add_argument("--print", action="store_true", help="print what the bot posts")
+    args = ap.parse_args(argv)
+    double = SlackDouble(bot_token=args.token, port=args.port, printer=(lambda line: print(line, flush=True)) if args.print else None).start()
+    print(f"Slack double at {double.api_url}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    double.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Bot benchmark: ack latency (p50/p99) and events/s for signed Slack events sent 50 at a time,
+while the real gateway (tiny model) answers every one of them. One run, one JSON result.
+
+    .venv/bin/python bench/bot/run.py [--events 300] [--concurrency 50] [--model models/tiny-llama]
+
+Deployed as in production, one process each: the bot (`flywheel bot serve`), the gateway
+(`flywheel gateway serve` with the model), the local Slack double, and this load generator.
+The store is a fresh SQLite file (or --database-url)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+PY = sys.executable
+SECRET = "bench-signing-secret"
+TOKEN = "xoxb-bench-token"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, name: str) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited with {proc.returncode} during startup")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{name} not ready after {timeout}s ({url})")
+
+
+async def fire(url: str, bodies: list[str], sender, concurrency: int) -> tuple[list[float], list[int], float]:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    statuses: list[int] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        async def one(body: str) -> None:
+            async with sem:
+                headers = sender.headers(body)  # signed just before sending, as Slack does
+                t0 = time.perf_counter()
+                resp = await client.post(url, content=body.encode(), headers=headers)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                statuses.append(resp.status_code)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(b) for b in bodies))
+        wall = time.perf_counter() - started
+    return latencies, statuses, wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=300, help="events to send (each one is answered)")
+    ap.add_argument("--concurrency", type=int, default=50)
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / "tiny-llama")
+    ap.add_argument("--max-tokens", type=int, default=8, help="tokens per answer")
+    ap.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
+    ap.add_argument("--answer-timeout", type=float, default=600.0)
+    ap.add_argument("--kind", choices=["mention", "reaction"], default="mention",
+                    help="reaction: events that need no answer (isolates the ack path)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-bot-"))
+    url = args.database_url or f"sqlite:///{tmp / 'flywheel.db'}"
+    os.environ["FLYWHEEL_DATABASE_URL"] = url
+
+    import httpx
+
+    from flywheel.modelfiles import read_marker
+    from store.conversations import count_messages
+    from store.db import session_scope
+    from store.migrate import upgrade
+    from store.models import Role
+    from tests.support.slack_double import BOT_USER_ID, SlackSender
+
+    model = args.model.resolve()
+    if read_marker(model) is None:
+        sys.exit(f"no model at {args.model}: run `make model` (or pass --model)")
+    upgrade(url)
+    slack_port, gw_port, bot_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "FLYWHEEL_DATABASE_URL": url, "FLYWHEEL_LOG_LEVEL": "WARNING",
+           "FLYWHEEL_MAX_NEW_TOKENS": str(args.max_tokens), "FLYWHEEL_ADAPTERS_DIR": str(tmp / "adapters"),
+           "FLYWHEEL_REPLICA_ID": "bench", "HF_HUB_OFFLINE": "1",
+           "SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SECRET,
+           "SLACK_API_URL": f"http://127.0.0.1:{slack_port}/api/",
+           "FLYWHEEL_GATEWAY_URL": f"http://127.0.0.1:{gw_port}", "FLYWHEEL_MAX_TOKENS": str(args.max_tokens),
+           "FLYWHEEL_REPORTS_ENABLED": "false", "FLYWHEEL_STREAM_UPDATE_INTERVAL_S": "1.0"}
+    env.pop("SLACK_APP_TOKEN", None)
+    logs = {name: open(tmp / f"{name}.log", "w") for name in ("slack", "gateway", "bot")}
+    procs = {
+        "slack": subprocess.Popen([PY, "-m", "tests.support.slack_double", "--port", str(slack_port),
+                                   "--token", TOKEN], cwd=ROOT, env=env, stdout=logs["slack"],
+                                  stderr=subprocess.STDOUT),
+        "gateway": subprocess.Popen([PY, "-m", "flywheel", "gateway", "serve", "--port", str(gw_port),
+                                     "--base-model", str(model)], cwd=ROOT, env=env, stdout=logs["gateway"],
+                                    stderr=subprocess.STDOUT),
+    }
+    try:
+        wait_http(f"http://127.0.0.1:{gw_port}/readyz", procs["gateway"], 300, "gateway")
+        procs["bot"] = subprocess.Popen([PY, "-m", "flywheel", "bot", "serve", "--port", str(bot_port)], cwd=ROOT,
+                                        env=env, stdout=logs["bot"], stderr=subprocess.STDOUT)
+        wait_http(f"http://127.0.0.1:{bot_port}/healthz", procs["bot"], 60, "bot")
+        sender = SlackSender(f"http://127.0.0.1:{bot_port}/slack/events", SECRET)
+
+        def body(i: int) -> str:
+            ts = sender.next_ts()
+            if args.kind == "reaction" and i >= 0:
+                return sender.event_body({"type": "reaction_added", "user": "UBENCH01", "reaction": "+1",
+                                          "item_user": BOT_USER_ID, "event_ts": ts,
+                                          "item": {"type": "message", "channel": "CBENCH000", "ts": ts}})
+            return sender.event_body({
+                "type": "app_mention", "user": "UBENCH01", "channel": f"CBENCH{i % 20:03d}",
+                "text": f"<@{BOT_USER_ID}> question number {i}: what is the refund policy?",
+                "ts": ts, "event_ts": ts})
+
+        asyncio.run(fire(sender.url, [body(-1)], sender, 1))  # warm-up: auth.test, pools
+        bodies = [body(i) for i in range(args.events)]
+        fired_at = time.perf_counter()
+        latencies, statuses, wall = asyncio.run(fire(sender.url, bodies, sender, args.concurrency))
+        deadline, answered = time.monotonic() + args.answer_timeout, 0
+        while time.monotonic() < deadline:
+            with session_scope() as s:
+                answered = count_messages(s, Role.assistant) - 1  # minus the warm-up
+            if answered >= len(bodies) or args.kind != "mention":
+                break
+            time.sleep(0.25)
+        answers_s = time.perf_counter() - fired_at
+        served = httpx.get(f"http://127.0.0.1:{bot_port}/metrics", timeout=5).text
+        result = {
+            "events": len(latencies), "concurrency": args.concurrency, "database": url.split(":", 1)[0],
+            "ack_ms": {"p50": round(statistics.median(latencies), 1), "p99": round(percentile(latencies, 99), 1),
+                       "max": round(max(latencies), 1), "mean": round(statistics.fmean(latencies), 1)},
+            "events_per_s": round(len(latencies) / wall, 1),
+            "non_200": sum(1 for s in statuses if s != 200),
+            "answered": answered, "all_answered": answered >= len(bodies),
+            "answers_per_s": round(answered / answers_s, 2), "max_tokens": args.max_tokens,
+            "target_ack_p99_ms": 100, "ack_p99_ok": percentile(latencies, 99) <= 100,
+            "bot_answers_ok": _metric(served, 'flywheel_bot_answers_total{outcome="ok"}'),
+            # the bot's own view: time from request read to response, without client or accept queueing
+            "server_ack_ms_mean": _server_mean_ms(served, "event"),
+            "server_ack_share_under_100ms": _server_share(served, "event", "0.1"),
+            "load_average_1m": round(os.getloadavg()[0], 2),
+            "cpu_count": os.cpu_count(),
+        }
+        print(json.dumps(result, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for f in logs.values():
+            f.close()
+
+
+def _server_mean_ms(text: str, kind: str) -> float | None:
+    total = _metric(text, f'flywheel_bot_request_seconds_sum{{kind="{kind}"}}')
+    count = _metric(text, f'flywheel_bot_request_seconds_count{{kind="{kind}"}}')
+    return round(1000 * total / count, 2) if total is not None and count else None
+
+
+def _server_share(text: str, kind: str, le: str) -> float | None:
+    under = _metric(text, f'flywheel_bot_request_seconds_bucket{{kind="{kind}",le="{le}"}}')
+    count = _metric(text, f'flywheel_bot_request_seconds_count{{kind="{kind}"}}')
+    return round(under / count, 4) if under is not None and count else None
+
+
+def _metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Bot pieces that need no servers: Slack text, dialogue context, settings, command parsing,
+reaction meanings, report tables, the Slack double's printing mode."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from bot.admin import CommandError, feedback_summary, parse
+from bot.blocks import SECTION_LIMIT, answer_blocks, sections
+from bot.context import build_context
+from bot.feedback import Feedback
+from bot.reports import metrics_table
+from bot.settings import BotSettings
+from bot.slack_text import escape, strip_leading_mention, to_plain
+from store.models import Message
+
+BOT = "UBOT0001"
+
+
+def test_slack_markup_becomes_plain_text():
+    raw = (f"<@{BOT}> hi <@U123|ada> in <#C42|general> <!here> <!subteam^S1|@ops> see "
+           "<https://x.io/a|the docs> or <mailto:a@b.c> &amp; 1 &lt; 2 :tada: :+1::skin-tone-2:")
+    assert to_plain(raw, BOT) == "hi @ada in #general @here @ops see the docs or a@b.c & 1 < 2"
+    assert strip_leading_mention(f"  <@{BOT}>, what?", BOT) == "what?"
+    assert strip_leading_mention(f"ask <@{BOT}> later", BOT) == f"ask <@{BOT}> later"
+    assert escape("a < b & c > d") == "a &lt; b &amp; c &gt; d"
+
+
+def _msg(role: str, text: str, error: str | None = None) -> Message:
+    return Message(conversation_id=1, channel="C", ts="1", role=role, text=text, error=error)
+
+
+def test_context_keeps_the_newest_turns_that_fit_and_starts_with_the_user():
+    history = [_msg("user", "q1 " * 50), _msg("assistant", "a1"), _msg("user", f"<@{BOT}> q2"),
+               _msg("assistant", "sorry", error="gateway down"), _msg("assistant", "a2"), _msg("user", "q3")]
+    full = build_context(history, bot_user_id=BOT, max_messages=10, max_chars=10_000)
+    assert [m["content"] for m in full][1:] == ["a1", "q2", "a2", "q3"]  # the apology is left out
+    short = build_context(history, bot_user_id=BOT, max_messages=3, max_chars=10_000, system_prompt="Be brief.")
+    assert short == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q2"},
+                     {"role": "assistant", "content": "a2"}, {"role": "user", "content": "q3"}]
+    two = build_context(history, bot_user_id=BOT, max_messages=2, max_chars=10_000)
+    assert two == [{"role": "user", "content": "q3"}]  # never start with the bot's turn
+    tight = build_context(history, bot_user_id=BOT, max_messages=10, max_chars=200)
+    assert tight[-1]["content"] == "q3" and sum(len(m["content"]) for m in tight) <= 200
+    huge = build_context([_msg("user", "x" * 5000)], bot_user_id=BOT, max_messages=5, max_chars=300)
+    assert huge == [{"role": "user", "content": "x" * 300}]
+
+
+def test_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-1")
+    monkeypatch.setenv("SLACK_SIGNING_SECRET", "s")
+    monkeypatch.setenv("SLACK_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setenv("FLYWHEEL_ADMINS", "U1, U2")
+    monkeypatch.setenv("FLYWHEEL_UP_EMOJIS", ":rocket:,+1")
+    monkeypatch.setenv("FLYWHEEL_LABEL_EMOJIS", "bug=bug-report,:dart:=on-topic")
+    s = BotSettings()
+    assert (s.slack_bot_token, s.api_base_url) == ("xoxb-1", "http://127.0.0.1:9/api/")
+    assert s.admins == ["U1", "U2"] and s.is_admin("U2") and not s.is_admin("U3") and not s.is_admin(None)
+    assert s.up_emojis == ["rocket", "+1"] and s.label_emojis == {"bug": "bug-report", "dart": "on-topic"}
+    s.require_http_credentials()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FLYWHEEL_LABEL_EMOJIS": "bug"}, "emoji=label"),
+    ({"FLYWHEEL_UP_EMOJIS": "+1", "FLYWHEEL_DOWN_EMOJIS": "+1"}, "mapped twice"),
+    ({"FLYWHEEL_GATEWAY_URL": "localhost:8000"}, "must start with http"),
+    ({"FLYWHEEL_FEEDBACK_STYLE": "stars"}, "feedback_buttons or buttons"),
+])
+def test_bad_settings_are_named(monkeypatch, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError, match=message):
+        BotSettings()
+
+
+def test_missing_credentials_are_named(monkeypatch):
+    for key in ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match="SLACK_BOT_TOKEN, SLACK_SIGNING_SECRET"):
+        BotSettings().require_http_credentials()
+
+
+def test_command_parsing():
+    assert parse("") == ("help", [], None)
+    assert parse("Approve ft-0002") == ("approve", ["ft-0002"], None)
+    assert parse('promote ft-0002 --force "eval set too small"') == ("promote", ["ft-0002"], "eval set too small")
+    for bad in ("approve ft-0002 --force", 'approve ft-0002 --force ""', 'approve "ft-0002'):
+        with pytest.raises(CommandError):
+            parse(bad)
+
+
+def test_reaction_meanings_follow_the_settings():
+    fb = Feedback(BotSettings(up_emojis=["+1"], down_emojis=["-1"], label_emojis={"bug": "bug-report"}))
+    assert fb.reaction_meaning("+1::skin-tone-4") == ("reaction", "up")
+    assert fb.reaction_meaning("-1") == ("reaction", "down")
+    assert fb.reaction_meaning("bug") == ("label", "bug-report")
+    assert fb.reaction_meaning("tada") is None
+
+
+def test_blocks_split_long_answers_and_carry_the_version():
+    long = ("line of text\n" * 600)
+    parts = sections(long)
+    assert len(parts) > 1 and all(len(p["text"]["text"]) <= SECTION_LIMIT for p in parts)
+    assert "".join(p["text"]["text"] for p in parts) == long
+    shown = answer_blocks("a < b", model_version="ft-0007", latency_ms=1234, style="buttons")
+    assert shown[0]["text"]["text"] == "a &lt; b" and "ft-0007" in shown[1]["elements"][0]["text"]
+    assert [e["action_id"] for e in shown[2]["elements"]] == ["vote_up", "vote_down"]
+
+
+def test_metrics_table_and_feedback_summary():
+    table = metrics_table({"candidate": {"token_f1": 0.7123, "n": 20}, "base": {"token_f1": 0.17},
+                           "production": {"token_f1": 0.5}, "notes": "x"})
+    lines = table.splitlines()
+    assert lines[0].split() == ["metric", "candidate", "production", "base"]
+    assert lines[1].split() == ["token_f1", "0.712", "0.500", "0.170"] and lines[2].split() == ["n", "20", "–", "–"]
+    assert metrics_table({}) == ""
+    summary = feedback_summary({"reaction:up": 2, "button:up": 1, "button:down": 1, "label:bug": 3,
+                                "correction:correction": 1})
+    assert summary.startswith("👍 3, 👎 1, 1 corrections, 3 labels")
+
+
+def test_slack_double_printing_mode_shows_what_the_bot_posts():
+    from slack_sdk import WebClient
+
+    from tests.support.slack_double import SlackDouble
+
+    lines: list[str] = []
+    with SlackDouble(printer=lines.append) as slack:
+        client = WebClient(token=slack.bot_token, base_url=slack.api_url)
+        posted = client.chat_postMessage(channel="C1", text="fallback",
+                                         blocks=answer_blocks("Paris.", model_version="ft-0001", latency_ms=300,
+                                                              style="feedback_buttons"))
+        client.chat_update(channel="C1", ts=posted["ts"], text="Lyon.")
+        with pytest.raises(Exception, match="invalid_auth"):
+            WebClient(token="xoxb-wrong", base_url=slack.api_url).auth_test()
+        assert slack.message("C1", posted["ts"])["text"] == "Lyon."
+    out = "\n".join(lines)
+    assert "chat.postMessage C1" in out and "Paris." in out and "[👍] [👎]\n    [Suggest a better answer]" in out
+    assert "chat.update C1:\n    Lyon." in out
+

@@ -17,6 +17,7 @@ def configure_logging(level: str | None = None) -> None:
     level = (level or os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO")).upper()
     json_logs = os.environ.get("FLYWHEEL_LOG_JSON", "0") == "1"
     logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
     renderer = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[

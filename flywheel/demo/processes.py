@@ -81,6 +81,8 @@ class Service:
 
 def run_flywheel(args: list[str], env: dict[str, str], log_path: Path | None = None, echo: bool = True) -> int:
     """Run a `flywheel` subcommand to completion, its output shown (progress bars included)."""
+    if log_path:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab") if log_path else None
     try:
         proc = subprocess.run([sys.executable, "-m", "flywheel", *args], env={**os.environ, **env},

@@ -1,0 +1,215 @@
+"""`flywheel demo run`: the whole loop on this machine, no Slack workspace and no GPU needed.
+
+Real gateway, real bot and real trainer run as processes; Slack is the local double from
+tests/support (it prints what the bot would post); a scripted team plays one week."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+
+from flywheel.demo.processes import Service, ServiceError, free_port, run_flywheel
+
+demo_app = typer.Typer(help="Run the whole loop locally on embedded defaults.", no_args_is_help=True)
+
+SIGNING_SECRET = "demo-signing-secret"
+BOT_TOKEN = "xoxb-demo-token"
+ADMIN = "UADMIN01"
+ADMIN_CHANNEL = "CADMIN001"
+
+
+@dataclass
+class DemoConfig:
+    output: Path = Path("demo-output")
+    model_dir: Path = Path("models/smollm2-135m-instruct")
+    backend: str = "transformers"
+    facts: int | None = None  # first N company facts (None: all 40)
+    paraphrases: int = 1
+    max_tokens: int = 48
+    trainer_env: dict = field(default_factory=lambda: {"FLYWHEEL_EPOCHS": "8", "FLYWHEEL_LEARNING_RATE": "1e-3"})
+    quiet_slack: bool = False
+
+
+def demo_env(cfg: DemoConfig, gateway_url: str, slack_api_url: str, vllm_url: str | None) -> dict[str, str]:
+    out = cfg.output.resolve()
+    env = {
+        "FLYWHEEL_DATABASE_URL": f"sqlite:///{out / 'flywheel.db'}",
+        "FLYWHEEL_BASE_MODEL": str(cfg.model_dir.resolve()),
+        "FLYWHEEL_ADAPTERS_DIR": str(out / "adapters"),
+        "FLYWHEEL_RUNS_DIR": str(out / "runs"),
+        "FLYWHEEL_DATA_DIR": str(out / "data"),
+        "FLYWHEEL_BACKEND": cfg.backend,
+        "FLYWHEEL_ADMIN_TOKEN": "demo-admin-token",
+        "FLYWHEEL_GATEWAY_ADMIN_TOKEN": "demo-admin-token",
+        "FLYWHEEL_GATEWAY_URL": gateway_url,
+        "FLYWHEEL_SYNC_INTERVAL_S": "1",
+        "FLYWHEEL_MAX_TOKENS": str(cfg.max_tokens),
+        "FLYWHEEL_MAX_NEW_TOKENS": str(cfg.max_tokens),
+        "FLYWHEEL_TEMPERATURE": "0",
+        "FLYWHEEL_ADMINS": ADMIN,
+        "FLYWHEEL_ADMIN_CHANNEL": ADMIN_CHANNEL,
+        "FLYWHEEL_BOT_USER_ID": "UBOT0001",
+        "SLACK_BOT_TOKEN": BOT_TOKEN,
+        "SLACK_SIGNING_SECRET": SIGNING_SECRET,
+        "SLACK_API_URL": slack_api_url,
+        "SLACK_APP_TOKEN": "",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **cfg.trainer_env,
+    }
+    if vllm_url:
+        env["FLYWHEEL_VLLM_URLS"] = vllm_url
+    return env
+
+
+def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
+    """Play the loop end to end; returns the summary (also written under cfg.output)."""
+    _checkout_on_path()
+    from flywheel.demo.script import (ask_again, load_facts, play_week, production_version, render_table,
+                                      summarize, wait_for_production, write_results)
+    from flywheel.demo.workspace import Workspace
+    from tests.support.slack_double import SlackDouble, SlackSender
+
+    started = time.monotonic()
+    if cfg.output.exists():
+        shutil.rmtree(cfg.output)
+    cfg.output.mkdir(parents=True)
+    logs = cfg.output / "logs"
+    facts = load_facts(cfg.facts)
+    slack = SlackDouble(bot_token=BOT_TOKEN, printer=None if cfg.quiet_slack else _admin_channel_printer(say)).start()
+    services: list[Service] = []
+    vllm = None
+    saved_env = dict(os.environ)
+    try:
+        vllm_url = None
+        if cfg.backend == "vllm":
+            from gateway.vllm_server import VLLMServer
+
+            say("▶ Starting the vLLM CPU server (about a minute)…")
+            vllm = VLLMServer(cfg.model_dir, served_name="base").start()
+            vllm_url = vllm.url
+        gw_port, bot_port = free_port(), free_port()
+        gateway_url = f"http://127.0.0.1:{gw_port}"
+        env = demo_env(cfg, gateway_url, slack.api_url, vllm_url)
+        os.environ.update(env)  # this process reads the same store
+        say(f"▶ Database {env['FLYWHEEL_DATABASE_URL']}")
+        if run_flywheel(["db", "upgrade"], env, logs / "db.log", echo=False) != 0:
+            raise ServiceError(f"`flywheel db upgrade` failed; see {logs / 'db.log'}")
+        gateway = Service("gateway", ["gateway", "serve", "--host", "127.0.0.1", "--port", str(gw_port)], env,
+                          logs / "gateway.log", ready_url=f"{gateway_url}/readyz")
+        bot = Service("bot", ["bot", "serve", "--host", "127.0.0.1", "--port", str(bot_port)], env,
+                      logs / "bot.log", ready_url=f"http://127.0.0.1:{bot_port}/healthz")
+        for svc in (gateway, bot):
+            say(f"▶ Starting the {svc.name} ({cfg.backend if svc is gateway else 'HTTP Events API'}; log {svc.log_path})")
+            services.append(svc.start())
+            svc.wait_ready(progress=say)
+        sender = SlackSender(f"http://127.0.0.1:{bot_port}/slack/events", SIGNING_SECRET, double=slack)
+        ws = Workspace(sender, slack, admin=ADMIN)
+
+        say(f"\n▶ Monday–Thursday: the team asks {len(facts)} questions; 👍 good answers, 👎 and correct bad ones")
+        rows = play_week(ws, facts, say)
+        t_week = time.monotonic()
+
+        say("\n▶ Thursday night: the trainer builds the dataset and fine-tunes a LoRA adapter (CPU)")
+        if run_flywheel(["train", "run"], env) != 0:
+            raise ServiceError("`flywheel train run` failed (see above)")
+        t_train = time.monotonic()
+        report = slack.wait_for("files.completeUploadExternal", timeout=120)
+        say(f"  the report with its plot reached {ADMIN_CHANNEL} ({len(report)} upload)")
+        version = _latest_version()
+        if version is None or not version["gate_passed"]:
+            reasons = "; ".join(version["gate_reasons"]) if version else "no version registered"
+            raise ServiceError(f"the candidate did not pass the gate: {reasons}")
+
+        say(f"\n▶ Friday: the admin promotes {version['name']} with `/flywheel promote {version['name']}`")
+        ws.command(f"promote {version['name']}", user=ADMIN)
+        swap_s = wait_for_production(gateway_url, version["name"])
+        if production_version() != version["name"]:
+            raise ServiceError("the production alias did not move")
+        say(f"  the gateway serves {version['name']} as production {swap_s:.1f} s after the command")
+
+        say("\n▶ Friday afternoon: the same questions again, and paraphrases nobody trained on")
+        rows = ask_again(ws, facts, rows, gateway_url, say, paraphrases=cfg.paraphrases, max_tokens=cfg.max_tokens)
+        summary = summarize(rows)
+        extra = {"version": version, "swap_s": round(swap_s, 2),
+                 "timings_s": {"week": round(t_week - started, 1), "train": round(t_train - t_week, 1),
+                               "total": round(time.monotonic() - started, 1)}}
+        write_results(cfg.output, rows, extra)
+        _copy_report(version, cfg.output)
+        say("\n" + render_table(rows))
+        say(f"\nmean token F1 on asked questions: {summary['asked']['before_f1']} → {summary['asked']['after_f1']}; "
+            f"on paraphrases: {summary['paraphrase']['before_f1']} → {summary['paraphrase']['after_f1']}")
+        say(f"report, plot and tables in {cfg.output}/ ({extra['timings_s']['total']:.0f} s in all)")
+        return {"summary": summary, "rows": rows, **extra}
+    finally:
+        for svc in reversed(services):
+            svc.stop()
+        if vllm is not None:
+            vllm.stop()
+        slack.stop()
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def _checkout_on_path() -> None:
+    """The Slack double lives in the checkout's tests/ (the only fake; never in the product path)."""
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "tests" / "support" / "slack_double.py").is_file():
+        raise ServiceError(f"the demo runs from a source checkout (tests/support/ not found under {root})")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
+def _latest_version() -> dict | None:
+    from store.db import session_scope
+    from store.versions import list_versions
+
+    with session_scope() as session:
+        versions = list_versions(session, limit=1)
+        if not versions:
+            return None
+        v = versions[0]
+        return {"name": v.name, "gate_passed": v.gate_passed, "gate_reasons": v.gate_reasons,
+                "report_path": v.report_path, "adapter_path": v.adapter_path}
+
+
+def _copy_report(version: dict, out: Path) -> None:
+    plot = Path(version.get("report_path") or "")
+    for path in (plot, plot.with_suffix(".json")):
+        if path.is_file():
+            shutil.copy(path, out / f"report{path.suffix}")
+
+
+def _admin_channel_printer(say):
+    """Show what the bot posts to admins (the report); answers in #general are summarized by the script."""
+    def printer(text: str) -> None:
+        if ADMIN_CHANNEL in text.split("\n", 1)[0] or "file shared" in text:
+            say(text)
+    return printer
+
+
+@demo_app.command("run")
+def run(
+    backend: str = typer.Option("transformers", envvar="FLYWHEEL_BACKEND", help="transformers or vllm"),
+    output: Path = typer.Option(Path("demo-output"), help="Where the report, plot and tables go"),
+    model: Path = typer.Option(Path("models/smollm2-135m-instruct"), help="Base model directory"),
+    facts: int = typer.Option(0, help="Use only the first N company facts (0: all 40)"),
+) -> None:
+    """Play a week in a team workspace: ask, react, correct, train, gate, promote, ask again."""
+    if backend not in ("transformers", "vllm"):
+        typer.secho("error: --backend must be transformers or vllm", fg="red", err=True)
+        raise typer.Exit(2)
+    if not (model / "flywheel-model.json").is_file():
+        typer.secho(f"error: no model in {model}; run `make model` (or `flywheel model fetch`)", fg="red", err=True)
+        raise typer.Exit(2)
+    try:
+        run_demo(DemoConfig(output=output, model_dir=model, backend=backend, facts=facts or None))
+    except (ServiceError, TimeoutError, RuntimeError) as exc:
+        typer.secho(f"\ndemo failed: {exc}\n(service logs in {output / 'logs'})", fg="red", err=True)
+        raise typer.Exit(1)

@@ -1,0 +1,75 @@
+"""A scripted team workspace: people who ask the bot, react and correct, and one admin.
+Everything goes through the real bot over signed Slack requests; what the bot posts lands in
+the local Slack double, and what it stored is read back from the store."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from bot.blocks import CORRECTION_BLOCK, CORRECTION_INPUT, CORRECTION_VIEW, SUGGEST_ACTION
+from store.conversations import get_message
+from store.db import session_scope
+from tests.support.slack_double import BOT_USER_ID, SlackDouble, SlackSender
+
+
+@dataclass
+class Answer:
+    question: str
+    question_ts: str
+    ts: str
+    text: str
+    model_version: str | None
+
+
+class Workspace:
+    def __init__(self, sender: SlackSender, slack: SlackDouble, *, channel: str = "CGENERAL1",
+                 admin: str = "UADMIN01", answer_timeout_s: float = 180.0) -> None:
+        self.sender, self.slack, self.channel, self.admin = sender, slack, channel, admin
+        self.answer_timeout_s = answer_timeout_s
+
+    def ask(self, question: str, *, user: str) -> Answer:
+        """Mention the bot and wait for its finished answer (the one with feedback buttons)."""
+        ts, resp = self.sender.mention(question, user=user, channel=self.channel)
+        if resp.status_code != 200:
+            raise RuntimeError(f"the bot refused the event: HTTP {resp.status_code} {resp.text[:200]}")
+        deadline = time.monotonic() + self.answer_timeout_s
+        while time.monotonic() < deadline:
+            for msg in self.slack.thread(self.channel, ts):
+                if msg.get("user") == BOT_USER_ID and _finished(msg):
+                    with session_scope() as session:
+                        stored = get_message(session, self.channel, msg["ts"])
+                    if stored is not None:
+                        return Answer(question, ts, msg["ts"], stored.text, stored.model_version)
+            time.sleep(0.1)
+        raise TimeoutError(f"no answer to {question!r} within {self.answer_timeout_s:.0f} s")
+
+    def react(self, answer: Answer, emoji: str, *, user: str) -> None:
+        self._ok(self.sender.reaction(emoji, channel=self.channel, ts=answer.ts, user=user))
+
+    def correct(self, answer: Answer, better: str, *, user: str) -> None:
+        """Click "Suggest a better answer", then submit the modal the bot opened."""
+        opened_before = len(self.slack.calls_to("views.open"))
+        self._ok(self.sender.block_action(action_id=SUGGEST_ACTION, value="suggest", channel=self.channel,
+                                          message_ts=answer.ts, thread_ts=answer.question_ts, user=user))
+        call = self.slack.wait_for("views.open", count=opened_before + 1, timeout=30)[-1]
+        view = call.args["view"]
+        view = json.loads(view) if isinstance(view, str) else view
+        values = {CORRECTION_BLOCK: {CORRECTION_INPUT: {"type": "plain_text_input", "value": better}}}
+        self._ok(self.sender.view_submission(callback_id=CORRECTION_VIEW, values=values,
+                                             private_metadata=view.get("private_metadata", ""), user=user))
+
+    def command(self, text: str, *, user: str | None = None) -> None:
+        self._ok(self.sender.command(text, user=user or self.admin, channel=self.channel))
+
+    @staticmethod
+    def _ok(resp) -> None:
+        if resp.status_code != 200:
+            raise RuntimeError(f"the bot answered HTTP {resp.status_code}: {resp.text[:200]}")
+
+
+def _finished(msg: dict) -> bool:
+    blocks = msg.get("blocks") or []
+    if isinstance(blocks, str):
+        blocks = json.loads(blocks)
+    return any(b.get("block_id") == "feedback" for b in blocks)

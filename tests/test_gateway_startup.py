@@ -123,3 +123,34 @@ def test_serve_refuses_bad_settings(tmp_path):
     out = subprocess.run([sys.executable, "-c", "from gateway.commands import gateway_app; gateway_app()",
                           "serve"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2 and "sync_interval_s" in out.stderr
+
+
+def test_sync_and_heartbeat_on_each_database(tiny_model_dir, db_url, tmp_path):
+    """The sync loop only uses store functions, so SQLite and PostgreSQL behave alike."""
+    from store.db import session_scope
+    from store.replicas import list_replicas
+
+    adapters = tmp_path / "adapters"
+    register(make_adapter(tiny_model_dir, adapters / "ft-0001", seed=9), "ft-0001",
+             base_model=base_model_id(tiny_model_dir))
+    settings = GatewaySettings(base_model=tiny_model_dir, adapters_dir=adapters, sync_interval_s=0.2,
+                               admin_token="adm", replica_id="db-test")
+    server = GatewayServer(settings).start()
+    try:
+        promote("ft-0001")
+        resp = httpx.post(f"{server.url}/admin/sync", headers={"Authorization": "Bearer adm"}, timeout=60)
+        assert resp.json()["production"] == "ft-0001"
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        assert client.chat.completions.create(model="production", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=1).model == "ft-0001"
+        deadline = time.monotonic() + 10
+        while True:
+            with session_scope() as session:
+                replicas = {r.id: r for r in list_replicas(session)}
+            if "db-test" in replicas and replicas["db-test"].served.get("production") == "ft-0001":
+                break
+            assert time.monotonic() < deadline, replicas
+            time.sleep(0.1)
+        assert replicas["db-test"].backend == "transformers" and replicas["db-test"].loaded == ["ft-0001"]
+    finally:
+        server.stop()

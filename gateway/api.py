@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -83,11 +84,14 @@ async def _serve(request: Request, endpoint: str, req) -> JSONResponse | Streami
             status = str(exc.status)
             yield _sse(exc.body())
         finally:
-            await chunks.aclose()
+            # Book-keeping first (no awaits), then close the engine's stream even if the client
+            # left and this task is being cancelled.
             lease.__exit__(None, None, None)
             metrics.inflight.dec()
             metrics.requests.labels(path, label, status).inc()
             metrics.latency.labels(path, "true").observe(time.perf_counter() - started)
+            with anyio.CancelScope(shield=True):
+                await chunks.aclose()
 
     headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return StreamingResponse(body_iter(), media_type="text/event-stream", headers=headers)

@@ -98,7 +98,10 @@ class TransformersBackend(Backend):
         from peft import PeftModel
 
         if isinstance(self.model, PeftModel) and name in self.model.peft_config:
+            others = [a for a in self.model.peft_config if a != name]
             try:
+                if others and self.model.active_adapter == name:
+                    self.model.set_adapter(others[0])  # PEFT warns when the active one is deleted
                 self.model.delete_adapter(name)
             except Exception as exc:  # noqa: BLE001 - a half-loaded adapter: log, it is never routed to
                 log.warning("adapter_cleanup_failed", name=name, error=str(exc))

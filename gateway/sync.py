@@ -92,8 +92,9 @@ class Syncer:
             self.registry.synced = True
             if target != self.registry.production:
                 await self._swap(target, info, force)
-            elif self.registry.last_error and self.registry.last_error.startswith("cannot read"):
+            else:  # in step with the store again (also after an alias moved back from a bad version)
                 self.registry.last_error = None
+                self.failures.clear()
             try:
                 await self.backend.check(sorted(self.registry.loaded))
             except Exception as exc:  # noqa: BLE001 - the loop must survive anything

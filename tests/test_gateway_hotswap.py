@@ -237,3 +237,14 @@ def test_broken_adapters_are_refused_and_the_old_version_keeps_serving(env):
     promote("ft-0009")
     assert admin_sync(env["server"])["production"] == "ft-0009"
     assert admin_sync(env["server"])["last_error"] is None
+
+
+def test_moving_back_from_a_refused_version_clears_the_error(env):
+    server, adapters = env["server"], env["adapters"]
+    serving = httpx.get(f"{server.url}/readyz").json()["production"]
+    register(adapters / "ft-0004", "ft-0010", base_model="yet-another-model")
+    promote("ft-0010")
+    assert "yet-another-model" in admin_sync(server)["last_error"]
+    promote(serving)  # the admin moves production back to what this replica still serves
+    snapshot = admin_sync(server)
+    assert snapshot["production"] == serving and snapshot["last_error"] is None

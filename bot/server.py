@@ -46,9 +46,9 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
     verifier = SignatureVerifier(settings.slack_signing_secret or "")
     dispatcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bot-dispatch")
 
-    def dispatch_later(bolt_request: BoltRequest) -> None:
-        try:
-            resp = bolt.dispatch(bolt_request)
+    def dispatch_later(text: str, query: str, headers: dict) -> None:
+        try:  # the request is parsed here, off the event loop
+            resp = bolt.dispatch(BoltRequest(body=text, query=query, headers=headers))
             if resp.status >= 400:
                 log.warning("event not handled", status=resp.status, body=resp.body[:200])
         except Exception:
@@ -64,13 +64,14 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
         kind = _kind(body, request.headers.get("content-type", ""))
         text = body.decode("utf-8", errors="replace")
         headers = dict(request.headers)
-        bolt_request = BoltRequest(body=text, query=request.query_params, headers=headers)
+        query = request.url.query
         if kind == "event" and '"event_callback"' in text:
             if not verifier.is_valid_request(text, headers):
                 return JSONResponse({"error": "invalid request"}, status_code=401)
-            dispatcher.submit(dispatch_later, bolt_request)
+            dispatcher.submit(dispatch_later, text, query, headers)
             metrics.REQUESTS.labels(kind).observe(time.perf_counter() - started)
             return Response(status_code=200)
+        bolt_request = BoltRequest(body=text, query=query, headers=headers)
         resp = await anyio.to_thread.run_sync(bolt.dispatch, bolt_request)
         metrics.REQUESTS.labels(kind).observe(time.perf_counter() - started)
         return Response(content=resp.body, status_code=resp.status, headers=resp.first_headers_without_set_cookie())

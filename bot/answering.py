@@ -11,6 +11,7 @@ from bot import blocks, metrics
 from bot.context import build_context
 from bot.gateway_client import GatewayClient, GatewayError
 from bot.settings import BotSettings
+from bot.slack_text import to_plain
 from flywheel.logs import get_logger
 from store.conversations import record_message, thread_messages
 from store.db import session_scope
@@ -23,6 +24,7 @@ DM_CONVERSATION = "dm"  # a DM's top level is one long conversation
 ANSWERABLE_SUBTYPES = (None, "file_share", "thread_broadcast")
 FRIENDLY_DOWN = (":warning: Sorry, I can't reach the model right now. Your question is saved; "
                  "please ask again in a minute.")
+EMPTY_QUESTION = "Ask me something after the mention, e.g. _@flywheel what is our refund policy?_"
 EMPTY_ANSWER = "_The model returned an empty answer. Try rephrasing the question._"
 
 
@@ -99,6 +101,12 @@ class Answerer:
                 return
             record_message(s, channel=channel, ts=ts, thread_ts=conversation, role=Role.user,
                            text=text, author=user)
+        if not to_plain(text, bot_user_id):  # a bare mention: nothing to ask the model
+            try:
+                client.chat_postMessage(channel=channel, thread_ts=reply_thread, text=EMPTY_QUESTION)
+            except SlackApiError as exc:
+                log.warning("cannot post the hint", channel=channel, error=exc.response.get("error"))
+            return
         try:
             placeholder = client.chat_postMessage(channel=channel, thread_ts=reply_thread,
                                                   text=blocks.THINKING)

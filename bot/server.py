@@ -43,7 +43,7 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
     poller = ReportPoller(settings, bolt.client)
     holder: dict = {}
 
-    verifier = SignatureVerifier(settings.slack_signing_secret or "")
+    verifier = None if socket_mode else SignatureVerifier(settings.slack_signing_secret)
     dispatcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bot-dispatch")
 
     def dispatch_later(text: str, query: str, headers: dict) -> None:

@@ -29,10 +29,14 @@ GATEWAY_ADMIN = "gateway-admin-token"
 USER, OTHER = "UALICE01", "UBOB0001"
 
 
-@pytest.fixture(scope="module")
-def env(tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def env(request, tiny_model_dir, tmp_path_factory):
+    """The whole setup once per store kind: SQLite file and a real PostgreSQL server."""
     tmp = tmp_path_factory.mktemp("bot")
-    url = f"sqlite:///{tmp / 'flywheel.db'}"
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp / 'flywheel.db'}"
+    else:
+        url = request.getfixturevalue("pg_server").create_database()
     upgrade(url)
     adapters = tmp / "adapters"
     make_adapter(tiny_model_dir, adapters / "ft-0001", seed=1)
@@ -176,6 +180,15 @@ def test_gateway_down_gives_a_friendly_message_and_keeps_the_question(env):
         down.sender.reaction("+1", channel=channel, ts=a_ts)
         time.sleep(0.3)
         assert votes(failed.id) == []
+
+
+def test_a_bare_mention_gets_a_hint_not_a_model_call(bot, env):
+    channel = "CBARE0001"
+    calls = len(env["sent"])
+    q_ts, _ = bot.sender.mention(" ", channel=channel)
+    hint = bot.double.wait_for("chat.postMessage", lambda c: c.args.get("channel") == channel)[-1]
+    assert "Ask me something" in hint.args["text"] and hint.args["thread_ts"] == q_ts
+    assert len(env["sent"]) == calls and stored(channel, q_ts).role == Role.user
 
 
 def test_slack_rate_limits_are_retried(bot):

@@ -138,3 +138,60 @@ def test_slack_double_printing_mode_shows_what_the_bot_posts():
     assert "chat.postMessage C1" in out and "Paris." in out and "[👍] [👎]\n    [Suggest a better answer]" in out
     assert "chat.update C1:\n    Lyon." in out
 
+
+
+def test_report_blocks_for_each_stage_of_a_run():
+    import json
+
+    from bot.reports import report_blocks
+    from store.models import ModelVersion, TrainingRun
+
+    running = TrainingRun(id=7, status="running", progress=0.5, step=5, total_steps=10, queued_by="U1",
+                          metrics=[{"step": 5, "loss": 0.8123}])
+    text = json.dumps(report_blocks(running, None, final=False), ensure_ascii=False)
+    assert "Training run #7" in text and "50%" in text and "loss 0.8123" in text and "<@U1>" in text
+    failed = TrainingRun(id=8, status="failed", error="CUDA out of memory")
+    assert "CUDA out of memory" in json.dumps(report_blocks(failed, None, final=True))
+    rejected = ModelVersion(name="ft-0009", adapter_path="a", adapter_sha256="0" * 64, base_model="m",
+                            gate_passed=False, gate_reasons=["golden pass rate 0.50 < 1.00"], status="rejected",
+                            report={"candidate": {"f1": 0.4}, "production": {"f1": 0.5}})
+    shown = report_blocks(TrainingRun(id=9, status="succeeded", model_version="ft-0009"), rejected, final=True)
+    text = json.dumps(shown)
+    assert "Gate failed" in text and "golden pass rate" in text and "report_approve" not in text
+    assert "--force" in text and not any(b["type"] == "actions" for b in shown)
+    passed = rejected.model_copy(update={"gate_passed": True, "status": "candidate", "gate_reasons": []})
+    buttons = report_blocks(TrainingRun(id=9, status="succeeded"), passed, final=True)[-1]["elements"]
+    assert [b["action_id"] for b in buttons] == ["report_approve", "report_reject"]
+    assert buttons[0]["value"] == "ft-0009" and "confirm" in buttons[0]
+
+
+def test_socket_mode_needs_no_signing_secret_and_serves_no_events_endpoint(monkeypatch):
+    from bot.server import create_asgi
+    from tests.support.slack_double import SlackDouble
+
+    with SlackDouble() as slack:
+        settings = BotSettings(slack_bot_token=slack.bot_token, slack_app_token="xapp-1", slack_signing_secret=None,
+                               slack_api_url=slack.api_url, reports_enabled=False)
+        asgi = create_asgi(settings, socket_mode=True)
+        assert {r.path for r in asgi.routes} == {"/healthz", "/metrics"}
+        with pytest.raises(ValueError, match="SLACK_SIGNING_SECRET"):
+            create_asgi(settings, socket_mode=False)
+
+
+def test_cli_names_missing_settings(monkeypatch):
+    from typer.testing import CliRunner
+
+    from bot.commands import bot_app
+
+    for key in ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    result = CliRunner().invoke(bot_app, ["serve", "--port", "0"])
+    assert result.exit_code == 2 and "SLACK_BOT_TOKEN" in result.output
+    manifest = CliRunner().invoke(bot_app, ["manifest"])
+    import yaml
+
+    spec = yaml.safe_load(manifest.output)
+    assert spec["features"]["slash_commands"][0]["command"] == "/flywheel"
+    assert {"app_mention", "reaction_added", "reaction_removed", "message.im"} <= set(
+        spec["settings"]["event_subscriptions"]["bot_events"])
+    assert {s["callback_id"] for s in spec["features"]["shortcuts"]} == {"add_to_training", "mark_golden"}

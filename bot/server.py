@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from slack_bolt import App, BoltRequest
+from slack_bolt import BoltRequest
 from slack_sdk.signature import SignatureVerifier
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -35,11 +35,15 @@ def _kind(body: bytes, content_type: str) -> str:
     return "command"
 
 
-def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = False,
-                app: App | None = None) -> Starlette:
+def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = False) -> Starlette:
+    """The bot as an ASGI app for uvicorn; `app.state.bolt` is the Bolt app inside."""
     settings = settings or BotSettings()
     gateway = GatewayClient(settings)
-    bolt = app or create_app(settings, gateway=gateway, socket_mode=socket_mode)
+    try:
+        bolt = create_app(settings, gateway=gateway, socket_mode=socket_mode)
+    except Exception:
+        gateway.close()
+        raise
     poller = ReportPoller(settings, bolt.client)
     holder: dict = {}
 

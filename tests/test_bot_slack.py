@@ -365,10 +365,10 @@ def test_message_shortcuts_include_and_golden(bot, answered):
 # -- admin ----------------------------------------------------------------------------------------
 def command(bot: BotServer, text: str, user: str, channel: str = "CGENERAL1") -> dict:
     """Run a slash command; the bot acks at once and answers through the response_url."""
-    n = len(bot.double.calls_to("response"))
     resp = bot.sender.command(text, user=user, channel=channel)
     assert resp.status_code == 200 and not resp.content  # acked empty within Slack's 3 s
-    return bot.double.wait_for("response", count=n + 1, timeout=60)[n].args
+    rid = bot.sender.last_response_id
+    return bot.double.wait_for("response", lambda c: c.args["response_id"] == rid, timeout=60)[0].args
 
 
 def test_non_admin_promote_is_refused_and_audited(bot):

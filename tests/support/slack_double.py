@@ -406,6 +406,7 @@ class SlackSender:
         self.url, self.secret, self.double, self.team_id = url, signing_secret, double, team_id
         self.client = httpx.Client(timeout=timeout)
         self._ids = itertools.count(1)
+        self.last_response_id: str | None = None
 
     def close(self) -> None:
         self.client.close()
@@ -475,7 +476,11 @@ class SlackSender:
         return self.post_raw(body, content_type="application/x-www-form-urlencoded")
 
     def _response_url(self) -> str | None:
-        return f"{self.double.base_url}/response/{next(self._ids)}" if self.double else None
+        """A response_url on the double; its id (last_response_id) finds the bot's reply."""
+        if not self.double:
+            return None
+        self.last_response_id = str(next(self._ids))
+        return f"{self.double.base_url}/response/{self.last_response_id}"
 
     def block_action(self, *, action_id: str, value: str, channel: str, message_ts: str,
                      user: str = "UALICE01", thread_ts: str | None = None, action_type: str = "button",

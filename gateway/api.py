@@ -34,9 +34,15 @@ async def _serve(request: Request, endpoint: str, req) -> JSONResponse | Streami
     started = time.perf_counter()
     path = f"/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}"
     try:
-        version = registry.resolve(req.model)
-    except GatewayError:
-        metrics.requests.labels(path, "none", "404").inc()
+        try:
+            version = registry.resolve(req.model)
+        except GatewayError:
+            if gw.syncer is None or gw.settings.max_extra_versions == 0:
+                raise
+            await gw.syncer.ensure_loaded(req.model)  # a registered version named directly
+            version = registry.resolve(req.model)
+    except GatewayError as exc:
+        metrics.requests.labels(path, "none", str(exc.status)).inc()
         raise
     label = registry.label(version)
     headers = {VERSION_HEADER: label}

@@ -23,6 +23,7 @@ class LoadedVersion:
     sha256: str
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
     draining: bool = False
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -64,6 +65,7 @@ class Registry:
             self.base_inflight += 1
         else:
             entry.inflight += 1
+            entry.last_used = time.monotonic()
         try:
             yield
         finally:
@@ -88,6 +90,12 @@ class Registry:
         self.swapped_at = time.time()
         keep = {self.production, self.previous}
         return [n for n in self.loaded if n not in keep and not self.loaded[n].draining]
+
+    def extras(self) -> list[str]:
+        """Versions loaded on request by name (neither production nor previous), least recently used first."""
+        keep = {self.production, self.previous}
+        names = [n for n, v in self.loaded.items() if n not in keep and not v.draining]
+        return sorted(names, key=lambda n: self.loaded[n].last_used)
 
     def start_drain(self, name: str) -> LoadedVersion | None:
         entry = self.loaded.get(name)

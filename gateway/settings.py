@@ -39,6 +39,8 @@ class GatewaySettings(BaseSettings):
     # How long a failed adapter load waits before the next try (doubles up to the max).
     retry_backoff_s: float = Field(default=1.0, gt=0)
     retry_backoff_max_s: float = Field(default=60.0, gt=0)
+    # Versions besides production and the previous one that requests may load by name (LRU); 0 = none.
+    max_extra_versions: int = Field(default=2, ge=0)
     # Seconds an unloaded-to-be version may take to drain its in-flight requests.
     drain_timeout_s: float = Field(default=120.0, gt=0)
     # vLLM: per-request timeout and the model name its server uses for the base model

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flywheel.adapters import AdapterError, verify_adapter
 from flywheel.logs import get_logger
+from gateway.errors import GatewayError, model_not_found, unavailable
 from gateway.schemas import ChatCompletionRequest
 
 log = get_logger("gateway.sync")
@@ -114,6 +115,48 @@ class Syncer:
             if row is None:
                 return name, None
             return name, VersionInfo(row.name, row.adapter_path, row.adapter_sha256, row.base_model)
+
+    async def ensure_loaded(self, name: str) -> None:
+        """Load a registered version that a request names directly (not production): checked like
+        any other, kept as one of at most `max_extra_versions` extras (least recently used goes)."""
+        from store.versions import validate_version_name
+
+        reg = self.registry
+        try:
+            validate_version_name(name)
+        except ValueError:
+            raise model_not_found(name, reg.names()) from None
+        async with self.lock:
+            entry = reg.loaded.get(name)
+            if entry is not None and not entry.draining:
+                return
+            if name in self.unloading:
+                await asyncio.gather(self.unloading[name], return_exceptions=True)
+            try:
+                info = await asyncio.to_thread(self._read_version, name)
+            except Exception as exc:  # noqa: BLE001 - the store is down: say so
+                raise unavailable(f"cannot look up version {name} in the store: {exc}", code="store_unavailable") from exc
+            if info is None:
+                raise model_not_found(name, reg.names())
+            try:
+                await self._load(name, info)
+            except Exception as exc:  # noqa: BLE001 - refused adapters are the client's answer
+                log.warning("load_on_request_failed", version=name, error=str(exc))
+                raise GatewayError(404, f"version {name} is registered but cannot be served here: {exc}",
+                                   code="model_unavailable", param="model") from exc
+            log.info("loaded_on_request", version=name)
+            for old in reg.extras()[: max(0, len(reg.extras()) - self.settings.max_extra_versions)]:
+                if old != name:
+                    self.unloading[old] = asyncio.create_task(self._drain_and_unload(old))
+            self.metrics.loaded.set(len(reg.loaded))
+
+    def _read_version(self, name: str) -> VersionInfo | None:
+        from store.db import session_scope
+        from store.versions import find_version
+
+        with session_scope() as session:
+            row = find_version(session, name)
+            return VersionInfo(row.name, row.adapter_path, row.adapter_sha256, row.base_model) if row else None
 
     async def _heartbeat(self) -> None:
         from store.db import session_scope

@@ -38,6 +38,35 @@ def vllm_available(venv: Path | str | None = None) -> bool:
     return python.is_file() and any((python.parent.parent / "lib").glob("python3*/site-packages/vllm/__init__.py"))
 
 
+# A watchdog process that outlives nothing: when the process that started vLLM dies (even by
+# SIGKILL, when nothing in it can clean up), Linux sends the watchdog SIGTERM (PR_SET_PDEATHSIG)
+# and it takes vLLM's whole process group (API server, engine core, workers) down with it.
+WATCHDOG = """
+import ctypes, os, signal, sys, time
+pgid = int(sys.argv[1])
+def stop(*_):
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            os._exit(0)
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            time.sleep(0.2)
+    os._exit(0)
+signal.signal(signal.SIGTERM, stop)
+ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+if os.getppid() != int(sys.argv[2]):
+    stop()
+while True:
+    signal.pause()
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,7 +78,9 @@ class VLLMServer:
 
     def __init__(self, model_dir: Path | str, *, served_name: str | None = None, port: int | None = None,
                  max_lora_rank: int = 16, max_loras: int = 2, max_model_len: int = 1024,
-                 kv_cache_gb: int = 2, venv: Path | str | None = None, extra_args: list[str] | None = None):
+                 kv_cache_gb: int = 2, venv: Path | str | None = None, extra_args: list[str] | None = None,
+                 die_with_parent: bool = True):
+        """`die_with_parent`: stop vLLM if the thread that calls start() dies (Linux only)."""
         self.model_dir = Path(model_dir).resolve()
         self.served_name = served_name or self.model_dir.name
         self.port = port or free_port()
@@ -64,7 +95,9 @@ class VLLMServer:
         self.env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                     "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb), "HF_HUB_OFFLINE": "1",
                     "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen | None = None
+        self.watchdog: subprocess.Popen | None = None
         self.logdir = Path(tempfile.mkdtemp(prefix="vllm-server-"))
         self.logfile = self.logdir / "server.log"
 
@@ -75,6 +108,9 @@ class VLLMServer:
         with open(self.logfile, "wb") as out:
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
+        if self.die_with_parent and sys.platform.startswith("linux"):
+            self.watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(self.proc.pid), str(os.getpid())],
+                                             stdin=subprocess.DEVNULL)
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
             if self.proc.poll() is not None:
@@ -109,6 +145,10 @@ class VLLMServer:
                     pass
                 self.proc.wait(timeout=10)
         self.proc = None
+        if self.watchdog is not None:
+            self.watchdog.kill()
+            self.watchdog.wait(timeout=10)
+            self.watchdog = None
 
     def cleanup(self) -> None:
         self.stop()

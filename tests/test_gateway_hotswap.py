@@ -166,9 +166,15 @@ def test_versions_by_name_and_unloading_of_old_ones(env):
     while "ft-0002" in {m.id for m in client.models.list()} and time.monotonic() < deadline:
         time.sleep(0.1)
     assert {m.id for m in client.models.list()} == {"base", "production", "ft-0001"}
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="ft-0002", messages=MESSAGES, max_tokens=2)
     assert client.chat.completions.create(model="production", messages=MESSAGES, max_tokens=2).model == "base"
+    # Asked for by its immutable name, a registered version is loaded on request...
+    assert client.chat.completions.create(model="ft-0002", messages=MESSAGES, max_tokens=2).model == "ft-0002"
+    assert {m.id for m in client.models.list()} == {"base", "production", "ft-0001", "ft-0002"}
+    # ...while names that are not registered versions stay 404s.
+    for name in ("ft-9999", "../ft-0002", "production-2", "FT-0002"):
+        with pytest.raises(openai.NotFoundError) as info:
+            client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=2)
+        assert info.value.code == "model_not_found"
 
 
 def test_polling_alone_picks_up_a_promotion(env):
@@ -196,6 +202,9 @@ def _expect_refused(env, name: str, fragment: str) -> None:
     ready = httpx.get(f"{server.url}/readyz")
     assert ready.status_code == 200 and fragment in ready.json()["last_error"]
     assert name not in {m.id for m in client.models.list()}
+    with pytest.raises(openai.NotFoundError) as info:  # nor can it be loaded by name
+        client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=2)
+    assert info.value.code == "model_unavailable" and fragment in info.value.message
     with session_scope() as session:
         replica = {r.id: r for r in list_replicas(session)}["swap-test"]
     assert replica.served["production"] == serving and fragment in replica.last_error

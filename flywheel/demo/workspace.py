@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from bot.blocks import CORRECTION_BLOCK, CORRECTION_INPUT, CORRECTION_VIEW, SUGGEST_ACTION
+from bot.blocks import CORRECTION_BLOCK, CORRECTION_INPUT, CORRECTION_VIEW, SUGGEST_ACTION, THINKING
 from store.conversations import get_message
 from store.db import session_scope
 from tests.support.slack_double import BOT_USER_ID, SlackDouble, SlackSender
@@ -29,18 +29,20 @@ class Workspace:
         self.answer_timeout_s = answer_timeout_s
 
     def ask(self, question: str, *, user: str) -> Answer:
-        """Mention the bot and wait for its finished answer (the one with feedback buttons)."""
+        """Mention the bot and wait for its finished answer: the reply the bot stored (an answer
+        with feedback buttons, or the bot's apology when the model failed)."""
         ts, resp = self.sender.mention(question, user=user, channel=self.channel)
         if resp.status_code != 200:
             raise RuntimeError(f"the bot refused the event: HTTP {resp.status_code} {resp.text[:200]}")
         deadline = time.monotonic() + self.answer_timeout_s
         while time.monotonic() < deadline:
             for msg in self.slack.thread(self.channel, ts):
-                if msg.get("user") == BOT_USER_ID and _finished(msg):
-                    with session_scope() as session:
-                        stored = get_message(session, self.channel, msg["ts"])
-                    if stored is not None:
-                        return Answer(question, ts, msg["ts"], stored.text, stored.model_version)
+                if msg.get("user") != BOT_USER_ID or msg.get("text") == THINKING:
+                    continue
+                with session_scope() as session:
+                    stored = get_message(session, self.channel, msg["ts"])
+                if stored is not None and (_finished(msg) or stored.error):
+                    return Answer(question, ts, msg["ts"], stored.text, stored.model_version)
             time.sleep(0.1)
         raise TimeoutError(f"no answer to {question!r} within {self.answer_timeout_s:.0f} s")
 

@@ -134,13 +134,13 @@ class Syncer:
                 await asyncio.gather(self.unloading[name], return_exceptions=True)
             try:
                 info = await asyncio.to_thread(self._read_version, name)
-            except Exception as exc:  # noqa: BLE001 - the store is down: say so
+            except Exception as exc:  # the store is down: say so
                 raise unavailable(f"cannot look up version {name} in the store: {exc}", code="store_unavailable") from exc
             if info is None:
                 raise model_not_found(name, reg.names())
             try:
                 await self._load(name, info)
-            except Exception as exc:  # noqa: BLE001 - refused adapters are the client's answer
+            except Exception as exc:  # refused adapters: the client gets the reason
                 log.warning("load_on_request_failed", version=name, error=str(exc))
                 raise GatewayError(404, f"version {name} is registered but cannot be served here: {exc}",
                                    code="model_unavailable", param="model") from exc

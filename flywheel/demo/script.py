@@ -143,8 +143,8 @@ def render_table(rows: list[Row], width: int = 38) -> str:
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         q = ("↪ " if r.kind == "paraphrase" else "") + r.question
-        lines.append(f"| {_cell(q, width)} | {_cell(r.before, width)} | {_cell(r.after, width)} |"
-                     f" {r.before_f1:.2f} → {r.after_f1:.2f}{' ' * 6}|")
+        f1 = f"{r.before_f1:.2f} → {r.after_f1:.2f}"
+        lines.append(f"| {_cell(q, width)} | {_cell(r.before, width)} | {_cell(r.after, width)} | {f1:<17} |")
     return "\n".join(lines)
 
 

@@ -257,3 +257,20 @@ def test_moving_back_from_a_refused_version_clears_the_error(env):
     promote(serving)  # the admin moves production back to what this replica still serves
     snapshot = admin_sync(server)
     assert snapshot["production"] == serving and snapshot["last_error"] is None
+
+
+def test_versions_loaded_by_name_are_capped(env):
+    server, adapters, base = env["server"], env["adapters"], env["base"]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    names = ["ft-0011", "ft-0012", "ft-0013"]
+    for name in names:
+        register(shutil.copytree(adapters / "ft-0001", adapters / name), name, base_model=base)
+    for name in names:
+        assert client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=1).model == name
+    deadline = time.monotonic() + 10
+    while "ft-0011" in {m.id for m in client.models.list()} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    loaded = {m.id for m in client.models.list()}
+    assert "ft-0011" not in loaded and {"ft-0012", "ft-0013"} <= loaded  # max_extra_versions=2, LRU goes
+    status = httpx.get(f"{server.url}/readyz").json()
+    assert status["production"] in loaded or status["production"] == "base"

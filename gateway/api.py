@@ -8,12 +8,14 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from flywheel.logs import get_logger
 from gateway.auth import require_api_key
 from gateway.errors import GatewayError
 from gateway.registry import BASE, PRODUCTION
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 VERSION_HEADER = "X-Flywheel-Model-Version"
+log = get_logger("gateway.requests")
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
@@ -26,6 +28,14 @@ def _count_tokens(gw, label: str, body: dict) -> None:
     if usage:
         gw.metrics.tokens.labels("prompt", label).inc(usage.get("prompt_tokens") or 0)
         gw.metrics.tokens.labels("completion", label).inc(usage.get("completion_tokens") or 0)
+
+
+def _log_failure(path: str, label: str, exc: GatewayError) -> None:
+    """Server-side failures are worth a line; client mistakes (4xx) only at debug level."""
+    if exc.status >= 500:
+        log.warning("request_failed", path=path, version=label, status=exc.status, code=exc.code, error=exc.message)
+    else:
+        log.debug("request_refused", path=path, version=label, status=exc.status, code=exc.code, error=exc.message)
 
 
 async def _serve(request: Request, endpoint: str, req) -> JSONResponse | StreamingResponse:
@@ -56,6 +66,7 @@ async def _serve(request: Request, endpoint: str, req) -> JSONResponse | Streami
             except GatewayError as exc:
                 exc.headers.setdefault(VERSION_HEADER, label)
                 metrics.requests.labels(path, label, str(exc.status)).inc()
+                _log_failure(path, label, exc)
                 raise
             body["model"] = label
             _count_tokens(gw, label, body)
@@ -68,6 +79,7 @@ async def _serve(request: Request, endpoint: str, req) -> JSONResponse | Streami
         except GatewayError as exc:
             exc.headers.setdefault(VERSION_HEADER, label)
             metrics.requests.labels(path, label, str(exc.status)).inc()
+            _log_failure(path, label, exc)
             raise
     except BaseException:
         lease.__exit__(None, None, None)
@@ -88,6 +100,7 @@ async def _serve(request: Request, endpoint: str, req) -> JSONResponse | Streami
             yield b"data: [DONE]\n\n"
         except GatewayError as exc:  # mid-stream: headers are gone, report in OpenAI's stream style
             status = str(exc.status)
+            _log_failure(path, label, exc)
             yield _sse(exc.body())
         finally:
             # Book-keeping first (no awaits), then close the engine's stream even if the client

@@ -145,7 +145,7 @@ def test_killed_run_registers_nothing_and_the_next_run_resumes(env, sqlite_url):
         from trainer.importer import import_file
 
         import_file(s, DATA / "faq.jsonl")
-    env = {**env, "FLYWHEEL_MAX_STEPS": "150", "FLYWHEEL_BATCH_SIZE": "2"}
+    env = {**env, "FLYWHEEL_MAX_STEPS": "70", "FLYWHEEL_BATCH_SIZE": "2"}
     proc = cli("train", "run", env=env)
     try:
         def progressed():
@@ -163,7 +163,7 @@ def test_killed_run_registers_nothing_and_the_next_run_resumes(env, sqlite_url):
         assert list_versions(s) == []
     with session_scope(get_engine(sqlite_url)) as s:
         assert lease_holder(s, "trainer") is not None  # still held until it expires
-    settings = TrainerSettings(max_steps=150, batch_size=2)
+    settings = TrainerSettings(max_steps=70, batch_size=2)
     with pytest.raises(LeaseBusy, match="another training run is in progress"):
         run_cycle(settings)
     _wait_for(lambda: _lease_free(sqlite_url), 10, "the dead trainer's lease to expire")

@@ -1,12 +1,18 @@
 """Evaluation metrics, label parsing, the watch schedule and the dataset export command."""
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from trainer.metrics import answer_metrics, exact_match, label_metrics, parse_label, rouge_l, token_f1
+from trainer.metrics import (
+    answer_metrics,
+    exact_match,
+    label_metrics,
+    parse_label,
+    rouge_l,
+    token_f1,
+)
 
 DATA = Path(__file__).parent / "data"
 

@@ -8,7 +8,7 @@ import re
 
 _SLACK = re.compile(r"<([@#!][^<>]*|(?:https?|mailto|tel|ftp):[^<>]*)>")
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>")
-_BLOCK_TAG = re.compile(r"<(?:br|/p|/div|/li|/h[1-6]|/tr)\s*/?>", re.I)
+_BLOCK_TAG = re.compile(r"<(?:br|/p|/div|/li|/h[1-6]|/tr)\s*/?>", re.IGNORECASE)
 _EMOJI = re.compile(r"(?<![\w:])(?::[a-z0-9_+'\-]*[a-z+][a-z0-9_+'\-]*:)+(?![\w])")
 _SPACES = re.compile(r"[ \t\f\v\u00a0]+")
 _NEWLINES = re.compile(r"\n{3,}")

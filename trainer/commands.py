@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -33,9 +32,9 @@ def _settings(**overrides) -> TrainerSettings:
 @train_app.command("run")
 def run(
     force: bool = typer.Option(False, "--force", help="Train even if the dataset did not change"),
-    max_steps: Optional[int] = typer.Option(None, min=1, help="Stop after this many optimizer steps"),
-    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs over the training split"),
-    learning_rate: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Peak learning rate"),
+    max_steps: int | None = typer.Option(None, min=1, help="Stop after this many optimizer steps"),
+    epochs: int | None = typer.Option(None, min=1, help="Epochs over the training split"),
+    learning_rate: float | None = typer.Option(None, "--lr", min=0.0, help="Peak learning rate"),
 ) -> None:
     """One cycle: build the dataset, fine-tune, evaluate, gate and register a version."""
     from store.errors import StoreError
@@ -68,8 +67,8 @@ def run(
 @train_app.command("watch")
 def watch_cmd(
     once: bool = typer.Option(False, "--once", help="Check once (and run if due), then exit"),
-    max_cycles: Optional[int] = typer.Option(None, min=1, help="Exit after this many cycles"),
-    poll: Optional[float] = typer.Option(None, min=0.1, help="Seconds between checks"),
+    max_cycles: int | None = typer.Option(None, min=1, help="Exit after this many cycles"),
+    poll: float | None = typer.Option(None, min=0.1, help="Seconds between checks"),
 ) -> None:
     """Run cycles when enough new data arrived (after a cooldown) or when an admin queued one."""
     from trainer.watch import watch
@@ -115,7 +114,7 @@ def build_cmd() -> None:
 @dataset_app.command("export")
 def export_cmd(
     out: Path = typer.Argument(..., help="Directory to write train/eval/golden JSONL and the HF dataset to"),
-    snapshot: Optional[int] = typer.Option(None, help="Snapshot id (default: the latest)"),
+    snapshot: int | None = typer.Option(None, help="Snapshot id (default: the latest)"),
 ) -> None:
     """Copy a snapshot's files (chat-format JSONL per split + datasets save_to_disk) to OUT."""
     from store.datasets import get_snapshot, latest_snapshot

@@ -17,7 +17,15 @@ from store.datasets import get_snapshot
 from store.db import get_engine, session_scope
 from store.errors import InvalidStateError
 from store.models import RunStatus
-from store.runs import fail_stale_runs, finish_run, has_queued_run, last_successful_run, record_progress, start_run, update_run
+from store.runs import (
+    fail_stale_runs,
+    finish_run,
+    has_queued_run,
+    last_successful_run,
+    record_progress,
+    start_run,
+    update_run,
+)
 from store.versions import alias_version, next_version_name, register_version
 from trainer.dataset import build_snapshot
 from trainer.lease import TrainerLease

@@ -39,7 +39,7 @@ class TrainerLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "TrainerLease":
+    def __enter__(self) -> TrainerLease:
         with session_scope(self.engine) as s:
             if not acquire_lease(s, LEASE_NAME, self.owner, self.ttl_s):
                 holder = lease_holder(s, LEASE_NAME)

@@ -3,7 +3,7 @@ gate thresholds and the watch schedule. Defaults are sized for a CPU laptop."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,9 +17,9 @@ class TrainerSettings(BaseSettings):
     adapters_dir: Path = Path("./adapters")
     runs_dir: Path = Path("./runs")  # checkpoints, reports (JSON + PNG)
     data_dir: Path = Path("./data")  # dataset snapshots and exports
-    gateway_url: Optional[str] = None  # only for paraphrase augmentation
-    gateway_api_key: Optional[str] = None
-    bot_user_id: Optional[str] = None  # the bot's own Slack id, stripped from questions
+    gateway_url: str | None = None  # only for paraphrase augmentation
+    gateway_api_key: str | None = None
+    bot_user_id: str | None = None  # the bot's own Slack id, stripped from questions
 
     # Dataset building
     max_chars: int = Field(4000, ge=10)  # items longer than this (question or answer) are dropped
@@ -46,14 +46,14 @@ class TrainerSettings(BaseSettings):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # SGD only
     max_grad_norm: float = Field(1.0, gt=0.0)
     epochs: int = Field(3, ge=1)
-    max_steps: Optional[int] = Field(None, ge=1)  # caps epochs when set
+    max_steps: int | None = Field(None, ge=1)  # caps epochs when set
     batch_size: int = Field(8, ge=1)  # sequences per optimizer micro-batch (upper bound)
     batch_tokens: int = Field(4096, ge=64)  # padded tokens per micro-batch (upper bound)
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(512, ge=16)  # longer items are dropped, never truncated
     seed: int = 0
     device: str = "auto"  # auto / cpu / cuda
-    bf16: Optional[bool] = None  # None: bf16 on GPUs that support it
+    bf16: bool | None = None  # None: bf16 on GPUs that support it
     checkpoint_every: int = Field(25, ge=1)  # optimizer steps
     log_every: int = Field(1, ge=1)  # steps between store progress points
     min_train_examples: int = Field(4, ge=1)

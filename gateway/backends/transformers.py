@@ -154,6 +154,13 @@ class TransformersBackend(Backend):
         max_new = min(requested or self.max_new_tokens, self.context_len - n_prompt)
         return text, ids, n_prompt, max_new
 
+    async def _prepare_async(self, endpoint: Endpoint, req: Request, version: str | None):
+        """Chat template + tokenization off the event loop (long prompts take milliseconds), on the
+        default pool rather than the generation pool, whose threads may all be waiting for the lock."""
+        if not self.ready:
+            raise unavailable(self.error or "the base model is still loading", code="model_loading")
+        return await asyncio.get_running_loop().run_in_executor(None, self._prepare, endpoint, req, version)
+
     def _gen_kwargs(self, req: Request, ids, max_new: int, cancel: threading.Event, streamer=None) -> dict:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -201,7 +208,7 @@ class TransformersBackend(Backend):
         return "stop"
 
     async def generate(self, version: str | None, endpoint: Endpoint, req: Request) -> dict:
-        text, ids, n_prompt, max_new = self._prepare(endpoint, req, version)
+        text, ids, n_prompt, max_new = await self._prepare_async(endpoint, req, version)
         kwargs = self._gen_kwargs(req, ids, max_new, threading.Event())
         try:
             new_ids = await asyncio.get_running_loop().run_in_executor(self._pool, self._run, version, req, kwargs)
@@ -217,7 +224,7 @@ class TransformersBackend(Backend):
         return build("", out, finish, n_prompt, len(new_ids))
 
     async def stream(self, version: str | None, endpoint: Endpoint, req: Request) -> AsyncIterator[dict]:
-        text, ids, n_prompt, max_new = self._prepare(endpoint, req, version)
+        text, ids, n_prompt, max_new = await self._prepare_async(endpoint, req, version)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()

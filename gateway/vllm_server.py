@@ -38,12 +38,12 @@ def vllm_available(venv: Path | str | None = None) -> bool:
     return python.is_file() and any((python.parent.parent / "lib").glob("python3*/site-packages/vllm/__init__.py"))
 
 
-# A watchdog process that outlives nothing: when the process that started vLLM dies (even by
-# SIGKILL, when nothing in it can clean up), Linux sends the watchdog SIGTERM (PR_SET_PDEATHSIG)
-# and it takes vLLM's whole process group (API server, engine core, workers) down with it.
+# A watchdog process: when the process that started vLLM dies (even by SIGKILL, when nothing in
+# it can clean up) the watchdog is re-parented, notices within half a second, and takes vLLM's
+# whole process group (API server, engine core, workers) down: SIGTERM, then SIGKILL.
 WATCHDOG = """
-import ctypes, os, signal, sys, time
-pgid = int(sys.argv[1])
+import os, signal, sys, time
+pgid, parent = int(sys.argv[1]), int(sys.argv[2])
 def stop(*_):
     for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 0)):
         try:
@@ -59,11 +59,9 @@ def stop(*_):
             time.sleep(0.2)
     os._exit(0)
 signal.signal(signal.SIGTERM, stop)
-ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-if os.getppid() != int(sys.argv[2]):
-    stop()
-while True:
-    signal.pause()
+while os.getppid() == parent:
+    time.sleep(0.5)
+stop()
 """
 
 
@@ -80,7 +78,7 @@ class VLLMServer:
                  max_lora_rank: int = 16, max_loras: int = 2, max_model_len: int = 1024,
                  kv_cache_gb: int = 2, venv: Path | str | None = None, extra_args: list[str] | None = None,
                  die_with_parent: bool = True):
-        """`die_with_parent`: stop vLLM if the thread that calls start() dies (Linux only)."""
+        """`die_with_parent`: stop vLLM when this process dies without calling stop() (POSIX)."""
         self.model_dir = Path(model_dir).resolve()
         self.served_name = served_name or self.model_dir.name
         self.port = port or free_port()
@@ -108,7 +106,7 @@ class VLLMServer:
         with open(self.logfile, "wb") as out:
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
-        if self.die_with_parent and sys.platform.startswith("linux"):
+        if self.die_with_parent and os.name == "posix":
             self.watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(self.proc.pid), str(os.getpid())],
                                              stdin=subprocess.DEVNULL)
         started = time.monotonic()

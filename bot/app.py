@@ -44,15 +44,16 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     if not socket_mode:
         settings.require_http_credentials()
     gateway = gateway or GatewayClient(settings)
+    executor = ThreadPoolExecutor(max_workers=settings.listener_threads, thread_name_prefix="bot-listener")
     app = App(
         client=make_web_client(settings),
         signing_secret=settings.slack_signing_secret or "", request_verification_enabled=not socket_mode,
         process_before_response=False, logger=logging.getLogger("slack_bolt"),
-        listener_executor=ThreadPoolExecutor(max_workers=settings.listener_threads,
-                                             thread_name_prefix="bot-listener"),
+        listener_executor=executor,
     )
     answerer, feedback, admin = Answerer(settings, gateway), Feedback(settings), Admin(settings, gateway)
-    app.flywheel = {"settings": settings, "gateway": gateway, "admin": admin}  # for the server
+    app.flywheel = {"settings": settings, "gateway": gateway, "admin": admin,  # for the server
+                    "executor": executor}
 
     # -- questions -------------------------------------------------------------------------------
     @app.event("app_mention")

@@ -1,6 +1,7 @@
 """`flywheel bot …`: run the Slack bot, print its app manifest."""
 from __future__ import annotations
 
+import gc
 from importlib import resources
 
 import typer
@@ -31,6 +32,10 @@ def serve(
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per gateway call is noise
+    # Startup objects (libraries, the app) never die: keep them out of the garbage collector's
+    # full collections, which otherwise stall every request in flight.
+    gc.collect()
+    gc.freeze()
     mode = "Socket Mode" if socket_mode else f"HTTP Events API at http://{host}:{port}/slack/events"
     typer.echo(f"Flywheel bot: {mode}; gateway {settings.gateway_url}")
     uvicorn.run(asgi, host=host, port=port, log_level="warning")

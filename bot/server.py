@@ -3,6 +3,7 @@ and /metrics; in Socket Mode the same app serves health and metrics while a webs
 carries the events. The report poller runs for the app's lifetime."""
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -33,6 +34,15 @@ def _kind(body: bytes, content_type: str) -> str:
     if body.startswith(b"payload="):
         return "interactive"
     return "command"
+
+
+def prestart(executor: ThreadPoolExecutor, threads: int) -> None:
+    """Start a pool's threads now: ThreadPoolExecutor starts them one per submit, and under load
+    each start took ~20 ms, stalling the first burst of events behind it."""
+    barrier = threading.Barrier(threads + 1)
+    for _ in range(threads):
+        executor.submit(barrier.wait, 10)
+    barrier.wait(10)
 
 
 def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = False) -> Starlette:
@@ -88,6 +98,8 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
 
     @asynccontextmanager
     async def lifespan(_app):
+        await anyio.to_thread.run_sync(prestart, dispatcher, 2)
+        await anyio.to_thread.run_sync(prestart, bolt.flywheel["executor"], settings.listener_threads)
         if settings.reports_enabled:
             poller.start()
         if socket_mode:

@@ -12,8 +12,8 @@ bot_app = typer.Typer(help="The Slack bot: answers, feedback, admin commands.", 
 
 @bot_app.command()
 def serve(
-    port: int = typer.Option(3000, help="HTTP port (/slack/events, /healthz, /metrics)"),
-    host: str = typer.Option("127.0.0.1", help="Interface to listen on"),
+    port: int = typer.Option(3000, envvar="FLYWHEEL_BOT_PORT", help="HTTP port (/slack/events, /healthz, /metrics)"),
+    host: str = typer.Option("127.0.0.1", envvar="FLYWHEEL_BOT_HOST", help="Interface to listen on"),
 ) -> None:
     """Serve the bot: Socket Mode when SLACK_APP_TOKEN is set, else the HTTP Events API."""
     import logging

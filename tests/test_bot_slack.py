@@ -352,7 +352,8 @@ def test_message_shortcuts_include_and_golden(bot, answered):
     assert refused
     assert not any(v.kind == "golden" for v in votes(mid))
     bot.sender.message_shortcut(callback_id="mark_golden", channel=ch, message_ts=a, user=ADMIN_USER)
-    _wait(lambda: any(v.kind == "golden" and v.is_admin for v in votes(mid)))
+    bot.double.wait_for("response", lambda c: "Marked as a golden example" in c.args.get("text", ""))
+    assert any(v.kind == "golden" and v.is_admin for v in votes(mid))
     with session_scope() as s:
         audit = list_audit(s, action="answer.golden")
     assert {(e.actor, e.outcome) for e in audit} >= {(OTHER, "refused"), (ADMIN_USER, "ok")}

@@ -114,7 +114,7 @@ class GatewayClient:
             return "not asked (FLYWHEEL_GATEWAY_ADMIN_TOKEN unset); replicas pick it up at their next poll"
         try:
             resp = self.http.post(f"{self.base}/admin/sync", headers=self._headers(token), timeout=60.0)
-        except Exception as exc:  # the alias already moved: never let the nudge undo the reply
+        except Exception as exc:  # noqa: BLE001 - the alias already moved: never let the nudge undo the reply
             return f"could not reach the gateway ({exc}); replicas pick it up at their next poll"
         if resp.status_code != 200:
             return f"gateway sync answered {resp.status_code}: {_error_message(resp)}"

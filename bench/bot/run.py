@@ -119,7 +119,7 @@ def main() -> None:
            "FLYWHEEL_GATEWAY_URL": f"http://127.0.0.1:{gw_port}", "FLYWHEEL_MAX_TOKENS": str(args.max_tokens),
            "FLYWHEEL_REPORTS_ENABLED": "false", "FLYWHEEL_STREAM_UPDATE_INTERVAL_S": "1.0"}
     env.pop("SLACK_APP_TOKEN", None)
-    logs = {name: open(tmp / f"{name}.log", "w") for name in ("slack", "gateway", "bot")}
+    logs = {name: open(tmp / f"{name}.log", "w") for name in ("slack", "gateway", "bot")}  # noqa: SIM115 - closed in finally
     procs = {
         "slack": subprocess.Popen([PY, "-m", "tests.support.slack_double", "--port", str(slack_port),
                                    "--token", TOKEN], cwd=ROOT, env=env, stdout=logs["slack"],

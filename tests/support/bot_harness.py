@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Self
 
 import httpx
 
@@ -24,10 +25,10 @@ class BotServer:
 
         self.own_double = double is None
         self.double = double or SlackDouble().start()
-        values = dict(slack_bot_token=self.double.bot_token, slack_signing_secret=SIGNING_SECRET,
-                      slack_api_url=self.double.api_url, gateway_url=gateway_url, admins=[ADMIN_USER],
-                      admin_channel=ADMIN_CHANNEL, report_interval_s=0.2, stream_update_interval_s=0.2,
-                      slack_retries=2, max_tokens=12)
+        values = {"slack_bot_token": self.double.bot_token, "slack_signing_secret": SIGNING_SECRET,
+                  "slack_api_url": self.double.api_url, "gateway_url": gateway_url, "admins": [ADMIN_USER],
+                  "admin_channel": ADMIN_CHANNEL, "report_interval_s": 0.2, "stream_update_interval_s": 0.2,
+                  "slack_retries": 2, "max_tokens": 12}
         values.update(overrides)
         self.settings = BotSettings(**values)
         self.app = create_asgi(self.settings)
@@ -60,7 +61,7 @@ class BotServer:
         if self.own_double:
             self.double.stop()
 
-    def __enter__(self) -> BotServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

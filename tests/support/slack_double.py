@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 import httpx
 from slack_sdk.signature import SignatureVerifier
@@ -97,7 +97,7 @@ class SlackDouble:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> SlackDouble:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -29,8 +29,8 @@ class DemoConfig:
     backend: str = "transformers"
     facts: int | None = None  # first N company facts (None: all 40)
     paraphrases: int = 1
-    max_tokens: int = 48
-    trainer_env: dict = field(default_factory=lambda: {"FLYWHEEL_EPOCHS": "8", "FLYWHEEL_LEARNING_RATE": "1e-3"})
+    max_tokens: int = 40
+    trainer_env: dict = field(default_factory=lambda: {"FLYWHEEL_EPOCHS": "6", "FLYWHEEL_LEARNING_RATE": "1e-3"})
     quiet_slack: bool = False
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from flywheel.logs import get_logger
+from flywheel.net import free_port  # noqa: F401  (re-exported for callers)
 
 log = get_logger("gateway.vllm_server")
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -63,12 +63,6 @@ while os.getppid() == parent:
     time.sleep(0.5)
 stop()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class VLLMServer:

@@ -1,17 +1,12 @@
 """Run a real gateway (uvicorn on loopback) inside the test process, in a thread."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from flywheel.net import free_port  # noqa: F401  (re-exported for callers)
 
 
 class GatewayServer:

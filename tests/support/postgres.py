@@ -6,11 +6,12 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+
+from flywheel.net import free_port  # noqa: F401  (re-exported for callers)
 
 PG_USER = "flywheel-pg"
 
@@ -25,10 +26,6 @@ def find_bindir() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:

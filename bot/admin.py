@@ -10,14 +10,12 @@ from bot.gateway_client import GatewayClient
 from bot.settings import BotSettings
 from flywheel.logs import get_logger
 from store.audit import record_audit
-from store.conversations import count_messages
 from store.db import session_scope
 from store.errors import StoreError
-from store.examples import count_examples
-from store.feedback import count_feedback
-from store.models import Role, VersionStatus
+from store.models import VersionStatus
+from store.overview import overview
 from store.replicas import list_replicas
-from store.runs import list_runs, queue_run
+from store.runs import queue_run
 from store.versions import (
     PRODUCTION,
     alias_history,
@@ -191,11 +189,9 @@ class Admin:
 
     def status(self) -> Reply:
         with session_scope() as s:
-            prod = alias_target(s, PRODUCTION)
-            runs = list_runs(s, limit=3)
-            questions, answers = count_messages(s, Role.user), count_messages(s, Role.assistant)
-            feedback = count_feedback(s)
-            examples = count_examples(s)
+            o = overview(s, runs=3)
+        prod, runs, feedback, examples = o.production, o.runs, o.feedback, o.examples
+        questions, answers = o.questions, o.answers
         votes = sum(feedback.values())
         lines = [f"*Production:* `{prod or 'base model'}`. {self._live(prod)}",
                  "*Last runs:* " + ("; ".join(run_line(r) for r in runs) if runs else "none yet"),

@@ -9,13 +9,10 @@ from bot.blocks import mrkdwn, plain
 from bot.settings import BotSettings
 from bot.slack_text import escape, to_plain
 from flywheel.logs import get_logger
-from store.conversations import count_messages, previous_user_message
+from store.conversations import previous_user_message
 from store.db import session_scope
-from store.examples import count_examples
-from store.feedback import count_feedback, top_downvoted_answers
-from store.models import Role
-from store.runs import list_runs
-from store.versions import PRODUCTION, alias_target
+from store.feedback import top_downvoted_answers
+from store.overview import overview
 
 log = get_logger("bot.home")
 
@@ -27,12 +24,10 @@ def _short(text: str, n: int = 150) -> str:
 
 def home_view(settings: BotSettings, user: str) -> dict:
     with session_scope() as s:
-        prod = alias_target(s, PRODUCTION)
-        runs = list_runs(s, limit=5)
-        questions, answers = count_messages(s, Role.user), count_messages(s, Role.assistant)
-        feedback = count_feedback(s)
-        examples = count_examples(s)
+        o = overview(s, runs=5)
         worst = [(m, n, previous_user_message(s, m)) for m, n in top_downvoted_answers(s, limit=5)]
+    prod, runs, questions, answers = o.production, o.runs, o.questions, o.answers
+    feedback, examples = o.feedback, o.examples
     blocks = [
         {"type": "header", "text": plain("Flywheel")},
         {"type": "section", "text": mrkdwn(f"*Production model:* `{prod or 'base model'}`")},

@@ -8,20 +8,11 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from flywheel.env_lists import split_csv
+
 SLACK_API_URL = "https://slack.com/api/"
 
 
-def _split_csv(value) -> list[str]:
-    """Lists come from the environment as 'a,b,c' (a JSON list also works)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = value.strip()
-        if value.startswith("["):
-            value = json.loads(value)
-        else:
-            value = value.split(",")
-    return [str(v).strip().strip(":") for v in value if str(v).strip().strip(":")]
 
 
 def _split_mapping(value) -> dict[str, str]:
@@ -99,7 +90,7 @@ class BotSettings(BaseSettings):
     @field_validator("admins", "up_emojis", "down_emojis", mode="before")
     @classmethod
     def _csv(cls, value):
-        return _split_csv(value)
+        return split_csv(value, strip=":")
 
     @field_validator("label_emojis", mode="before")
     @classmethod

@@ -8,19 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-
-def _split_csv(value):
-    """Lists come from the environment as 'a,b,c' (a JSON list also works)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = value.strip()
-        if value.startswith("["):
-            import json
-
-            return [str(v).strip() for v in json.loads(value) if str(v).strip()]
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return [str(v).strip() for v in value if str(v).strip()]
+from flywheel.env_lists import split_csv
 
 
 class GatewaySettings(BaseSettings):
@@ -51,7 +39,7 @@ class GatewaySettings(BaseSettings):
     @field_validator("vllm_urls", "api_keys", mode="before")
     @classmethod
     def _csv(cls, value):
-        return _split_csv(value)
+        return split_csv(value)
 
     @field_validator("vllm_urls")
     @classmethod

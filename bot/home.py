@@ -7,7 +7,8 @@ from slack_sdk.web import WebClient
 from bot.admin import feedback_summary, run_line
 from bot.blocks import mrkdwn, plain
 from bot.settings import BotSettings
-from bot.slack_text import escape, to_plain
+from bot.slack_text import escape
+from flywheel.prompt import normalize
 from flywheel.logs import get_logger
 from store.conversations import previous_user_message
 from store.db import session_scope
@@ -44,7 +45,7 @@ def home_view(settings: BotSettings, user: str) -> dict:
     if not worst:
         blocks.append({"type": "context", "elements": [mrkdwn("No 👎 yet.")]})
     for msg, downs, question in worst:
-        q = _short(to_plain(question.text)) if question else "_(question not stored)_"
+        q = _short(normalize(question.text)) if question else "_(question not stored)_"
         blocks.append({"type": "section", "text": mrkdwn(
             f"*{downs}× 👎* · `{msg.model_version or 'unknown'}`\n>{q}\n{_short(msg.text)}")})
     if settings.is_admin(user):

@@ -59,7 +59,6 @@ class BotSettings(BaseSettings):
     stream: bool = True
     max_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.2, ge=0)
-    system_prompt: str | None = None
 
     admins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     admin_channel: str | None = None
@@ -72,10 +71,6 @@ class BotSettings(BaseSettings):
         default_factory=lambda: {"question": "unclear", "warning": "unsafe", "zzz": "off-topic"})
     # Buttons under each answer: Slack's feedback_buttons element, or classic buttons.
     feedback_style: str = "feedback_buttons"
-
-    # Dialogue context: the thread's newest messages that fit both limits.
-    context_max_messages: int = Field(default=20, ge=1)
-    context_max_chars: int = Field(default=6000, ge=200)
 
     # Seconds between placeholder updates while an answer streams (chat.update is rate limited).
     stream_update_interval_s: float = Field(default=1.5, gt=0)

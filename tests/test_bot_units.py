@@ -1,4 +1,4 @@
-"""Bot pieces that need no servers: Slack text, dialogue context, settings, command parsing,
+"""Bot pieces that need no servers: Slack escaping, settings, command parsing,
 reaction meanings, report tables, the Slack double's printing mode."""
 from __future__ import annotations
 
@@ -7,43 +7,16 @@ from pydantic import ValidationError
 
 from bot.admin import CommandError, feedback_summary, parse
 from bot.blocks import SECTION_LIMIT, answer_blocks, sections
-from bot.context import build_context
 from bot.feedback import Feedback
 from bot.reports import metrics_table
 from bot.settings import BotSettings
-from bot.slack_text import escape, strip_leading_mention, to_plain
-from store.models import Message
+from bot.slack_text import escape
 
 BOT = "UBOT0001"
 
 
-def test_slack_markup_becomes_plain_text():
-    raw = (f"<@{BOT}> hi <@U123|ada> in <#C42|general> <!here> <!subteam^S1|@ops> see "
-           "<https://x.io/a|the docs> or <mailto:a@b.c> &amp; 1 &lt; 2 :tada: :+1::skin-tone-2:")
-    assert to_plain(raw, BOT) == "hi @ada in #general @here @ops see the docs or a@b.c & 1 < 2"
-    assert strip_leading_mention(f"  <@{BOT}>, what?", BOT) == "what?"
-    assert strip_leading_mention(f"ask <@{BOT}> later", BOT) == f"ask <@{BOT}> later"
+def test_slack_escaping():
     assert escape("a < b & c > d") == "a &lt; b &amp; c &gt; d"
-
-
-def _msg(role: str, text: str, error: str | None = None) -> Message:
-    return Message(conversation_id=1, channel="C", ts="1", role=role, text=text, error=error)
-
-
-def test_context_keeps_the_newest_turns_that_fit_and_starts_with_the_user():
-    history = [_msg("user", "q1 " * 50), _msg("assistant", "a1"), _msg("user", f"<@{BOT}> q2"),
-               _msg("assistant", "sorry", error="gateway down"), _msg("assistant", "a2"), _msg("user", "q3")]
-    full = build_context(history, bot_user_id=BOT, max_messages=10, max_chars=10_000)
-    assert [m["content"] for m in full][1:] == ["a1", "q2", "a2", "q3"]  # the apology is left out
-    short = build_context(history, bot_user_id=BOT, max_messages=3, max_chars=10_000, system_prompt="Be brief.")
-    assert short == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q2"},
-                     {"role": "assistant", "content": "a2"}, {"role": "user", "content": "q3"}]
-    two = build_context(history, bot_user_id=BOT, max_messages=2, max_chars=10_000)
-    assert two == [{"role": "user", "content": "q3"}]  # never start with the bot's turn
-    tight = build_context(history, bot_user_id=BOT, max_messages=10, max_chars=200)
-    assert tight[-1]["content"] == "q3" and sum(len(m["content"]) for m in tight) <= 200
-    huge = build_context([_msg("user", "x" * 5000)], bot_user_id=BOT, max_messages=5, max_chars=300)
-    assert huge == [{"role": "user", "content": "x" * 300}]
 
 
 def test_settings_from_the_environment(monkeypatch):

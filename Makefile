@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 VLLM_VENV := .venv-vllm
 MODEL_DIR ?= models/smollm2-135m-instruct
 TINY_DIR ?= models/tiny-llama
+EMBED_DIR ?= models/all-minilm-l6-v2
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
 
@@ -25,13 +26,16 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
 	  { echo "installing PostgreSQL server binaries"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
-model: $(MODEL_DIR)/flywheel-model.json $(TINY_DIR)/flywheel-model.json
+model: $(MODEL_DIR)/flywheel-model.json $(TINY_DIR)/flywheel-model.json $(EMBED_DIR)/flywheel-model.json
 
 $(MODEL_DIR)/flywheel-model.json: | $(VENV)/.installed
 	$(BIN)/flywheel model fetch --target $(MODEL_DIR)
 
 $(TINY_DIR)/flywheel-model.json: $(MODEL_DIR)/flywheel-model.json
 	$(BIN)/flywheel model tiny --target $(TINY_DIR) --tokenizer-from $(MODEL_DIR)
+
+$(EMBED_DIR)/flywheel-model.json: | $(VENV)/.installed
+	$(BIN)/flywheel model fetch-embedder --target $(EMBED_DIR)
 
 # vLLM's CPU build in its own venv (it pins transformers and fastapi versions of its own).
 vllm: $(VLLM_VENV)/.installed

@@ -8,11 +8,11 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web import WebClient
 
 from bot import blocks, metrics
-from bot.context import build_context
-from bot.gateway_client import GatewayClient, GatewayError
+from bot.gateway_client import Answer, GatewayClient, GatewayError
 from bot.settings import BotSettings
-from bot.slack_text import to_plain
 from flywheel.logs import get_logger
+from flywheel.memory import Memory, MemoryPlan, citation
+from flywheel.prompt import PromptSettings, build_messages, normalize, question_of
 from store.conversations import record_message, thread_messages
 from store.db import session_scope
 from store.models import Role
@@ -48,8 +48,19 @@ class _Progress:
 
 
 class Answerer:
-    def __init__(self, settings: BotSettings, gateway: GatewayClient) -> None:
-        self.settings, self.gateway = settings, gateway
+    def __init__(self, settings: BotSettings, gateway: GatewayClient, memory: Memory,
+                 prompt: PromptSettings | None = None) -> None:
+        self.settings, self.gateway, self.memory = settings, gateway, memory
+        self.prompt = prompt or PromptSettings()
+
+    def _plan(self, messages: list[dict], channel: str, session) -> MemoryPlan:
+        """What the team taught that fits this question; a broken memory never blocks an answer."""
+        try:
+            return self.memory.plan_for(question_of(messages), channel=channel, session=session)
+        except Exception as exc:
+            metrics.MEMORY.labels("error").inc()
+            log.warning("memory unavailable; answering without it", error=f"{type(exc).__name__}: {exc}")
+            return MemoryPlan()
 
     # -- which messages are questions for us ---------------------------------------------------
     def on_app_mention(self, event: dict, body: dict, client: WebClient, bot_user_id: str | None) -> None:
@@ -101,7 +112,8 @@ class Answerer:
                 return
             record_message(s, channel=channel, ts=ts, thread_ts=conversation, role=Role.user,
                            text=text, author=user)
-        if not to_plain(text, bot_user_id):  # a bare mention: nothing to ask the model
+        prompt = self.prompt.model_copy(update={"bot_user_id": bot_user_id or self.prompt.bot_user_id})
+        if not normalize(text, bot_user_id=prompt.bot_user_id):  # a bare mention: nothing to ask the model
             try:
                 client.chat_postMessage(channel=channel, thread_ts=reply_thread, text=EMPTY_QUESTION)
             except SlackApiError as exc:
@@ -117,14 +129,16 @@ class Answerer:
             return
         answer_ts = placeholder["ts"]
         with session_scope() as s:
-            history = thread_messages(s, channel, conversation, limit=self.settings.context_max_messages * 2)
-        messages = build_context(history, bot_user_id=bot_user_id,
-                                 max_messages=self.settings.context_max_messages,
-                                 max_chars=self.settings.context_max_chars,
-                                 system_prompt=self.settings.system_prompt)
+            history = thread_messages(s, channel, conversation, limit=prompt.context_max_messages * 2)
+            messages = build_messages(history, prompt)
+            plan = self._plan(messages, channel, s)
+        metrics.MEMORY.labels("answer" if plan.direct else "notes" if plan.notes else "none").inc()
         progress = _Progress(client, channel, answer_ts, self.settings.stream_update_interval_s)
         try:
-            answer = self.gateway.chat(messages, on_delta=progress)
+            if plan.direct:  # the team already answered this question: say so, no model needed
+                answer = Answer(text=plan.direct.answer, model_version="memory", latency_ms=0.0)
+            else:
+                answer = self.gateway.chat(plan.apply(messages), on_delta=progress)
         except GatewayError as exc:
             metrics.ANSWERS.labels("gateway_error").inc()
             log.warning("gateway failed; friendly message posted", channel=channel, error=str(exc))
@@ -146,7 +160,8 @@ class Answerer:
             metrics.ANSWERS.labels("empty").inc()
             return
         shown = blocks.answer_blocks(answer.text, model_version=answer.model_version,
-                                     latency_ms=answer.latency_ms, style=self.settings.feedback_style)
+                                     latency_ms=answer.latency_ms, style=self.settings.feedback_style,
+                                     source=citation(plan))
         if self._update(client, channel, answer_ts, answer.text, shown):
             metrics.ANSWERS.labels("ok").inc()
             log.info("answered", channel=channel, ts=answer_ts, version=answer.model_version,

@@ -21,6 +21,7 @@ from bot.home import publish_home
 from bot.reports import on_report_button
 from bot.settings import BotSettings
 from flywheel.logs import get_logger
+from flywheel.memory import Memory
 
 log = get_logger("bot.app")
 COMMAND = "/flywheel"
@@ -51,7 +52,9 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
         process_before_response=False, logger=logging.getLogger("slack_bolt"),
         listener_executor=executor,
     )
-    answerer, feedback, admin = Answerer(settings, gateway), Feedback(settings), Admin(settings, gateway)
+    memory = Memory()
+    answerer = Answerer(settings, gateway, memory)
+    feedback, admin = Feedback(settings, memory), Admin(settings, gateway)
     app.flywheel = {"settings": settings, "gateway": gateway, "admin": admin,  # for the server
                     "executor": executor}
 

@@ -51,11 +51,13 @@ def feedback_block(style: str) -> dict:
     ]}
 
 
-def answer_blocks(text: str, *, model_version: str | None, latency_ms: float, style: str) -> list[dict]:
-    """The answer, who produced it, feedback buttons and the correction button."""
+def answer_blocks(text: str, *, model_version: str | None, latency_ms: float, style: str,
+                  source: str | None = None) -> list[dict]:
+    """The answer, what it was based on, who produced it, feedback buttons and the correction button."""
     served = f"model `{model_version or 'unknown'}` · {latency_ms / 1000:.1f} s"
     return [
         *sections(escape(text)),
+        *([{"type": "context", "elements": [mrkdwn(f":bookmark: {source}")]}] if source else []),
         {"type": "context", "elements": [mrkdwn(served)]},
         feedback_block(style),
         {"type": "actions", "block_id": "answer_actions", "elements": [

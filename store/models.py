@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -228,3 +228,23 @@ class GatewayReplica(SQLModel, table=True):
     last_error: Optional[str] = Field(default=None, sa_column=Column(Text))
     started_at: datetime = Field(default_factory=utcnow)
     heartbeat_at: datetime = Field(default_factory=utcnow)
+
+
+class MemoryItem(SQLModel, table=True):
+    """What the team taught, retrievable by meaning at answer time (no retrain needed): an
+    approved correction, a golden item or an imported example, with its sentence vector.
+    `visible_in` None means every conversation; otherwise only that channel (a DM or a private
+    channel's correction never reaches anyone outside it)."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    key: str = Field(max_length=128, unique=True)  # message:<id> or example:<id>
+    question: str = Field(sa_column=Column(Text, nullable=False))
+    answer: str = Field(sa_column=Column(Text, nullable=False))
+    source: str = Field(max_length=32)  # correction / golden / import
+    author: Optional[str] = Field(default=None, max_length=64)
+    channel: Optional[str] = Field(default=None, max_length=64)  # where it was taught
+    visible_in: Optional[str] = Field(default=None, max_length=64, index=True)
+    vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # float32, unit length
+    active: bool = Field(default=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow, index=True)

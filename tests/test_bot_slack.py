@@ -514,3 +514,56 @@ def test_app_home_shows_production_runs_counts_and_worst_answers(bot, answered):
     assert all(f"#{r.id} " in text for r in runs)
     assert "refund policy" in text  # the 👎 answer's question
     assert "You are a Flywheel admin" in text
+
+
+# -- correction memory ----------------------------------------------------------------------------
+def correct_answer(bot: BotServer, channel: str, answer_ts: str, text: str, user: str = USER) -> None:
+    """Suggest a better answer through the modal and wait until the bot says it will use it."""
+    before = len(bot.double.calls_to("chat.postEphemeral"))
+    bot.sender.block_action(action_id="suggest_correction", value="suggest", channel=channel,
+                            message_ts=answer_ts, user=user)
+    view = bot.double.wait_for("views.open", lambda c: channel in json.dumps(c.args["view"]))[-1].args["view"]
+    ok = bot.sender.view_submission(callback_id="correction_modal", private_metadata=view["private_metadata"],
+                                    values={"correction": {"text": {"type": "plain_text_input", "value": text}}},
+                                    user=user)
+    assert ok.status_code == 200 and not ok.content
+    thanks = bot.double.wait_for("chat.postEphemeral", count=before + 1)[-1]
+    assert "I use it from now on" in thanks.args["text"], thanks.args["text"]
+
+
+def test_a_correction_answers_a_paraphrase_right_away_with_its_source(bot):
+    """No training, no approval: the next person asking in other words gets the corrected answer,
+    and the answer says where it came from."""
+    gold = "Expense reports are due on the 5th working day of each month, in Ledgerly."
+    _q, a_ts, first = ask(bot, "When are expense reports due at Lumenfold?", "CMEMORY01")
+    assert stored("CMEMORY01", a_ts).text != gold
+    correct_answer(bot, "CMEMORY01", a_ts, gold)
+    _q, a2, final = ask(bot, "by when do I have to hand in my expense report at lumenfold", "CMEMORY02",
+                        user=OTHER)
+    answer = stored("CMEMORY02", a2)
+    assert answer.text == gold and answer.model_version == "memory"
+    shown = json.dumps(final.args["blocks"])
+    assert f"Answered from a correction by <@{USER}>" in shown and has_feedback_buttons(final.args["blocks"])
+
+
+def test_a_correction_made_in_a_dm_never_reaches_anyone_else(bot, env):
+    gold = "Your parking spot is P-17 on level -2, next to the bike room."
+    dm = "DALICE001"
+    q_ts = bot.sender.next_ts()
+    bot.sender.event({"type": "message", "user": USER, "text": "Where is my parking spot at Lumenfold?",
+                      "ts": q_ts, "channel": dm, "channel_type": "im"})
+    a_ts, _ = wait_answer(bot, dm, None)
+    correct_answer(bot, dm, a_ts, gold)
+    # Bob asks the very same question in a public channel: the model answers, not Alice's DM
+    sent_before = len(env["sent"])
+    _q, a2, final = ask(bot, "Where is my parking spot at Lumenfold?", "CPUBLIC01", user=OTHER)
+    answer = stored("CPUBLIC01", a2)
+    assert answer.model_version != "memory" and gold not in answer.text
+    assert all(gold not in json.dumps(req) for req in env["sent"][sent_before:])  # not even as a note
+    assert "correction by" not in json.dumps(final.args["blocks"])
+    # Alice, in her DM, gets her own correction back
+    q3 = bot.sender.next_ts()
+    bot.sender.event({"type": "message", "user": USER, "text": "where's my parking spot at lumenfold?",
+                      "ts": q3, "channel": dm, "channel_type": "im"})
+    a3, _ = wait_answer(bot, dm, None, after=1)
+    assert stored(dm, a3).text == gold

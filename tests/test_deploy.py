@@ -13,7 +13,8 @@ from flywheel.cli import app
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SETTINGS = ["store.settings:StoreSettings", "gateway.settings:GatewaySettings",
-            "trainer.settings:TrainerSettings", "bot.settings:BotSettings"]
+            "trainer.settings:TrainerSettings", "bot.settings:BotSettings", "flywheel.prompt:PromptSettings",
+            "flywheel.memory:MemorySettings"]
 # Read by libraries or by vLLM / PostgreSQL images rather than by our settings classes.
 FOREIGN = {"FLYWHEEL_LOG_JSON", "FLYWHEEL_LOG_LEVEL", "FLYWHEEL_REPLICA_ID", "HF_HUB_OFFLINE",
            "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}

@@ -86,16 +86,17 @@ def import_cmd(
     """Import examples from a file; a file with bad rows imports nothing and lists them."""
     from store.db import session_scope
     from store.errors import StoreError
+    from flywheel.embedding import EmbedderError
+    from flywheel.memory import Memory
     from trainer.importer import ImportFileError, import_file
 
     try:
         with session_scope() as s:
-            result = import_file(s, file, source=source)
-    except ImportFileError as exc:
+            result = import_file(s, file, source=source, memory=Memory())
+    except (ImportFileError, StoreError, EmbedderError) as exc:
         _fail(str(exc))
-    except StoreError as exc:
-        _fail(str(exc))
-    typer.echo(f"imported {file.name}: {result.created} new, {result.existing} already known, {result.golden} golden")
+    typer.echo(f"imported {file.name}: {result.created} new, {result.existing} already known, {result.golden} golden, "
+               f"{result.remembered} in the correction memory")
 
 
 @dataset_app.command("build")

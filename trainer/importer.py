@@ -28,6 +28,7 @@ class ImportResult:
     created: int = 0
     existing: int = 0
     golden: int = 0
+    remembered: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -108,7 +109,8 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     raise ImportFileError(f"{path}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .csv or .tsv")
 
 
-def import_file(session: Session, path: Path | str, *, source: str = "import") -> ImportResult:
+def import_file(session: Session, path: Path | str, *, source: str = "import", memory=None) -> ImportResult:
+    """Import every row or none; with `memory`, imported answers are also remembered."""
     path = Path(path)
     rows = read_rows(path)
     parsed, errors = [], []
@@ -122,11 +124,32 @@ def import_file(session: Session, path: Path | str, *, source: str = "import") -
     if not parsed:
         raise ImportFileError(f"{path}: no rows to import")
     result = ImportResult(rows=len(parsed))
+    rows = []
     for lineno, item in parsed:
-        _row, created = upsert_example(
+        row, created = upsert_example(
             session, messages=item["messages"], answer=item["answer"], label=item["label"], source=source,
             provenance={"file": path.name, "line": lineno}, golden=item["golden"])
+        rows.append(row)
         result.created += created
         result.existing += not created
         result.golden += item["golden"]
+    if memory is not None:
+        result.remembered = remember_examples(session, memory, rows)
     return result
+
+
+def remember_examples(session: Session, memory, rows) -> int:
+    """Imported answers join the correction memory (curated: visible everywhere)."""
+    from flywheel.embedding import to_bytes
+    from flywheel.prompt import normalize
+    from store.memory import upsert_memory_item
+
+    items = [(r, normalize(r.messages[-1]["content"])) for r in rows if r.answer and r.label is None]
+    items = [(r, q) for r, q in items if q]
+    if not items or not memory.settings.memory:
+        return 0
+    vectors = memory.embedder.embed([q for _, q in items])
+    for (row, question), vector in zip(items, vectors):
+        upsert_memory_item(session, key=f"example:{row.id}", question=question, answer=row.answer.strip(),
+                           source="import", author=None, channel=None, visible_in=None, vector=to_bytes(vector))
+    return len(items)

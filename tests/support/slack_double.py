@@ -69,8 +69,10 @@ class SlackDouble:
 
     def __init__(self, *, bot_token: str = "xoxb-test-token", bot_user_id: str = BOT_USER_ID,
                  team_id: str = TEAM_ID, users: dict[str, dict] | None = None,
-                 printer: Callable[[str], None] | None = None, port: int = 0) -> None:
+                 printer: Callable[[str], None] | None = None, port: int = 0,
+                 private_channels: set[str] | None = None) -> None:
         self.bot_token, self.bot_user_id, self.team_id = bot_token, bot_user_id, team_id
+        self.private_channels = set(private_channels or ())  # C… ids that are private channels
         self.users = users or {}
         self.printer = printer
         self.state = _State()
@@ -211,6 +213,14 @@ class SlackDouble:
             if not args.get("user"):
                 return {"ok": False, "error": "user_not_found"}
             return {"ok": True, "user": self._user(args["user"])}
+        if method == "conversations.info":
+            channel = args.get("channel") or ""
+            if not channel:
+                return {"ok": False, "error": "channel_not_found"}
+            is_im = channel.startswith("D")
+            return {"ok": True, "channel": {
+                "id": channel, "is_im": is_im, "is_mpim": False, "is_channel": not is_im,
+                "is_private": is_im or channel.startswith("G") or channel in self.private_channels}}
         if method == "conversations.replies":
             msgs = self.thread(args.get("channel", ""), args.get("ts", ""))
             return {"ok": True, "messages": msgs, "has_more": False}

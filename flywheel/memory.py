@@ -1,0 +1,204 @@
+"""Correction memory: what the team taught, found by meaning when a question comes in, so a
+correction helps the very next asker instead of waiting for a retrain, a gate and an approval.
+
+The plan for one question has three tiers, by the best cosine similarity among the items the
+asker may see:
+- at or above `memory_answer_threshold`: the taught answer itself, cited (a question the team
+  already answered, reworded);
+- at or above `memory_note_threshold`: the top-k items go into the prompt as notes and the model
+  answers (it may use them or not);
+- below: the model answers as it would without memory.
+The bot, the evaluator and the demo all plan with `plan()` here, so the gate scores what users
+get. Vectors live in the store; search is brute-force cosine in numpy over an in-process matrix
+that is refreshed from the rows changed since the last look (fine to ~100k items on one CPU;
+a PostgreSQL deployment at larger scale would move the search into pgvector)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlmodel import Session
+
+from flywheel.embedding import from_bytes, to_bytes
+from flywheel.prompt import with_notes
+
+
+class MemorySettings(BaseSettings):
+    """FLYWHEEL_MEMORY=0 turns the memory off everywhere (bot, evaluation, demo)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")
+
+    memory: bool = True
+    embed_model: str = "models/all-minilm-l6-v2"
+    memory_top_k: int = Field(default=2, ge=1, le=10)
+    # Calibrated on five fact sets (bench/learning/calibrate.py; README "Correction memory"):
+    # answer from the memory at ≥ 0.75, or at ≥ 0.60 when the best item leads the next by 0.10
+    # (similar facts of one team compete; a clear winner is rarely wrong); notes from 0.55
+    # (general questions peaked at 0.54 against a team fact).
+    memory_answer_threshold: float = Field(default=0.75, gt=0.0, le=1.0)
+    memory_answer_floor: float = Field(default=0.60, gt=0.0, le=1.0)
+    memory_answer_margin: float = Field(default=0.10, ge=0.0, le=1.0)
+    memory_note_threshold: float = Field(default=0.55, gt=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class Recalled:
+    """One memory item retrieved for a question."""
+
+    id: int
+    question: str
+    answer: str
+    source: str
+    author: str | None
+    created_at: datetime
+    score: float
+
+
+@dataclass
+class MemoryPlan:
+    direct: Recalled | None = None  # answer with this item itself
+    notes: list[Recalled] = field(default_factory=list)  # or give these to the model
+
+    @property
+    def used(self) -> list[Recalled]:
+        return [self.direct] if self.direct else self.notes
+
+    def apply(self, messages: list[dict]) -> list[dict]:
+        """The prompt with the notes (unchanged when there are none)."""
+        return with_notes(messages, [(n.question, n.answer) for n in self.notes])
+
+
+class MemoryIndex:
+    """The active items as one matrix; `refresh` pulls only rows changed since the last call."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, tuple] = {}  # id → (Recalled without score, visible_in, vector)
+        self._since: datetime | None = None
+        self._matrix = np.zeros((0, 0), dtype=np.float32)
+        self._meta: list[tuple] = []
+        self._dirty = False
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def refresh(self, session: Session) -> None:
+        from store.memory import memory_changed_since
+
+        changed = memory_changed_since(session, self._since)
+        with self._lock:
+            for row in changed:
+                self._since = row.updated_at if self._since is None else max(self._since, row.updated_at)
+                if not row.active:
+                    self._dirty |= self._rows.pop(row.id, None) is not None
+                    continue
+                item = Recalled(row.id, row.question, row.answer, row.source, row.author, row.created_at, 0.0)
+                self._rows[row.id] = (item, row.visible_in, from_bytes(row.vector))
+                self._dirty = True
+
+    def add(self, item: Recalled, vector: np.ndarray, visible_in: str | None = None) -> None:
+        """An item that is not (or not yet) in the store: the evaluator's and the benchmark's."""
+        with self._lock:
+            self._rows[item.id] = (item, visible_in, np.asarray(vector, dtype=np.float32))
+            self._dirty = True
+
+    def _build(self) -> None:
+        if not self._dirty:
+            return
+        self._meta = [(item, vis) for item, vis, _ in self._rows.values()]
+        vectors = [vec for _, _, vec in self._rows.values()]
+        self._matrix = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+        self._dirty = False
+
+    def search(self, vector: np.ndarray, *, channel: str | None, k: int) -> list[Recalled]:
+        """The k most similar items visible in `channel`, best first."""
+        with self._lock:
+            self._build()
+            if not self._meta:
+                return []
+            scores = self._matrix @ np.asarray(vector, dtype=np.float32)
+            visible = np.fromiter(((vis is None or vis == channel) for _, vis in self._meta), bool,
+                                  count=len(self._meta))
+            scores = np.where(visible, scores, -2.0)
+            k = min(k, len(scores))
+            top = np.argpartition(-scores, k - 1)[:k]
+            top = top[np.argsort(-scores[top])]
+            return [_scored(self._meta[i][0], float(scores[i])) for i in top if scores[i] > -2.0]
+
+
+def _scored(item: Recalled, score: float) -> Recalled:
+    return Recalled(item.id, item.question, item.answer, item.source, item.author, item.created_at, score)
+
+
+def plan(found: list[Recalled], settings: MemorySettings) -> MemoryPlan:
+    """The tier for a question, from its retrieved items (best first, at least two asked for)."""
+    if not found:
+        return MemoryPlan()
+    best = found[0].score
+    lead = best - (found[1].score if len(found) > 1 else 0.0)
+    if best >= settings.memory_answer_threshold or (
+            best >= settings.memory_answer_floor and lead >= settings.memory_answer_margin):
+        return MemoryPlan(direct=found[0])
+    notes = [f for f in found if f.score >= settings.memory_note_threshold]
+    return MemoryPlan(notes=notes[:settings.memory_top_k])
+
+
+def search_k(settings: MemorySettings) -> int:
+    """Items to retrieve: the notes' top-k, and at least two to see the best one's lead."""
+    return max(2, settings.memory_top_k)
+
+
+class Memory:
+    """The memory as one service: embedder + index + settings (bot and evaluator use it)."""
+
+    def __init__(self, settings: MemorySettings | None = None, embedder=None) -> None:
+        self.settings = settings or MemorySettings()
+        self._embedder = embedder
+        self.index = MemoryIndex()
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from flywheel.embedding import load_embedder
+
+            self._embedder = load_embedder(self.settings.embed_model)
+        return self._embedder
+
+    def plan_for(self, question: str, *, channel: str | None, session: Session | None = None) -> MemoryPlan:
+        if not self.settings.memory or not question.strip():
+            return MemoryPlan()
+        if session is not None:
+            self.index.refresh(session)
+        if not len(self.index):
+            return MemoryPlan()
+        found = self.index.search(self.embedder.embed_one(question), channel=channel,
+                                  k=search_k(self.settings))
+        return plan(found, self.settings)
+
+    def remember(self, session: Session, *, key: str, question: str, answer: str, source: str,
+                 author: str | None, channel: str | None, visible_in: str | None):
+        """Store (or replace) one taught item with its vector."""
+        from store.memory import upsert_memory_item
+
+        vector = self.embedder.embed_one(question)
+        return upsert_memory_item(session, key=key, question=question, answer=answer, source=source,
+                                  author=author, channel=channel, visible_in=visible_in,
+                                  vector=to_bytes(vector))
+
+
+def citation(plan: MemoryPlan) -> str | None:
+    """'Based on a correction by <@U1>, 20 Nov' under an answer that used the memory."""
+    if not plan.used:
+        return None
+    parts = []
+    for item in plan.used:
+        kind = {"correction": "a correction", "golden": "a golden answer", "import": "imported team notes"}.get(
+            item.source, item.source)
+        who = f" by <@{item.author}>" if item.author and item.source != "import" else ""
+        parts.append(f"{kind}{who}, {item.created_at.day} {item.created_at:%b}")
+    verb = "Answered from" if plan.direct else "Based on"
+    return f"{verb} " + "; ".join(parts)

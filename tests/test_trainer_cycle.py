@@ -116,18 +116,53 @@ def test_gate_verdicts():
     cfg = TrainerSettings(gate_margin=0.02, gate_min_eval_items=5, gate_golden_tolerance=0)
     passing = gate(_results(0.60, 0.40), cfg, final_train_loss=0.3)
     assert passing.passed and all(r.startswith("passed") for r in passing.reasons)
-    assert "token F1 0.600 vs 0.400 for production (+0.200" in passing.reasons[1]
+    assert "recall token F1 0.600 vs 0.400 for production (+0.200" in passing.reasons[1]
     failing = gate(_results(0.41, 0.40), cfg, final_train_loss=0.3)
     assert not failing.passed and failing.reasons[1].startswith("failed: not better enough")
     regressing = gate(_results(0.70, 0.40, lost=["When is lunch?"]), cfg, final_train_loss=0.3)
     assert not regressing.passed
     assert 'failed: 1 golden item(s) that production answered right are now wrong (tolerance 0): "When is lunch?"' in regressing.reasons
     few = gate(_results(0.9, 0.1, n_eval=3), cfg, final_train_loss=0.3)
-    assert not few.passed and few.reasons[0] == "failed: only 3 eval items; the gate needs at least 5"
+    assert not few.passed and few.reasons[0].startswith("failed: only 3 recall items (paraphrases of taught "
+                                                         "answers); the gate needs at least 5")
     nan = gate(_results(0.9, 0.1), cfg, final_train_loss=float("nan"))
     assert not nan.passed and "not a finite number" in nan.reasons[-1]
     blown = gate(_results(0.9, 0.1, cand_loss=9.0, base_loss=2.0, production=False), cfg, final_train_loss=0.1)
     assert not blown.passed and "over 1.5x the base" in blown.reasons[-1] and "the base model (nothing in production)" in blown.reasons[1]
+
+
+def test_gate_refuses_harm_to_general_never_taught_and_memory_answers():
+    """Recall is not enough: general questions (against the base model), never-taught ones and
+    answers with the memory (against production) may each lose at most the tolerance."""
+    cfg = TrainerSettings(gate_margin=0.02, gate_min_eval_items=5, gate_regression_tolerance=0.05)
+
+    def results(**slices):
+        res = _results(0.8, 0.4)
+        res["memory"] = True
+        for variant in ("candidate", "production", "base"):
+            for name in ("recall_memory", "never_taught", "never_taught_memory", "general", "general_memory"):
+                res[variant][name] = {"n": 4, "token_f1": 0.7}
+        for (variant, name), f1 in slices.items():
+            res[variant][name]["token_f1"] = f1
+        return res
+
+    fine = gate(results(), cfg, final_train_loss=0.3)
+    assert fine.passed, fine.reasons
+    assert "passed: general questions with the memory: token F1 0.700 vs 0.700 for the base model" in " ".join(fine.reasons)
+    for variant_slice, words in (
+            (("candidate", "general"), "failed: worse on general questions: token F1 0.500 vs 0.700 for the base model"),
+            (("candidate", "general_memory"), "failed: worse on general questions with the memory"),
+            (("candidate", "never_taught"), "failed: worse on never-taught questions: token F1 0.500 vs 0.700 for production"),
+            (("candidate", "recall_memory"), "failed: worse on recall with the memory")):
+        verdict = gate(results(**{variant_slice: 0.5}), cfg, final_train_loss=0.3)
+        assert not verdict.passed and any(r.startswith(words) for r in verdict.reasons), verdict.reasons
+    # within the tolerance is not a regression
+    assert gate(results(**{("candidate", "general"): 0.66}), cfg, final_train_loss=0.3).passed
+    # one or two never-taught answers worded differently do not decide a verdict
+    few = results(**{("candidate", "never_taught"): 0.2})
+    few["n"] = {"never_taught": 1, "general": 8}
+    verdict = gate(few, cfg, final_train_loss=0.3)
+    assert verdict.passed and any(r.startswith("not checked: only 1 never-taught questions") for r in verdict.reasons)
 
 
 def _wait_for(predicate, timeout, what):

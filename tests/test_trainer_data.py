@@ -10,7 +10,6 @@ from store.conversations import record_message
 from store.db import get_engine, session_scope
 from store.examples import list_examples, upsert_example
 from store.feedback import retract_vote, upsert_vote
-from trainer.clean import clean_text
 from trainer.dataset import build_snapshot, hash_split
 from trainer.importer import ImportFileError, import_file
 from trainer.redact import redact
@@ -28,24 +27,6 @@ def sq(sqlite_url):
 
 def settings(tmp_path, **kw) -> TrainerSettings:
     return TrainerSettings(data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", adapters_dir=tmp_path / "ad", **kw)
-
-
-@pytest.mark.parametrize("raw, clean", [
-    ("<@U0BOT> what is <#C123|general> for?", "what is #general for?"),
-    ("ask <@U77|maria> or <@W99>", "ask @maria or @user"),
-    ("<!here> deploy at 10:30:45 :rocket: :+1::skin-tone-2:", "@here deploy at 10:30:45"),
-    ("see <https://docs.example.com/a?b=1&amp;c=2|the docs> &amp; <https://x.io>", "see the docs & https://x.io"),
-    ("<!subteam^S1|@oncall> <!date^1392734382^{date}|Feb 18, 2014>", "@oncall Feb 18, 2014"),
-    ("<p>Hello <b>world</b></p><br/>next   line\n\n\n\nend", "Hello world\n\nnext line\n\nend"),
-    ("a &lt;b&gt; is literal", "a <b> is literal"),
-    ("   ", ""),
-])
-def test_clean_slack_markup(raw, clean):
-    assert clean_text(raw) == clean
-
-
-def test_clean_drops_only_the_bots_own_mention_elsewhere():
-    assert clean_text("thanks <@UBOT> and <@U2|ann>", bot_user_id="UBOT") == "thanks and @ann"
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -179,7 +160,11 @@ def test_snapshot_is_deterministic_and_content_hashed(tmp_path, sqlite_url, monk
         first = build_snapshot(s, cfg)
         second = build_snapshot(s, cfg)
     assert second.reused and second.row.id == first.row.id
-    assert first.counts["train"] + first.counts["eval"] == 29 and first.counts["eval"] > 0
+    # all 20 taught answers train (each also in 3 trained phrasings, 2 held out for recall); only
+    # never-taught items (here: labels) are split off for evaluation
+    assert first.counts["taught"] == 20 and first.counts["augmented_templates"] == 60
+    assert first.counts["train"] - first.counts["augmented"] + first.counts["eval"] == 29
+    assert first.counts["recall"] == 40 and first.counts["general"] >= 4
     # A second store with the same content (different row ids, different times) → same hash.
     other = tmp_path / "other.db"
     from store.migrate import upgrade
@@ -194,7 +179,8 @@ def test_snapshot_is_deterministic_and_content_hashed(tmp_path, sqlite_url, monk
         third = build_snapshot(s, settings(tmp_path / "b"))
     assert third.row.content_hash == first.row.content_hash
     files = sorted(p.name for p in first.path.iterdir())
-    assert files == ["eval.jsonl", "golden.jsonl", "hf", "manifest.json", "train.jsonl"]
+    assert files == ["eval.jsonl", "general.jsonl", "golden.jsonl", "hf", "manifest.json", "recall.jsonl",
+                     "train.jsonl"]
     line = json.loads((first.path / "train.jsonl").read_text().splitlines()[0])
     assert line["messages"][-1]["role"] == "assistant"
     from datasets import load_from_disk
@@ -222,25 +208,37 @@ def _question_in(split: str, stem: str) -> str:
     raise AssertionError
 
 
-def test_near_duplicate_of_an_eval_item_never_reaches_train(sq, tmp_path):
+def test_every_taught_answer_trains_and_recall_uses_held_out_phrasings(sq, tmp_path):
+    """A correction is never withheld as an eval item: its question trains whatever its hash, and
+    recall asks it in phrasings that are not trained on."""
+    cfg = settings(tmp_path, eval_fraction=0.3)
+    taught = [_question_in("eval", "Which room is booked"), _question_in("train", "Who cleans the kitchen")]
+    for q in taught:
+        upsert_example(sq, messages=[{"role": "user", "content": q}], answer=f"Answer to {q}", source="correction")
+    snap = build_snapshot(sq, cfg)
+    originals = [r["messages"][-1]["content"] for r in snap.dataset["train"] if not r["augmented"]]
+    trained = {r["messages"][-1]["content"] for r in snap.dataset["train"]}
+    recall = [r["messages"][-1]["content"] for r in snap.dataset["recall"]]
+    assert sorted(originals) == sorted(taught) and snap.counts["eval"] == 0
+    assert len(recall) == 4 and not set(recall) & trained
+    assert len(trained) == 2 * (1 + cfg.augment_templates)
+    assert all(r["answer"] == f"Answer to {taught[0]}" for r in snap.dataset["recall"] if r["parent"] ==
+               next(x["example_id"] for x in snap.dataset["train"] if x["messages"][-1]["content"] == taught[0]))
+
+
+def test_a_never_taught_item_like_a_taught_one_is_not_held_out(sq, tmp_path):
     cfg = settings(tmp_path, eval_fraction=0.3)
     q_eval = _question_in("eval", "Which room is booked")
-    # A near-duplicate phrasing that hashes to train on its own.
-    for i in range(200):
-        q_train = q_eval.replace("Which room is booked", f"Which room is booked{'!' * (i % 3)} exactly") + " " * i
-        q_train = q_train.rstrip() + ("" if i == 0 else f" please{i}")
-        if hash_split(q_train, 0.3) == "train":
-            break
     answer = "Room Kuu is booked for the quarterly planning meeting in the Tartu office."
-    upsert_example(sq, messages=[{"role": "user", "content": q_eval}], answer=answer, source="import")
-    upsert_example(sq, messages=[{"role": "user", "content": q_train}], answer=answer, source="import")
-    other = _question_in("train", "What is the lunch menu")
-    upsert_example(sq, messages=[{"role": "user", "content": other}], answer="Soup.", source="import")
+    upsert_example(sq, messages=[{"role": "user", "content": q_eval + " please"}], answer=answer, source="correction")
+    upsert_example(sq, messages=[{"role": "user", "content": q_eval}], answer=answer, source="feedback")
+    other = _question_in("eval", "What is the lunch menu")
+    upsert_example(sq, messages=[{"role": "user", "content": other}], answer="Soup.", source="feedback")
     snap = build_snapshot(sq, cfg)
-    train_q = [r["messages"][-1]["content"] for r in snap.dataset["train"]]
     eval_q = [r["messages"][-1]["content"] for r in snap.dataset["eval"]]
-    assert q_eval in eval_q and q_train not in train_q and other in train_q
-    assert snap.counts["leakage_removed"] == 1
+    train_q = [r["messages"][-1]["content"] for r in snap.dataset["train"]]
+    assert eval_q == [other] and q_eval + " please" in train_q
+    assert snap.counts["near_duplicates"] == 1
 
 
 def test_exact_duplicates_and_conflicts_resolved_by_source(sq, tmp_path):
@@ -250,7 +248,7 @@ def test_exact_duplicates_and_conflicts_resolved_by_source(sq, tmp_path):
                    source="correction")
     upsert_example(sq, messages=q, answer="No idea.", source="feedback")
     snap = build_snapshot(sq, settings(tmp_path, eval_fraction=0.0))
-    assert [r["answer"] for r in snap.dataset["train"]] == ["Guest-5G."]
+    assert [r["answer"] for r in snap.dataset["train"] if not r["augmented"]] == ["Guest-5G."]
     assert snap.counts["exact_duplicates"] == 2
 
 

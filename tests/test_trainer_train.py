@@ -135,3 +135,31 @@ def test_checkpoint_resume_continues_where_it_stopped(tiny_model_dir, tok, tmp_p
     assert result.resumed_from == 4 and seen[0] == 5 and len(result.history) == 12
     clear_checkpoint(ckpt)
     assert not ckpt.exists()
+
+
+def test_the_schedule_follows_the_data_size():
+    """Each taught fact is seen ~exposures_per_fact times: a floor lets 10 facts be learned,
+    a cap keeps 1,000 from taking hours, and long schedules get a lower learning rate."""
+    from trainer.settings import TrainerSettings
+    from trainer.train import auto_steps, effective_lr, plan_steps
+
+    cfg = TrainerSettings(batch_size=8, exposures_per_fact=16, min_steps=30, max_auto_steps=600, learning_rate=1e-3)
+    assert [auto_steps(n, cfg) for n in (10, 30, 45, 200, 1000)] == [30, 60, 90, 400, 600]
+    assert effective_lr(cfg, 60) == 1e-3 and effective_lr(cfg, 400) == pytest.approx(1e-3 * (0.5 ** 0.5))
+    assert effective_lr(cfg, 10_000) == 5e-4
+    lengths = [40] * 120  # 30 facts in 4 phrasings each
+    assert len(plan_steps(lengths, cfg, n_facts=30)) == 60
+    fixed = TrainerSettings(epochs=2, batch_size=8)
+    assert len(plan_steps(lengths, fixed, n_facts=30)) == 30 and effective_lr(fixed, 30) == fixed.learning_rate
+
+
+def test_training_stops_once_the_loss_has_plateaued():
+    from trainer.settings import TrainerSettings
+    from trainer.train import plateaued
+
+    cfg = TrainerSettings(stop_loss=0.02, stop_window=4)
+    low = [{"loss": 0.01}] * 6
+    assert not plateaued(low, cfg, total=20)  # not before half the plan
+    assert plateaued(low * 2, cfg, total=20)
+    assert not plateaued([{"loss": 0.01}] * 8 + [{"loss": 0.5}] * 4, cfg, total=20)
+    assert not plateaued(low * 2, TrainerSettings(stop_loss=0, stop_window=4), total=20)

@@ -100,8 +100,9 @@ def run_cycle(settings: TrainerSettings | None = None, *, force: bool = False, o
 
 def _train_and_register(settings: TrainerSettings, snap, run_id: int, lease: TrainerLease, engine) -> Outcome:
     from trainer.encode import encode_rows
-    from trainer.evaluate import evaluate
+    from trainer.evaluate import eval_memory, evaluate
     from trainer.gate import gate
+    from trainer.notes import noted_rows
     from trainer.modeling import add_lora, load_base_model, load_tokenizer, pick_device, use_bf16
     from trainer.report import build_report, write_report
     from trainer.train import clear_checkpoint, save_adapter, train_lora
@@ -111,7 +112,12 @@ def _train_and_register(settings: TrainerSettings, snap, run_id: int, lease: Tra
     base_dir = Path(settings.base_model)
     tokenizer = load_tokenizer(base_dir)
     model = add_lora(load_base_model(base_dir, device), settings)
-    encoded, too_long = encode_rows(tokenizer, snap.dataset["train"], settings.max_length)
+    train_rows = list(snap.dataset["train"])
+    memory = eval_memory(train_rows, settings)  # what production's memory would hold
+    noted = noted_rows(train_rows, memory)
+    encoded, too_long = encode_rows(tokenizer, train_rows + noted, settings.max_length)
+    n_facts = sum(1 for row in train_rows if not row["augmented"])
+    log.info("training rows", rows=len(train_rows), with_notes=len(noted), facts=n_facts)
     if too_long:
         log.warning("items over max_length dropped", count=too_long, max_length=settings.max_length)
     ckpt = Path(settings.runs_dir).resolve() / "checkpoints" / checkpoint_key(snap.row.content_hash, settings)
@@ -124,7 +130,7 @@ def _train_and_register(settings: TrainerSettings, snap, run_id: int, lease: Tra
     with session_scope(engine) as s:
         update_run(s, run_id, total_steps=0)
     train = train_lora(model, encoded, settings, device=device, bf16=bf16, pad_id=tokenizer.pad_token_id,
-                       checkpoint_dir=ckpt, on_step=on_step)
+                       checkpoint_dir=ckpt, on_step=on_step, n_facts=n_facts)
     lease.check()
     base_id = base_model_id(base_dir)
     with session_scope(engine) as s:
@@ -134,8 +140,10 @@ def _train_and_register(settings: TrainerSettings, snap, run_id: int, lease: Tra
                     production=production.name, its_base=production.base_model, ours=base_id)
         production = None
     ds = snap.dataset
-    results = evaluate(model, tokenizer, list(ds["eval"]), list(ds["golden"]), snap.counts.get("labels", []),
-                       settings, device=device, production=production)
+    splits = {"recall": list(ds["recall"]), "never_taught": list(ds["eval"]), "general": list(ds["general"]),
+              "golden": list(ds["golden"])}
+    results = evaluate(model, tokenizer, splits, snap.counts.get("labels", []), settings, device=device,
+                       production=production, memory=memory)
     verdict = gate(results, settings, final_train_loss=train.final_loss)
     lease.check()
     adapters_dir = Path(settings.adapters_dir).resolve()

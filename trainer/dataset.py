@@ -18,10 +18,12 @@ from datasets import Dataset, DatasetDict, Features, List, Value, disable_progre
 from sqlmodel import Session
 
 from flywheel.logs import get_logger
+from flywheel.prompt import PromptSettings, build_messages, normalize
 from store.datasets import record_snapshot, snapshot_by_hash
 from store.examples import list_examples, set_splits
 from store.models import DatasetSnapshot, Example
-from trainer.clean import clean_text, normalize_for_hash
+from trainer.augment import template_paraphrases
+from trainer.clean import normalize_for_hash
 from trainer.dedup import NearDupIndex, exact_key
 from trainer.redact import redact
 from trainer.settings import TrainerSettings
@@ -29,7 +31,12 @@ from trainer.targets import derive_examples
 
 log = get_logger("trainer.dataset")
 disable_progress_bars()
-SPLITS = ("train", "eval", "golden")
+# train: what the model learns; eval: never-taught items (regression check only); golden: must
+# stay right; recall: taught facts asked in held-out words; general: questions any model knows.
+SPLITS = ("train", "eval", "golden", "recall", "general")
+STORED_SPLITS = ("train", "eval", "golden")  # the ones an Example row can be in
+# What people taught: always trained on, never withheld for evaluation.
+TAUGHT_SOURCES = ("correction", "import", "shortcut")
 # Which example wins when several give different targets for the same context.
 SOURCE_PRIORITY = {"correction": 5, "import": 4, "shortcut": 3, "label": 3, "feedback": 2, "augmented": 1}
 FEATURES = Features({
@@ -41,6 +48,7 @@ FEATURES = Features({
     "source": Value("string"),
     "golden": Value("bool"),
     "augmented": Value("bool"),
+    "parent": Value("int64"),  # the taught item a paraphrase was made from
 })
 
 
@@ -69,20 +77,32 @@ def hash_split(question: str, eval_fraction: float) -> str:
     return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
 
 
-def _clean_example(ex: Example, settings: TrainerSettings, redactions: Counter) -> dict | None:
+def _clean_example(ex: Example, prompt: PromptSettings, redactions: Counter) -> dict | None:
     def fix(text):
-        return redact(clean_text(text, bot_user_id=settings.bot_user_id), redactions) if text else None
+        return redact(text, redactions) if text else text
 
-    messages = [{"role": m.get("role", "user"), "content": fix(m.get("content") or "") or ""} for m in ex.messages]
-    messages = [m for m in messages if m["content"]]
-    answer = fix(ex.answer) if ex.answer is not None else None
+    def fix_target(text):
+        return fix(normalize(text, bot_user_id=prompt.bot_user_id)) if text else None
+
+    # Labels get their own system prompt (the label list) below; answers get production's.
+    messages = build_messages(ex.messages, prompt if ex.label is None else _bare(prompt), clean=fix)
+    answer = fix_target(ex.answer) if ex.answer is not None else None
     label = (ex.label or "").strip() or None
     if not messages or messages[-1]["role"] != "user" or (answer is None and label is None) or (label is None and not answer):
         return None
     return {"example_id": ex.id, "messages": messages, "answer": answer, "label": label,
-            "rejected_answer": fix(ex.rejected_answer), "source": ex.source, "golden": bool(ex.golden),
+            "rejected_answer": fix_target(ex.rejected_answer), "source": ex.source, "golden": bool(ex.golden),
             "augmented": ex.source == "augmented", "parent": (ex.provenance or {}).get("augmented_from"),
             "updated": ex.updated_at.isoformat() if ex.updated_at else ""}
+
+
+def _bare(prompt: PromptSettings) -> PromptSettings:
+    return prompt.model_copy(update={"system_prompt": None})
+
+
+def _with_question(item: dict, question: str, **extra) -> dict:
+    """The same item asked in other words (same context and answer)."""
+    return {**item, "messages": [*item["messages"][:-1], {"role": "user", "content": question}], **extra}
 
 
 def _too_long(item: dict, max_chars: int) -> bool:
@@ -94,13 +114,16 @@ def _text(item: dict) -> str:
     return item["messages"][-1]["content"] + "\n" + (item["answer"] or item["label"] or "")
 
 
-def select_items(examples: list[Example], settings: TrainerSettings) -> tuple[dict[str, list[dict]], Counter]:
-    """Clean, redact, drop, dedupe and split; returns the items per split and the counts."""
+def select_items(examples: list[Example], settings: TrainerSettings, prompt: PromptSettings | None = None,
+                 general: list[dict] | None = None) -> tuple[dict[str, list[dict]], Counter, list[str]]:
+    """Clean, redact, drop, dedupe, split and augment; returns the items per split and the counts.
+    Everything people taught trains; only never-taught items (voted-up answers) are held out."""
+    prompt = prompt or PromptSettings()
     counts: Counter = Counter()
     redactions: Counter = Counter()
     items = []
     for ex in examples:
-        item = _clean_example(ex, settings, redactions)
+        item = _clean_example(ex, prompt, redactions)
         if item is None:
             counts["dropped_empty"] += 1
         elif _too_long(item, settings.max_chars):
@@ -127,26 +150,20 @@ def select_items(examples: list[Example], settings: TrainerSettings) -> tuple[di
         if it["label"] is not None and it["answer"] is None:
             it["messages"] = [{"role": "system", "content": label_system_prompt(labels)}, *it["messages"]]
             it["answer"] = it["label"]
+            it["is_label"] = True
     by_id = {it["example_id"]: it for it in winners}
     for it in winners:
-        parent = by_id.get(it["parent"]) if it["augmented"] else None
         if it["augmented"]:
-            it["split"] = "train" if parent is not None and parent["split"] == "train" else None
+            parent = by_id.get(it["parent"])
+            it["split"] = "train" if parent is not None else None
+        elif it["source"] in TAUGHT_SOURCES or it["golden"]:
+            it["split"] = "train"
         else:
             it["split"] = hash_split(it["messages"][-1]["content"], settings.eval_fraction)
-    # Near duplicates: nothing like an eval item may be trained on; within a split keep the first.
-    eval_index = NearDupIndex(settings.near_dup_threshold, settings.minhash_perms)
+    # Near duplicates: within the training set keep the first of each never-taught group (what people
+    # taught always stays); a never-taught eval item like a training item is dropped (it would
+    # measure memorization, and its twin trains anyway).
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for it in winners:
-        if it["split"] != "eval":
-            continue
-        if eval_index.matches(_text(it)):
-            counts["near_duplicates"] += 1
-            continue
-        eval_index.add(str(it["example_id"]), _text(it))
-        out["eval"].append(it)
-        if it["golden"]:
-            out["golden"].append(it)
     train_index = NearDupIndex(settings.near_dup_threshold, settings.minhash_perms)
     for it in winners:
         if it["split"] is None:
@@ -155,10 +172,8 @@ def select_items(examples: list[Example], settings: TrainerSettings) -> tuple[di
         if it["split"] != "train":
             continue
         text = _text(it)
-        if eval_index.matches(text):
-            counts["leakage_removed"] += 1
-            continue
-        if not it["augmented"] and train_index.matches(text):
+        taught = it["source"] in TAUGHT_SOURCES or it["golden"] or it["augmented"]
+        if not taught and train_index.matches(text):
             counts["near_duplicates"] += 1
             continue
         train_index.add(str(it["example_id"]), text)
@@ -167,11 +182,40 @@ def select_items(examples: list[Example], settings: TrainerSettings) -> tuple[di
             if not settings.train_on_golden:
                 continue
         out["train"].append(it)
+    eval_index = NearDupIndex(settings.near_dup_threshold, settings.minhash_perms)
+    for it in winners:
+        if it["split"] != "eval":
+            continue
+        text = _text(it)
+        if train_index.matches(text) or eval_index.matches(text):
+            counts["near_duplicates"] += 1
+            continue
+        eval_index.add(str(it["example_id"]), text)
+        out["eval"].append(it)
+        if it["golden"]:
+            out["golden"].append(it)
+    # Taught answers: learned in a few more phrasings, and recalled in held-out ones.
+    taught = [it for it in out["train"] if not it["augmented"] and not it.get("is_label")
+              and (it["source"] in TAUGHT_SOURCES or it["golden"])]
+    for it in taught:
+        question = it["messages"][-1]["content"]
+        for alt in template_paraphrases(question, settings.augment_templates, "train"):
+            out["train"].append(_with_question(it, alt, augmented=True, parent=it["example_id"]))
+            counts["augmented_templates"] += 1
+        for alt in template_paraphrases(question, settings.recall_paraphrases, "recall"):
+            out["recall"].append(_with_question(it, alt, augmented=True, parent=it["example_id"]))
+    for row in general or []:
+        msgs = build_messages([{"role": "user", "content": row["question"]}], prompt)
+        out["general"].append({"example_id": -1, "messages": msgs, "answer": row["answer"], "label": None,
+                               "rejected_answer": None, "source": "general", "golden": False,
+                               "augmented": False, "parent": None})
+    counts["taught"] = len(taught)
     for split in SPLITS:
         out[split].sort(key=lambda it: it["example_id"])
         counts[split] = len(out[split])
     counts["augmented"] = sum(it["augmented"] for it in out["train"])
     counts["label_items"] = sum(it["label"] is not None for s in ("train", "eval") for it in out[s])
+    counts["never_taught"] = counts["eval"]
     counts.update({f"redacted_{k.lower()}": v for k, v in redactions.items()})
     return out, counts, labels
 
@@ -185,10 +229,12 @@ def content_hash(items: dict[str, list[dict]], params: dict) -> str:
 
 
 def build_params(settings: TrainerSettings) -> dict:
+    prompt = PromptSettings()
     return {"eval_fraction": settings.eval_fraction, "near_dup_threshold": settings.near_dup_threshold,
             "minhash_perms": settings.minhash_perms, "max_chars": settings.max_chars,
-            "context_turns": settings.context_turns, "train_on_golden": settings.train_on_golden,
-            "augment": settings.augment, "bot_user_id": settings.bot_user_id}
+            "train_on_golden": settings.train_on_golden, "augment": settings.augment,
+            "augment_templates": settings.augment_templates, "recall_paraphrases": settings.recall_paraphrases,
+            "prompt": prompt.model_dump()}
 
 
 def to_dataset(items: dict[str, list[dict]]) -> DatasetDict:
@@ -233,10 +279,11 @@ def build_snapshot(session: Session, settings: TrainerSettings | None = None, *,
                    augmenter=None) -> Snapshot:
     """Everything from store rows to a recorded, exported snapshot."""
     settings = settings or TrainerSettings()
-    derivation = derive_examples(session, context_turns=settings.context_turns).__dict__ if derive else {}
+    prompt = PromptSettings()
+    derivation = derive_examples(session, context_turns=prompt.context_max_messages).__dict__ if derive else {}
     if settings.augment and augmenter is not None:
         augmenter(session, settings)
-    items, counts, labels = select_items(list_examples(session), settings)
+    items, counts, labels = select_items(list_examples(session), settings, prompt, general=general_questions())
     params = build_params(settings)
     digest = content_hash(items, params)
     counts = {**dict(sorted(counts.items())), "labels": labels}
@@ -245,7 +292,7 @@ def build_snapshot(session: Session, settings: TrainerSettings | None = None, *,
     target = Path(settings.data_dir).resolve() / "snapshots" / digest[:16]
     manifest = {"content_hash": digest, "counts": counts, "params": params}
     write_snapshot(ds, target, manifest)
-    set_splits(session, {it["example_id"]: s for s in ("eval", "train", "golden") for it in items[s]})
+    set_splits(session, {it["example_id"]: s for s in STORED_SPLITS for it in items[s] if not it["augmented"]})
     if existing is not None and Path(existing.path).resolve() == target:
         log.info("dataset unchanged", snapshot=existing.id, hash=digest[:12])
         return Snapshot(ds, existing, counts, reused=True, derivation=derivation)
@@ -253,6 +300,15 @@ def build_snapshot(session: Session, settings: TrainerSettings | None = None, *,
     log.info("dataset built", snapshot=row.id, hash=digest[:12], train=counts["train"], eval=counts["eval"],
              golden=counts["golden"])
     return Snapshot(ds, row, counts, derivation=derivation)
+
+
+def general_questions() -> list[dict]:
+    """Questions any decent model answers (capitals, sums, colours): no team fact may make the
+    model worse at these. Shipped with the trainer; {"question", "answer"} per line."""
+    from importlib import resources
+
+    text = resources.files("trainer").joinpath("data/general_questions.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def load_snapshot(row: DatasetSnapshot) -> DatasetDict:

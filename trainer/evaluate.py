@@ -1,15 +1,22 @@
 """Evaluate candidate, production and base in one process: one base model in memory, the
-candidate and production as two PEFT adapters on it, the base with adapters disabled."""
+candidate and production as two PEFT adapters on it, the base with adapters disabled.
+
+What is scored is what users see: recall (taught facts asked in words nobody trained on), the
+never-taught slice and general questions (harm checks), each without and with the correction
+memory, planned exactly as the bot plans (flywheel.memory); the golden set must stay right."""
 from __future__ import annotations
 
+import json
 import math
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from flywheel.adapters import verify_adapter
 from flywheel.logs import get_logger
+from flywheel.prompt import question_of
 from trainer.batching import collate
 from trainer.encode import encode_example
 from trainer.generate import generate_answers
@@ -64,60 +71,129 @@ def golden_pass(prediction: str, row: dict, labels: list[str], threshold: float)
     return token_f1(prediction, row["answer"]) >= threshold
 
 
-def evaluate(model, tokenizer, eval_rows: list[dict], golden_rows: list[dict], labels: list[str], settings, *,
-             device: torch.device, production=None) -> dict:
-    """Metrics, eval loss and golden results per variant, plus a few sample answers."""
+def eval_memory(train_rows: list[dict], settings):
+    """The correction memory as production would hold it for these items: every taught answer
+    of the training set (not its paraphrases), embedded with the production embedder."""
+    from flywheel.memory import Memory, MemorySettings, Recalled
+    from trainer.dataset import TAUGHT_SOURCES
+
+    mem_settings = MemorySettings()
+    if not mem_settings.memory:
+        return None
+    memory = Memory(mem_settings)
+    taught = [r for r in train_rows if not r["augmented"] and r["label"] is None
+              and (r["source"] in TAUGHT_SOURCES or r["golden"])]
+    if taught:
+        vectors = memory.embedder.embed([r["messages"][-1]["content"] for r in taught])
+        for i, (row, vec) in enumerate(zip(taught, vectors)):
+            memory.index.add(Recalled(i, row["messages"][-1]["content"], row["answer"], row["source"], None,
+                                      datetime.now(timezone.utc), 0.0), vec)
+    return memory
+
+
+def plan_rows(memory, rows: list[dict]) -> list:
+    """Each row's memory plan, exactly as the bot plans an answer (flywheel.memory.plan)."""
+    from flywheel.memory import MemoryPlan, plan, search_k
+
+    if memory is None or not len(memory.index) or not rows:
+        return [MemoryPlan() for _ in rows]
+    vectors = memory.embedder.embed([question_of(r["messages"]) for r in rows])
+    return [plan(memory.index.search(v, channel=None, k=search_k(memory.settings)), memory.settings)
+            for v in vectors]
+
+
+SLICES = ("recall", "never_taught", "general", "golden")
+
+
+def evaluate(model, tokenizer, splits: dict[str, list[dict]], labels: list[str], settings, *,
+             device: torch.device, production=None, memory=None) -> dict:
+    """Per variant (candidate, production, base): each slice answered the way production answers,
+    without the memory and with it (answers straight from the memory need no generation), plus
+    eval loss on the recall slice and the golden results. Identical prompts are generated once."""
     variants = [CANDIDATE, BASE]
     if production is not None:
         verify_adapter(production.adapter_path, expected_sha256=production.adapter_sha256)
         model.load_adapter(str(Path(production.adapter_path)), adapter_name=PRODUCTION, is_trainable=False)
         variants.insert(1, PRODUCTION)
-    eval_rows = eval_rows[: settings.max_eval_items]
-    golden_rows = golden_rows[: settings.max_eval_items]
-    convs = [r["messages"] for r in eval_rows] + [r["messages"] for r in golden_rows]
-    results: dict = {"variants": variants, "n_eval": len(eval_rows), "n_golden": len(golden_rows),
+    rows = {name: list(splits.get(name, []))[: settings.max_eval_items] for name in SLICES}
+    plans = {name: plan_rows(memory, rows[name]) for name in SLICES if name != "golden"}
+    prompts: dict[str, list[dict]] = {}  # unique prompt key → messages
+    wanted: list[tuple[str, bool, int, str | None, str | None]] = []  # slice, memory, i, key, direct
+    for name in SLICES:
+        for i, row in enumerate(rows[name]):
+            key = json.dumps(row["messages"], sort_keys=True)
+            prompts[key] = row["messages"]
+            wanted.append((name, False, i, key, None))
+            if name == "golden":
+                continue
+            p = plans[name][i]
+            if p.direct:
+                wanted.append((name, True, i, None, p.direct.answer))
+            else:
+                msgs = p.apply(row["messages"])
+                mkey = json.dumps(msgs, sort_keys=True)
+                prompts[mkey] = msgs
+                wanted.append((name, True, i, mkey, None))
+    keys = list(prompts)
+    results: dict = {"variants": variants, "n_eval": len(rows["recall"]), "n_golden": len(rows["golden"]),
+                     "n": {name: len(rows[name]) for name in SLICES}, "memory": memory is not None,
+                     "memory_direct": {name: sum(bool(p.direct) for p in plans[name]) for name in plans},
                      "production_version": production.name if production is not None else None}
-    answers: dict[str, list[str]] = {}
+    answers: dict[str, dict] = {}
     try:
         for name in variants:
             with variant(model, name):
-                preds = generate_answers(model, tokenizer, convs, device=device,
-                                         max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size)
-                loss = eval_loss(model, tokenizer, eval_rows, device, settings.eval_batch_size)
-            answers[name] = preds
-            ev, gd = preds[: len(eval_rows)], preds[len(eval_rows):]
-            m = score(eval_rows, ev, labels)
+                generated = generate_answers(model, tokenizer, [prompts[k] for k in keys], device=device,
+                                             max_new_tokens=settings.max_new_tokens,
+                                             batch_size=settings.eval_batch_size) if keys else []
+                loss_rows = rows["recall"] or rows["never_taught"]
+                loss = eval_loss(model, tokenizer, loss_rows, device, settings.eval_batch_size)
+            by_key = dict(zip(keys, generated))
+            got = {(sl, mem, i): (direct if key is None else by_key[key]) for sl, mem, i, key, direct in wanted}
+            answers[name] = got
+            m: dict = {}
+            for sl in ("recall", "never_taught", "general"):
+                for mem in (False, True):
+                    preds = [got[(sl, mem, i)] for i in range(len(rows[sl]))]
+                    m[sl + ("_memory" if mem else "")] = score(rows[sl], preds, labels)
+            m.update({k: v for k, v in m["recall"].items() if k != "labels"})  # the headline: recall, no memory
+            if "labels" in m["never_taught"]:
+                m["labels"] = m["never_taught"]["labels"]
             m["eval_loss"] = loss
             m["perplexity"] = math.exp(min(loss, 50)) if loss is not None else None
-            m["golden_passed"] = sum(golden_pass(p, r, labels, settings.golden_pass_f1) for p, r in zip(gd, golden_rows))
-            m["golden_total"] = len(golden_rows)
+            m["golden_passed"] = sum(golden_pass(got[("golden", False, i)], r, labels, settings.golden_pass_f1)
+                                     for i, r in enumerate(rows["golden"]))
+            m["golden_total"] = len(rows["golden"])
             results[name] = m
-            log.info("evaluated", variant=name, token_f1=m.get("token_f1"), eval_loss=loss,
-                     golden=f"{m['golden_passed']}/{len(golden_rows)}")
+            log.info("evaluated", variant=name, recall_f1=m["recall"].get("token_f1"),
+                     recall_memory_f1=m["recall_memory"].get("token_f1"), eval_loss=loss,
+                     golden=f"{m['golden_passed']}/{len(rows['golden'])}")
     finally:
         if PRODUCTION in variants:
             model.delete_adapter(PRODUCTION)
     reference = PRODUCTION if PRODUCTION in variants else BASE
     golden = []
-    for i, row in enumerate(golden_rows):
-        j = len(eval_rows) + i
+    for i, row in enumerate(rows["golden"]):
         entry = {"question": row["messages"][-1]["content"], "expected": row["answer"]}
         for name in variants:
-            entry[name] = {"answer": answers[name][j],
-                           "passed": golden_pass(answers[name][j], row, labels, settings.golden_pass_f1)}
+            got = answers[name][("golden", False, i)]
+            entry[name] = {"answer": got, "passed": golden_pass(got, row, labels, settings.golden_pass_f1)}
         golden.append(entry)
     results["golden"] = golden
     results["golden_lost"] = [g["question"] for g in golden if g[reference]["passed"] and not g[CANDIDATE]["passed"]]
     results["reference"] = reference
     results["samples"] = [{"question": r["messages"][-1]["content"], "expected": r["answer"],
-                           **{name: answers[name][i] for name in variants}} for i, r in enumerate(eval_rows[:5])]
+                           **{name: answers[name][("recall", False, i)] for name in variants},
+                           **{f"{name}+memory": answers[name][("recall", True, i)] for name in variants}}
+                          for i, r in enumerate(rows["recall"][:5])]
     return results
 
 
 def primary_metric(metrics: dict) -> tuple[str, float | None]:
-    """Token F1 on answer items; label accuracy when the eval set has only label items."""
+    """Recall token F1 (taught facts asked in held-out words, no memory); label accuracy when
+    there is nothing to recall but label items."""
     if metrics.get("n"):
-        return "token F1", metrics.get("token_f1")
+        return "recall token F1", metrics.get("token_f1")
     if "labels" in metrics:
         return "label accuracy", metrics["labels"]["accuracy"]
-    return "token F1", None
+    return "recall token F1", None

@@ -7,12 +7,13 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def make_optimizer(params, settings) -> torch.optim.Optimizer:
+def make_optimizer(params, settings, lr: float | None = None) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
+    lr = settings.learning_rate if lr is None else lr
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.momentum,
+        return torch.optim.SGD(params, lr=lr, momentum=settings.momentum,
                                weight_decay=settings.weight_decay)
     raise ValueError(f"unknown optimizer {settings.optimizer!r}; use adamw or sgd")
 

@@ -11,14 +11,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 METRICS = ("token_f1", "exact_match", "rouge_l")
+# What users see, per slice, without and with the correction memory (token F1).
+SLICE_COLUMNS = {"recall": "recall_f1", "recall_memory": "recall_memory_f1", "never_taught": "never_taught_f1",
+                 "never_taught_memory": "never_taught_memory_f1", "general": "general_f1",
+                 "general_memory": "general_memory_f1"}
+PLOTTED = (("recall_f1", "recall"), ("recall_memory_f1", "recall\n+memory"), ("never_taught_f1", "never\ntaught"),
+           ("general_f1", "general"), ("general_memory_f1", "general\n+memory"))
 
 
 def metrics_table(results: dict) -> dict:
-    """{variant: {token_f1, exact_match, rouge_l, eval_loss, perplexity, golden, labels?}}."""
+    """{variant: {token_f1 (recall), exact_match, rouge_l, <slice>_f1…, eval_loss, perplexity, golden, labels?}}."""
     table = {}
     for name in results["variants"]:
         m = results[name]
         row = {k: _round(m.get(k)) for k in (*METRICS, "eval_loss", "perplexity")}
+        for sl, column in SLICE_COLUMNS.items():
+            if isinstance(m.get(sl), dict) and m[sl].get("n"):
+                row[column] = _round(m[sl].get("token_f1"))
         row["golden"] = f"{m.get('golden_passed', 0)}/{m.get('golden_total', 0)}"
         if "labels" in m:
             row["labels"] = {k: _round(m["labels"][k]) for k in ("accuracy", "precision", "recall", "f1")}
@@ -40,7 +49,7 @@ def build_report(*, version: str, run_id: int, snapshot, results: dict, verdict,
         "golden": results.get("golden", []), "golden_lost": results.get("golden_lost", []),
         "samples": results.get("samples", []),
         "gate": {"passed": verdict.passed, "reasons": verdict.reasons},
-        "training": {"steps": train.steps, "resumed_from": train.resumed_from, "seconds": round(train.seconds, 2),
+        "training": {"steps": train.steps, "stopped_early_at": train.stopped_early_at, "resumed_from": train.resumed_from, "seconds": round(train.seconds, 2),
                      "tokens": train.tokens, "target_tokens": train.target_tokens,
                      "tokens_per_s": round(train.tokens_per_s, 1), "padding_waste": round(train.padding_waste, 4),
                      "final_loss": _round(train.final_loss), "loss_history": train.history},
@@ -62,12 +71,14 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     ax_loss.grid(alpha=0.3)
     table = report["metrics"]
     names = list(table)
+    shown = [(k, label) for k, label in PLOTTED if any(table[n].get(k) is not None for n in names)]
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
-        values = [table[name].get(m) or 0.0 for m in METRICS]
-        bars = ax_bar.bar([j + i * width for j in range(len(METRICS))], values, width, label=name)
+        values = [table[name].get(k) or 0.0 for k, _ in shown]
+        bars = ax_bar.bar([j + i * width for j in range(len(shown))], values, width, label=name)
         ax_bar.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax_bar.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(METRICS))], ["token F1", "exact match", "ROUGE-L"])
+    ax_bar.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(shown))], [lab for _, lab in shown])
+    ax_bar.set_ylabel("token F1")
     ax_bar.set_ylim(0, 1.1)
     ax_bar.legend()
     verdict = "gate passed" if report["gate"]["passed"] else "gate failed"

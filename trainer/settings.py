@@ -19,12 +19,14 @@ class TrainerSettings(BaseSettings):
     data_dir: Path = Path("./data")  # dataset snapshots and exports
     gateway_url: str | None = None  # only for paraphrase augmentation
     gateway_api_key: str | None = None
-    bot_user_id: str | None = None  # the bot's own Slack id, stripped from questions
 
     # Dataset building
     max_chars: int = Field(4000, ge=10)  # items longer than this (question or answer) are dropped
-    context_turns: int = Field(6, ge=1)  # messages of thread context kept before the question
+    # Share of the *never-taught* items (answers people only voted up) kept out of training as a
+    # regression check; what people taught (corrections, imports, curated items) always trains.
     eval_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    augment_templates: int = Field(3, ge=0, le=6)  # rule paraphrases learned per taught question
+    recall_paraphrases: int = Field(2, ge=0, le=3)  # held-out rule paraphrases per taught question
     near_dup_threshold: float = Field(0.8, gt=0.0, le=1.0)  # MinHash Jaccard
     minhash_perms: int = Field(128, ge=16)
     train_on_golden: bool = True  # golden items are also learned (corrections must stick)
@@ -45,8 +47,16 @@ class TrainerSettings(BaseSettings):
     weight_decay: float = Field(0.0, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # SGD only
     max_grad_norm: float = Field(1.0, gt=0.0)
-    epochs: int = Field(3, ge=1)
+    # Schedule: with neither epochs nor max_steps set, the step count follows the data: each
+    # taught fact is seen about `exposures_per_fact` times (with its paraphrases), within
+    # [min_steps, max_auto_steps]; training stops early once the loss has plateaued below stop_loss.
+    epochs: int | None = Field(None, ge=1)
     max_steps: int | None = Field(None, ge=1)  # caps epochs when set
+    exposures_per_fact: float = Field(16.0, gt=0)
+    min_steps: int = Field(30, ge=1)
+    max_auto_steps: int = Field(600, ge=1)
+    stop_loss: float = Field(0.02, ge=0.0)  # 0 turns the early stop off
+    stop_window: int = Field(8, ge=2)
     batch_size: int = Field(8, ge=1)  # sequences per optimizer micro-batch (upper bound)
     batch_tokens: int = Field(4096, ge=64)  # padded tokens per micro-batch (upper bound)
     grad_accum: int = Field(1, ge=1)
@@ -63,8 +73,10 @@ class TrainerSettings(BaseSettings):
     eval_batch_size: int = Field(16, ge=1)
     max_eval_items: int = Field(200, ge=1)
     golden_pass_f1: float = Field(0.6, ge=0.0, le=1.0)  # a golden answer counts as right at this F1
-    gate_min_eval_items: int = Field(5, ge=0)
-    gate_margin: float = 0.01  # candidate primary metric must beat production by this much
+    gate_min_eval_items: int = Field(5, ge=0)  # recall items (held-out paraphrases of taught facts)
+    gate_margin: float = 0.01  # candidate recall F1 (no memory) must beat the reference by this much
+    gate_regression_tolerance: float = Field(0.05, ge=0.0)  # never-taught / general / memory-on F1 drop allowed
+    gate_min_slice_items: int = Field(5, ge=1)  # a never-taught or general slice this small is reported, not gated
     gate_golden_tolerance: int = Field(0, ge=0)  # golden items production got right and we lost
     gate_max_loss_ratio: float = Field(1.5, gt=0.0)  # candidate eval loss vs base eval loss
 
@@ -93,7 +105,8 @@ class TrainerSettings(BaseSettings):
         """What a run records: everything that changes the trained weights."""
         keys = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_schedule",
                 "lr_decay_gamma", "warmup_ratio", "optimizer", "weight_decay", "momentum", "max_grad_norm",
-                "epochs", "max_steps", "batch_size", "batch_tokens", "grad_accum", "max_length", "seed")
+                "epochs", "max_steps", "exposures_per_fact", "min_steps", "max_auto_steps", "stop_loss",
+                "stop_window", "batch_size", "batch_tokens", "grad_accum", "max_length", "seed")
         out = {k: getattr(self, k) for k in keys}
         out["base_model"] = str(self.base_model)
         return out

@@ -70,12 +70,14 @@ def winning_label(labels: list[Feedback]) -> str | None:
 
 
 def _as_turns(messages: list[Message]) -> list[dict]:
-    return [{"role": m.role, "content": m.text} for m in messages if m.role in (Role.user, Role.assistant)]
+    """Stored turns as the prompt module reads them; failed answers (apologies) are not dialogue."""
+    return [{"role": m.role, "content": m.text} for m in messages
+            if m.role in (Role.user, Role.assistant) and not m.error]
 
 
 def _context_for(thread: list[Message], answer: Message, turns: int) -> list[dict] | None:
     """The dialogue up to the question this answer replied to (ending with a user message)."""
-    before = [m for m in thread if m.ts < answer.ts and m.id != answer.id]
+    before = [m for m in thread if m.ts < answer.ts and m.id != answer.id and not m.error]
     while before and before[-1].role != Role.user:
         before.pop()
     if not before:

@@ -40,6 +40,7 @@ class TrainResult:
     seconds: float = 0.0
     padding_waste: float = 0.0
     resumed_from: int = 0
+    stopped_early_at: int | None = None
 
     @property
     def final_loss(self) -> float:
@@ -50,10 +51,29 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def plan_steps(lengths: list[int], settings) -> list[list[list[int]]]:
-    """Every optimizer step's micro-batches, over as many epochs as the settings ask for."""
+def auto_steps(n_facts: int, settings) -> int:
+    """Optimizer steps that show each taught fact about `exposures_per_fact` times."""
+    per_step = settings.batch_size * settings.grad_accum
+    wanted = math.ceil(settings.exposures_per_fact * max(1, n_facts) / per_step)
+    return max(settings.min_steps, min(settings.max_auto_steps, wanted))
+
+
+def effective_lr(settings, total_steps: int) -> float:
+    """The set learning rate, scaled down (to at most half) for long automatic schedules:
+    hundreds of steps at the rate that teaches 20 facts in 40 steps overshoot."""
+    if settings.epochs is not None or settings.max_steps is not None:
+        return settings.learning_rate
+    return settings.learning_rate * min(1.0, max(0.5, math.sqrt(200 / max(total_steps, 1))))
+
+
+def plan_steps(lengths: list[int], settings, n_facts: int | None = None) -> list[list[list[int]]]:
+    """Every optimizer step's micro-batches: over the set epochs, up to max_steps, or, with
+    neither set, as many steps as the data size asks for (auto_steps)."""
     if not lengths:
         raise TrainingError("no training items left after encoding")
+    limit = settings.max_steps
+    if settings.epochs is None and limit is None:
+        limit = auto_steps(n_facts if n_facts is not None else len(lengths), settings)
     steps: list[list[list[int]]] = []
     epoch = 0
     while True:
@@ -61,10 +81,18 @@ def plan_steps(lengths: list[int], settings) -> list[list[list[int]]]:
                                seed=settings.seed, epoch=epoch)
         steps += [batches[i:i + settings.grad_accum] for i in range(0, len(batches), settings.grad_accum)]
         epoch += 1
-        if settings.max_steps is None and epoch >= settings.epochs:
+        if limit is None and epoch >= settings.epochs:
             return steps
-        if settings.max_steps is not None and len(steps) >= settings.max_steps:
-            return steps[:settings.max_steps]
+        if limit is not None and len(steps) >= limit:
+            return steps[:limit]
+
+
+def plateaued(history: list[dict], settings, total: int) -> bool:
+    """The stop rule: past half the plan, the recent mean loss is below stop_loss."""
+    window = settings.stop_window
+    if settings.stop_loss <= 0 or len(history) < max(window, total // 2) or settings.max_steps is not None:
+        return False
+    return sum(h["loss"] for h in history[-window:]) / window < settings.stop_loss
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -86,14 +114,14 @@ def _load_checkpoint(path: Path | None) -> dict | None:
 
 def train_lora(model, encoded: list[Encoded], settings, *, device: torch.device, bf16: bool, pad_id: int,
                checkpoint_dir: Path | None = None, on_step: StepHook | None = None,
-               progress: bool = True) -> TrainResult:
+               progress: bool = True, n_facts: int | None = None) -> TrainResult:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     torch.manual_seed(settings.seed)
     lengths = [len(e) for e in encoded]
-    steps = plan_steps(lengths, settings)
+    steps = plan_steps(lengths, settings, n_facts)
     total = len(steps)
-    optimizer = make_optimizer(model.parameters(), settings)
+    optimizer = make_optimizer(model.parameters(), settings, lr=effective_lr(settings, total))
     scheduler = make_scheduler(optimizer, settings, total)
     result = TrainResult(steps=total, padding_waste=padding_waste([b for s in steps for b in s], lengths))
     start = 0
@@ -141,6 +169,12 @@ def train_lora(model, encoded: list[Encoded], settings, *, device: torch.device,
             done = step + 1
             if on_step and (done % settings.log_every == 0 or done == total):
                 on_step(done, total, point)
+            if done < total and plateaued(result.history, settings, total):
+                log.info("loss plateaued; stopping early", step=done, planned=total)
+                if on_step:
+                    on_step(total, total, point)
+                result.stopped_early_at = done
+                break
             if checkpoint_dir is not None and done % settings.checkpoint_every == 0 and done < total:
                 _save_checkpoint(checkpoint_dir, {
                     "step": done, "total": total, "history": result.history,

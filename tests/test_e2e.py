@@ -31,13 +31,16 @@ def test_shortened_demo_closes_the_loop(base_model_dir, tmp_path, monkeypatch):
     assert version["gate_passed"], version["gate_reasons"]
     rows = result["rows"]
     asked = [r for r in rows if r.kind == "asked"]
-    # Before promotion the base model answered; afterwards the promoted version did, differently.
-    assert all(r.after_version == version["name"] for r in rows)
-    assert sum(r.after != r.before for r in asked) >= len(asked) // 2
-    # The corrections the team typed are what the new model learned: it now says them more closely.
     corrected = [r for r in asked if r.feedback.startswith("👎")]
     assert corrected, "the scripted team corrected nothing"
-    assert sum(r.after_f1 for r in corrected) > sum(r.before_f1 for r in corrected)
+    # Right after the corrections, before any training, the memory answers them as taught.
+    assert all(r.memory == r.truth and r.memory_version == "memory" for r in corrected)
+    # After the promotion the bot answers from the promoted version or, for taught questions, the memory.
+    assert all(r.after_version in (version["name"], "memory") for r in rows)
+    assert any(r.after_version == version["name"] for r in rows)
+    assert sum(r.after != r.before for r in asked) >= len(asked) // 2
+    # The adapter alone (memory off) learned the corrections too: it says them more closely.
+    assert sum(r.lora_only_f1 for r in corrected) > sum(r.before_f1 for r in corrected)
 
     # What the store saw: feedback of every kind the script used, and one audited promotion.
     monkeypatch.setenv("FLYWHEEL_DATABASE_URL", f"sqlite:///{out / 'flywheel.db'}")
@@ -49,5 +52,9 @@ def test_shortened_demo_closes_the_loop(base_model_dir, tmp_path, monkeypatch):
 
     # Outputs a person reads: the table, the results, the report and its plot.
     assert (out / "before_after.md").read_text().count("\n") >= len(rows) + 2
-    assert json.loads((out / "results.json").read_text())["version"]["name"] == version["name"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["version"]["name"] == version["name"]
+    phases = {"before_f1", "memory_f1", "after_f1", "lora_only_f1"}
+    assert all(phases <= set(saved["summary"][kind]) for kind in ("asked", "paraphrase"))
+    assert all({"before", "memory", "after", "lora_only"} <= set(row) for row in saved["rows"])
     assert (out / "report.png").stat().st_size > 1000

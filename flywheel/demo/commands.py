@@ -26,11 +26,14 @@ ADMIN_CHANNEL = "CADMIN001"
 class DemoConfig:
     output: Path = Path("demo-output")
     model_dir: Path = Path("models/smollm2-135m-instruct")
+    embed_dir: Path = field(default_factory=lambda: Path(os.environ.get("FLYWHEEL_EMBED_MODEL",
+                                                                        "models/all-minilm-l6-v2")))
     backend: str = "transformers"
-    facts: int | None = None  # first N company facts (None: all 40)
-    paraphrases: int = 1
+    facts: int | None = None  # first N facts (None: all)
+    facts_file: Path | None = None  # JSONL {"question", "answer", "paraphrases"}; None: the bundled company
+    paraphrases: int = 2
     max_tokens: int = 40
-    trainer_env: dict = field(default_factory=lambda: {"FLYWHEEL_EPOCHS": "6", "FLYWHEEL_LEARNING_RATE": "1e-3"})
+    trainer_env: dict = field(default_factory=dict)  # the trainer's defaults fit the data size
     quiet_slack: bool = False
 
 
@@ -57,6 +60,7 @@ def demo_env(cfg: DemoConfig, gateway_url: str, slack_api_url: str, vllm_url: st
         "SLACK_SIGNING_SECRET": SIGNING_SECRET,
         "SLACK_API_URL": slack_api_url,
         "SLACK_APP_TOKEN": "",
+        "FLYWHEEL_EMBED_MODEL": str(cfg.embed_dir.resolve()),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         **cfg.trainer_env,
@@ -69,8 +73,9 @@ def demo_env(cfg: DemoConfig, gateway_url: str, slack_api_url: str, vllm_url: st
 def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
     """Play the loop end to end; returns the summary (also written under cfg.output)."""
     _checkout_on_path()
-    from flywheel.demo.script import (ask_again, load_facts, play_week, production_version, render_table,
-                                      summarize, wait_for_production, write_results)
+    from flywheel.demo.script import (ask_bot, ask_model, load_facts, make_rows, play_week, production_version,
+                                      render_table, summarize, wait_for_memory, wait_for_production,
+                                      write_results)
     from flywheel.demo.workspace import Workspace
     from tests.support.slack_double import SlackDouble, SlackSender
 
@@ -79,7 +84,8 @@ def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
         shutil.rmtree(cfg.output)
     cfg.output.mkdir(parents=True)
     logs = cfg.output / "logs"
-    facts = load_facts(cfg.facts)
+    facts, general = load_facts(cfg.facts, cfg.facts_file)
+    rows = make_rows(facts, general, cfg.paraphrases)
     slack = SlackDouble(bot_token=BOT_TOKEN, printer=None if cfg.quiet_slack else _admin_channel_printer(say)).start()
     services: list[Service] = []
     vllm = None
@@ -110,9 +116,20 @@ def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
         sender = SlackSender(f"http://127.0.0.1:{bot_port}/slack/events", SIGNING_SECRET, double=slack)
         ws = Workspace(sender, slack, admin=ADMIN)
 
-        say(f"\n▶ Monday–Thursday: the team asks {len(facts)} questions; 👍 good answers, 👎 and correct bad ones")
-        rows = play_week(ws, facts, say)
+        say(f"\n▶ Monday morning: the base model's answers to all {len(rows)} questions (taught ones, "
+            f"{cfg.paraphrases} paraphrase(s) each nobody teaches, general ones), for comparison")
+        ask_model(rows, cfg.model_dir, say, cfg.max_tokens)
+        t_before = time.monotonic()
+        asked = sum(r.kind == "asked" for r in rows)
+        say(f"\n▶ Monday–Thursday: the team asks {asked} questions; 👍 good answers, 👎 and correct bad ones")
+        corrections = play_week(ws, rows, say)
+        wait_for_memory(corrections)
         t_week = time.monotonic()
+
+        say(f"\n▶ Thursday afternoon: the {corrections} corrections are in the memory; the same and "
+            "paraphrased questions again, no retrain yet")
+        ask_bot(ws, rows, "memory", say)
+        t_memory = time.monotonic()
 
         say("\n▶ Thursday night: the trainer builds the dataset and fine-tunes a LoRA adapter (CPU)")
         if run_flywheel(["train", "run"], env) != 0:
@@ -132,17 +149,25 @@ def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
             raise ServiceError("the production alias did not move")
         say(f"  the gateway serves {version['name']} as production {swap_s:.1f} s after the command")
 
-        say("\n▶ Friday afternoon: the same questions again, and paraphrases nobody trained on")
-        rows = ask_again(ws, facts, rows, gateway_url, say, paraphrases=cfg.paraphrases, max_tokens=cfg.max_tokens)
+        say("\n▶ Friday afternoon: everything again through the bot (adapter + memory)")
+        ask_bot(ws, rows, "after", say)
+        t_after = time.monotonic()
+        say("\n▶ And once more from the adapter alone (memory off, same prompt)")
+        ask_model(rows, cfg.model_dir, say, cfg.max_tokens, adapter=version["adapter_path"], phase="lora_only")
         summary = summarize(rows)
-        extra = {"version": version, "swap_s": round(swap_s, 2),
-                 "timings_s": {"week": round(t_week - started, 1), "train": round(t_train - t_week, 1),
+        extra = {"version": version, "swap_s": round(swap_s, 2), "facts_file": str(cfg.facts_file or "bundled"),
+                 "paraphrases": cfg.paraphrases, "corrections": corrections,
+                 "timings_s": {"before": round(t_before - started, 1), "week": round(t_week - t_before, 1),
+                               "memory": round(t_memory - t_week, 1), "train": round(t_train - t_memory, 1),
+                               "after": round(t_after - t_train, 1), "lora_only": round(time.monotonic() - t_after, 1),
                                "total": round(time.monotonic() - started, 1)}}
         write_results(cfg.output, rows, extra)
         _copy_report(version, cfg.output)
         say("\n" + render_table(rows))
-        say(f"\nmean token F1 on asked questions: {summary['asked']['before_f1']} → {summary['asked']['after_f1']}; "
-            f"on paraphrases: {summary['paraphrase']['before_f1']} → {summary['paraphrase']['after_f1']}")
+        for kind in ("asked", "paraphrase", "general"):
+            m = summary[kind]
+            say(f"mean token F1, {kind} (n={m['n']}): base {m['before_f1']} → memory {m['memory_f1']} → "
+                f"adapter+memory {m['after_f1']} (adapter alone {m['lora_only_f1']})")
         say(f"report, plot and tables in {cfg.output}/ ({extra['timings_s']['total']:.0f} s in all)")
         return {"summary": summary, "rows": rows, **extra}
     finally:
@@ -199,17 +224,30 @@ def run(
     backend: str = typer.Option("transformers", envvar="FLYWHEEL_BACKEND", help="transformers or vllm"),
     output: Path = typer.Option(Path("demo-output"), help="Where the report, plot and tables go"),
     model: Path = typer.Option(Path("models/smollm2-135m-instruct"), help="Base model directory"),
-    facts: int = typer.Option(0, help="Use only the first N company facts (0: all 40)"),
+    facts: int = typer.Option(0, help="Use only the first N facts (0: all)"),
+    facts_file: Path = typer.Option(None, "--facts-file", help='JSONL of {"question", "answer", "paraphrases": [...]} '
+                                    "(default: the bundled fictional company)"),
+    paraphrases: int = typer.Option(2, min=0, help="Paraphrases asked per fact (never taught)"),
 ) -> None:
     """Play a week in a team workspace: ask, react, correct, train, gate, promote, ask again."""
     if backend not in ("transformers", "vllm"):
         typer.secho("error: --backend must be transformers or vllm", fg="red", err=True)
         raise typer.Exit(2)
+    if facts_file is not None:
+        _checkout_on_path()
+        from flywheel.demo.script import FactsFileError, read_facts_file
+
+        try:
+            read_facts_file(facts_file)
+        except FactsFileError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(2)
     if not (model / "flywheel-model.json").is_file():
         typer.secho(f"error: no model in {model}; run `make model` (or `flywheel model fetch`)", fg="red", err=True)
         raise typer.Exit(2)
     try:
-        run_demo(DemoConfig(output=output, model_dir=model, backend=backend, facts=facts or None))
-    except (ServiceError, TimeoutError, RuntimeError) as exc:
+        run_demo(DemoConfig(output=output, model_dir=model, backend=backend, facts=facts or None,
+                            facts_file=facts_file, paraphrases=paraphrases))
+    except (ServiceError, TimeoutError, RuntimeError, ValueError) as exc:
         typer.secho(f"\ndemo failed: {exc}\n(service logs in {output / 'logs'})", fg="red", err=True)
         raise typer.Exit(1)

@@ -27,9 +27,15 @@ def configure_logging(level: str | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_current_stderr,
     )
     _configured = True
+
+
+def _current_stderr(*_args) -> structlog.PrintLogger:
+    """A logger on whatever sys.stderr is now (a CLI runner or a test may have swapped it since
+    logging was configured; writing to the old, closed stream would fail the command)."""
+    return structlog.PrintLogger(file=sys.stderr)
 
 
 def get_logger(name: str):

@@ -29,7 +29,8 @@ def test_search_sees_only_what_the_asker_may_see():
     index.add(item(2), unit(1, 0.1, 0), visible_in="DALICE")  # taught in Alice's DM
     index.add(item(3), unit(0, 1, 0), visible_in="GPRIVATE")
     q = unit(1, 0.1, 0)
-    assert [f.id for f in index.search(q, channel="DALICE", k=3)] == [2, 1, 3]
+    assert [f.id for f in index.search(q, channel="DALICE", k=3)] == [2, 1]
+    assert [f.id for f in index.search(q, channel="GPRIVATE", k=3)] == [1, 3]
     assert [f.id for f in index.search(q, channel="CGENERAL", k=3)] == [1]
     assert [f.id for f in index.search(q, channel="DBOB", k=5)] == [1]
     assert index.search(q, channel=None, k=2)[0].score == pytest.approx(float(unit(1, 0, 0) @ q))

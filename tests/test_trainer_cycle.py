@@ -136,13 +136,13 @@ def test_gate_refuses_harm_to_general_never_taught_and_memory_answers():
     answers with the memory (against production) may each lose at most the tolerance."""
     cfg = TrainerSettings(gate_margin=0.02, gate_min_eval_items=5, gate_regression_tolerance=0.05)
 
-    def results(**slices):
+    def results(slices=None):
         res = _results(0.8, 0.4)
         res["memory"] = True
         for variant in ("candidate", "production", "base"):
             for name in ("recall_memory", "never_taught", "never_taught_memory", "general", "general_memory"):
                 res[variant][name] = {"n": 4, "token_f1": 0.7}
-        for (variant, name), f1 in slices.items():
+        for (variant, name), f1 in (slices or {}).items():
             res[variant][name]["token_f1"] = f1
         return res
 
@@ -154,12 +154,12 @@ def test_gate_refuses_harm_to_general_never_taught_and_memory_answers():
             (("candidate", "general_memory"), "failed: worse on general questions with the memory"),
             (("candidate", "never_taught"), "failed: worse on never-taught questions: token F1 0.500 vs 0.700 for production"),
             (("candidate", "recall_memory"), "failed: worse on recall with the memory")):
-        verdict = gate(results(**{variant_slice: 0.5}), cfg, final_train_loss=0.3)
+        verdict = gate(results({variant_slice: 0.5}), cfg, final_train_loss=0.3)
         assert not verdict.passed and any(r.startswith(words) for r in verdict.reasons), verdict.reasons
     # within the tolerance is not a regression
-    assert gate(results(**{("candidate", "general"): 0.66}), cfg, final_train_loss=0.3).passed
+    assert gate(results({("candidate", "general"): 0.66}), cfg, final_train_loss=0.3).passed
     # one or two never-taught answers worded differently do not decide a verdict
-    few = results(**{("candidate", "never_taught"): 0.2})
+    few = results({("candidate", "never_taught"): 0.2})
     few["n"] = {"never_taught": 1, "general": 8}
     verdict = gate(few, cfg, final_train_loss=0.3)
     assert verdict.passed and any(r.startswith("not checked: only 1 never-taught questions") for r in verdict.reasons)

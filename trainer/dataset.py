@@ -195,8 +195,7 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
         if it["golden"]:
             out["golden"].append(it)
     # Taught answers: learned in a few more phrasings, and recalled in held-out ones.
-    taught = [it for it in out["train"] if not it["augmented"] and not it.get("is_label")
-              and (it["source"] in TAUGHT_SOURCES or it["golden"])]
+    taught = [it for it in out["train"] if not it["augmented"] and (it["source"] in TAUGHT_SOURCES or it["golden"])]
     for it in taught:
         question = it["messages"][-1]["content"]
         for alt in template_paraphrases(question, settings.augment_templates, "train"):

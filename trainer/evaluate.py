@@ -95,11 +95,14 @@ def plan_rows(memory, rows: list[dict]) -> list:
     """Each row's memory plan, exactly as the bot plans an answer (flywheel.memory.plan)."""
     from flywheel.memory import MemoryPlan, plan, search_k
 
-    if memory is None or not len(memory.index) or not rows:
-        return [MemoryPlan() for _ in rows]
-    vectors = memory.embedder.embed([question_of(r["messages"]) for r in rows])
-    return [plan(memory.index.search(v, channel=None, k=search_k(memory.settings)), memory.settings)
-            for v in vectors]
+    answers = [i for i, r in enumerate(rows) if r["label"] is None]  # the memory holds answers, not labels
+    plans = [MemoryPlan() for _ in rows]
+    if memory is None or not len(memory.index) or not answers:
+        return plans
+    vectors = memory.embedder.embed([question_of(rows[i]["messages"]) for i in answers])
+    for i, v in zip(answers, vectors):
+        plans[i] = plan(memory.index.search(v, channel=None, k=search_k(memory.settings)), memory.settings)
+    return plans
 
 
 SLICES = ("recall", "never_taught", "general", "golden")
@@ -157,8 +160,10 @@ def evaluate(model, tokenizer, splits: dict[str, list[dict]], labels: list[str],
                     preds = [got[(sl, mem, i)] for i in range(len(rows[sl]))]
                     m[sl + ("_memory" if mem else "")] = score(rows[sl], preds, labels)
             m.update({k: v for k, v in m["recall"].items() if k != "labels"})  # the headline: recall, no memory
-            if "labels" in m["never_taught"]:
-                m["labels"] = m["never_taught"]["labels"]
+            for sl in ("recall", "never_taught"):  # label accuracy: taught labels asked anew, else held-out ones
+                if "labels" in m[sl]:
+                    m["labels"] = m[sl]["labels"]
+                    break
             m["eval_loss"] = loss
             m["perplexity"] = math.exp(min(loss, 50)) if loss is not None else None
             m["golden_passed"] = sum(golden_pass(got[("golden", False, i)], r, labels, settings.golden_pass_f1)

@@ -24,21 +24,15 @@ def _order(key: str, notes: list[Recalled]) -> list[Recalled]:
 
 
 def noted_rows(rows: list[dict], memory) -> list[dict]:
-    """One extra row per fact: a taught answer asked in a trained paraphrase with its own note and
-    the nearest other note; a never-taught answer with the nearest (unrelated) notes."""
+    """Extra rows with notes: each taught answer asked in its trained paraphrases (worded unlike
+    the note, as at serving) with its own note and the nearest other one; each never-taught
+    answer with the nearest (unrelated) notes."""
     from flywheel.memory import MemoryPlan
 
     if memory is None or not len(memory.index):
         return []
-    by_parent: dict[int, dict] = {}
-    for row in rows:  # a taught item's first trained paraphrase stands for it (questions differ from the note)
-        if row["augmented"] and _taught(row) and row.get("parent") is not None:
-            by_parent.setdefault(row["parent"], row)
-    chosen = []
-    for row in rows:
-        if row["augmented"] or row["label"] is not None:
-            continue
-        chosen.append(by_parent.get(row["example_id"], row) if _taught(row) else row)
+    chosen = [r for r in rows if r["label"] is None and (
+        (_taught(r) and r["augmented"] and r.get("parent") is not None) or (not _taught(r) and not r["augmented"]))]
     if not chosen:
         return []
     k = search_k(memory.settings)

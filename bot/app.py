@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from slack_bolt import App
@@ -53,6 +54,7 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
         listener_executor=executor,
     )
     memory = Memory()
+    threading.Thread(target=memory.warm, name="memory-warm-up", daemon=True).start()
     answerer = Answerer(settings, gateway, memory)
     feedback, admin = Feedback(settings, memory), Admin(settings, gateway)
     app.flywheel = {"settings": settings, "gateway": gateway, "admin": admin,  # for the server

@@ -53,9 +53,18 @@ class Embedder:
         return self.embed([text])[0]
 
 
-@lru_cache(maxsize=2)
+_load_lock = threading.Lock()
+
+
 def load_embedder(model_dir: str) -> Embedder:
-    """One embedder per directory and process (loading takes about a second)."""
+    """One embedder per directory and process (loading takes about a second). Serialized: two
+    listener threads importing transformers at once can see a half-initialized module."""
+    with _load_lock:
+        return _load(str(model_dir))
+
+
+@lru_cache(maxsize=2)
+def _load(model_dir: str) -> Embedder:
     return Embedder(Path(model_dir))
 
 

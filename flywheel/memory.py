@@ -169,6 +169,17 @@ class Memory:
             self._embedder = load_embedder(self.settings.embed_model)
         return self._embedder
 
+    def warm(self) -> None:
+        """Load the embedder now (in the background at start-up) rather than on the first question."""
+        if not self.settings.memory:
+            return
+        try:
+            self.embedder
+        except Exception as exc:  # answering goes on without the memory; each use logs why
+            from flywheel.logs import get_logger
+
+            get_logger("flywheel.memory").warning("memory unavailable", error=f"{type(exc).__name__}: {exc}")
+
     def plan_for(self, question: str, *, channel: str | None, session: Session | None = None) -> MemoryPlan:
         if not self.settings.memory or not question.strip():
             return MemoryPlan()

@@ -548,22 +548,22 @@ def test_a_correction_answers_a_paraphrase_right_away_with_its_source(bot):
 
 def test_a_correction_made_in_a_dm_never_reaches_anyone_else(bot, env):
     gold = "Your parking spot is P-17 on level -2, next to the bike room."
-    dm = "DALICE001"
+    carol, dm = "UCAROL01", "DCAROL001"
     q_ts = bot.sender.next_ts()
-    bot.sender.event({"type": "message", "user": USER, "text": "Where is my parking spot at Lumenfold?",
+    bot.sender.event({"type": "message", "user": carol, "text": "Where is my parking spot at Lumenfold?",
                       "ts": q_ts, "channel": dm, "channel_type": "im"})
     a_ts, _ = wait_answer(bot, dm, None)
-    correct_answer(bot, dm, a_ts, gold)
-    # Bob asks the very same question in a public channel: the model answers, not Alice's DM
+    correct_answer(bot, dm, a_ts, gold, user=carol)
+    # Bob asks the very same question in a public channel: the model answers, not Carol's DM
     sent_before = len(env["sent"])
     _q, a2, final = ask(bot, "Where is my parking spot at Lumenfold?", "CPUBLIC01", user=OTHER)
     answer = stored("CPUBLIC01", a2)
     assert answer.model_version != "memory" and gold not in answer.text
     assert all(gold not in json.dumps(req) for req in env["sent"][sent_before:])  # not even as a note
-    assert "correction by" not in json.dumps(final.args["blocks"])
-    # Alice, in her DM, gets her own correction back
+    assert f"<@{carol}>" not in json.dumps(final.args["blocks"])  # nothing of Carol's cited either
+    # Carol, in her DM, gets her own correction back
     q3 = bot.sender.next_ts()
-    bot.sender.event({"type": "message", "user": USER, "text": "where's my parking spot at lumenfold?",
+    bot.sender.event({"type": "message", "user": carol, "text": "where's my parking spot at lumenfold?",
                       "ts": q3, "channel": dm, "channel_type": "im"})
     a3, _ = wait_answer(bot, dm, None, after=1)
     assert stored(dm, a3).text == gold

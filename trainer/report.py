@@ -15,8 +15,8 @@ METRICS = ("token_f1", "exact_match", "rouge_l")
 SLICE_COLUMNS = {"recall": "recall_f1", "recall_memory": "recall_memory_f1", "never_taught": "never_taught_f1",
                  "never_taught_memory": "never_taught_memory_f1", "general": "general_f1",
                  "general_memory": "general_memory_f1"}
-PLOTTED = (("recall_f1", "recall"), ("recall_memory_f1", "recall\n+memory"), ("never_taught_f1", "never\ntaught"),
-           ("general_f1", "general"), ("general_memory_f1", "general\n+memory"))
+PLOTTED = (("recall_f1", "recall"), ("recall_memory_f1", "recall\n+memory"), ("golden_rate", "golden"),
+           ("never_taught_f1", "never\ntaught"), ("general_f1", "general"), ("general_memory_f1", "general\n+memory"))
 
 
 def metrics_table(results: dict) -> dict:
@@ -29,6 +29,8 @@ def metrics_table(results: dict) -> dict:
             if isinstance(m.get(sl), dict) and m[sl].get("n"):
                 row[column] = _round(m[sl].get("token_f1"))
         row["golden"] = f"{m.get('golden_passed', 0)}/{m.get('golden_total', 0)}"
+        if m.get("golden_total"):
+            row["golden_rate"] = _round(m["golden_passed"] / m["golden_total"])
         if "labels" in m:
             row["labels"] = {k: _round(m["labels"][k]) for k in ("accuracy", "precision", "recall", "f1")}
         table[name] = row
@@ -78,7 +80,7 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
         bars = ax_bar.bar([j + i * width for j in range(len(shown))], values, width, label=name)
         ax_bar.bar_label(bars, fmt="%.2f", fontsize=7)
     ax_bar.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(shown))], [lab for _, lab in shown])
-    ax_bar.set_ylabel("token F1")
+    ax_bar.set_ylabel("token F1 (golden: share right)")
     ax_bar.set_ylim(0, 1.1)
     ax_bar.legend()
     verdict = "gate passed" if report["gate"]["passed"] else "gate failed"

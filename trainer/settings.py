@@ -53,7 +53,7 @@ class TrainerSettings(BaseSettings):
     epochs: int | None = Field(None, ge=1)
     max_steps: int | None = Field(None, ge=1)  # caps epochs when set
     exposures_per_fact: float = Field(16.0, gt=0)
-    min_steps: int = Field(30, ge=1)
+    min_steps: int = Field(60, ge=1)
     max_auto_steps: int = Field(600, ge=1)
     stop_loss: float = Field(0.02, ge=0.0)  # 0 turns the early stop off
     stop_window: int = Field(8, ge=2)

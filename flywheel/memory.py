@@ -80,7 +80,9 @@ class MemoryIndex:
         self._rows: dict[int, tuple] = {}  # id → (Recalled without score, visible_in, vector)
         self._since: datetime | None = None
         self._matrix = np.zeros((0, 0), dtype=np.float32)
-        self._meta: list[tuple] = []
+        self._meta: list[Recalled] = []
+        self._scope = np.zeros(0, dtype=np.int32)  # 0: everywhere, else the code of its channel
+        self._codes: dict[str, int] = {}
         self._dirty = False
         self._lock = threading.Lock()
 
@@ -110,7 +112,11 @@ class MemoryIndex:
     def _build(self) -> None:
         if not self._dirty:
             return
-        self._meta = [(item, vis) for item, vis, _ in self._rows.values()]
+        self._meta = [item for item, _, _ in self._rows.values()]
+        self._codes = {}
+        scope = [0 if vis is None else self._codes.setdefault(vis, len(self._codes) + 1)
+                 for _, vis, _ in self._rows.values()]
+        self._scope = np.array(scope, dtype=np.int32)
         vectors = [vec for _, _, vec in self._rows.values()]
         self._matrix = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
         self._dirty = False
@@ -122,13 +128,12 @@ class MemoryIndex:
             if not self._meta:
                 return []
             scores = self._matrix @ np.asarray(vector, dtype=np.float32)
-            visible = np.fromiter(((vis is None or vis == channel) for _, vis in self._meta), bool,
-                                  count=len(self._meta))
-            scores = np.where(visible, scores, -2.0)
+            own = self._codes.get(channel or "", -1)
+            scores = np.where((self._scope == 0) | (self._scope == own), scores, -2.0)
             k = min(k, len(scores))
             top = np.argpartition(-scores, k - 1)[:k]
             top = top[np.argsort(-scores[top])]
-            return [_scored(self._meta[i][0], float(scores[i])) for i in top if scores[i] > -2.0]
+            return [_scored(self._meta[i], float(scores[i])) for i in top if scores[i] > -2.0]
 
 
 def _scored(item: Recalled, score: float) -> Recalled:

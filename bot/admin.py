@@ -34,6 +34,7 @@ HELP = """*`/flywheel` commands*
 • `status`: production version, last runs, data counts
 • `versions`: model versions and their gate verdicts
 • `history`: which version was live when
+• `review`: corrections waiting for review _(admins and reviewers)_
 • `train`: queue a training run _(admin)_
 • `approve <version>` / `promote <version> [--force "reason"]`: put a version in production _(admin; gate-passed versions only unless forced)_
 • `reject <version>`: reject a candidate _(admin)_
@@ -46,6 +47,7 @@ ADMIN_COMMANDS = {"train", "approve", "promote", "reject", "rollback"}
 class Reply:
     text: str
     public: bool = False  # announce a change in the channel; otherwise only the caller sees it
+    blocks: list | None = None  # Block Kit when the reply has buttons (text is then the fallback)
 
 
 class CommandError(ValueError):
@@ -85,8 +87,8 @@ def run_line(run) -> str:
 
 
 class Admin:
-    def __init__(self, settings: BotSettings, gateway: GatewayClient) -> None:
-        self.settings, self.gateway = settings, gateway
+    def __init__(self, settings: BotSettings, gateway: GatewayClient, review=None) -> None:
+        self.settings, self.gateway, self.review = settings, gateway, review  # review: bot.review.Review
 
     # -- entry points ----------------------------------------------------------------------------
     def run_command(self, user: str, text: str) -> Reply:
@@ -100,6 +102,8 @@ class Admin:
                                      detail={"command": text})
         handler = {"help": lambda: Reply(HELP), "status": self.status, "versions": self.versions,
                    "history": self.history}.get(name)
+        if name == "review" and self.review is not None:
+            return self.review.pending_reply(user)
         if handler is None:
             return Reply(f":x: unknown command `{name}`\n\n{HELP}")
         return handler()

@@ -20,6 +20,7 @@ from bot.feedback import Feedback
 from bot.gateway_client import GatewayClient
 from bot.home import publish_home
 from bot.reports import on_report_button
+from bot.review import Review
 from bot.settings import BotSettings
 from flywheel.logs import get_logger
 from flywheel.memory import Memory
@@ -56,7 +57,9 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     memory = Memory()
     threading.Thread(target=memory.warm, name="memory-warm-up", daemon=True).start()
     answerer = Answerer(settings, gateway, memory)
-    feedback, admin = Feedback(settings, memory), Admin(settings, gateway)
+    feedback = Feedback(settings, memory)
+    review = feedback.review = Review(settings, feedback)
+    admin = Admin(settings, gateway, review=review)
     app.flywheel = {"settings": settings, "gateway": gateway, "admin": admin,  # for the server
                     "executor": executor}
 
@@ -96,13 +99,19 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
             log.exception("command failed", text=command.get("text"))
             respond(text=f":x: The command failed: {exc}", response_type="ephemeral")
             return
-        respond(text=reply.text, response_type="in_channel" if reply.public else "ephemeral")
+        respond(text=reply.text, blocks=reply.blocks,
+                response_type="in_channel" if reply.public else "ephemeral")
 
     app.command(COMMAND)(ack=_ack_command, lazy=[_run_command])
 
     @app.action(re.compile(f"^({blocks.REPORT_APPROVE}|{blocks.REPORT_REJECT})$"))
     def _report_button(ack, body, client, respond):
         on_report_button(admin, ack, body, client, respond)
+
+    # -- correction review ------------------------------------------------------------------------
+    app.action(re.compile(f"^({blocks.REVIEW_APPROVE}|{blocks.REVIEW_EDIT}|{blocks.REVIEW_REJECT})$"))(
+        review.on_button)
+    app.view_submission(blocks.REVIEW_EDIT_VIEW)(review.on_edit_submit)
 
     # -- App Home --------------------------------------------------------------------------------
     @app.event("app_home_opened")

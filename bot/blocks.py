@@ -13,6 +13,8 @@ CORRECTION_BLOCK, CORRECTION_INPUT = "correction", "text"
 SHORTCUT_INCLUDE = "add_to_training"
 SHORTCUT_GOLDEN = "mark_golden"
 REPORT_APPROVE, REPORT_REJECT = "report_approve", "report_reject"
+REVIEW_APPROVE, REVIEW_EDIT, REVIEW_REJECT = "review_approve", "review_edit", "review_reject"
+REVIEW_EDIT_VIEW = "review_edit_modal"
 
 SECTION_LIMIT = 2900  # Slack allows 3000 characters per section text
 THINKING = "_Thinking…_"
@@ -88,3 +90,39 @@ def correction_modal(*, channel: str, ts: str, question: str | None, answer: str
     return {"type": "modal", "callback_id": CORRECTION_VIEW, "title": plain("Suggest a better answer"),
             "submit": plain("Save"), "close": plain("Cancel"),
             "private_metadata": json.dumps({"channel": channel, "ts": ts}), "blocks": blocks}
+
+
+def _excerpt(text: str | None, n: int = 600) -> str:
+    text = text or ""
+    return escape(text if len(text) <= n else text[:n] + "…")
+
+
+def review_item_blocks(*, feedback_id: int, author: str, where: str, question: str | None, answer: str,
+                       suggestion: str) -> list[dict]:
+    """One pending correction: what was asked, what the bot said, what the person suggests, and
+    Approve / Edit / Reject (the value is the correction's feedback id)."""
+    value = str(feedback_id)
+    return [
+        {"type": "section", "text": mrkdwn(f"*Correction by <@{author}>* {where}")},
+        {"type": "section", "text": mrkdwn(f"*Question*\n{_excerpt(question) or '_(not found)_'}")},
+        {"type": "section", "text": mrkdwn(f"*Bot's answer*\n{_excerpt(answer)}")},
+        {"type": "section", "text": mrkdwn(f"*Suggested answer*\n{_excerpt(suggestion, 2000)}")},
+        {"type": "actions", "block_id": f"review_{value}", "elements": [
+            {"type": "button", "action_id": REVIEW_APPROVE, "text": plain("Approve"), "style": "primary",
+             "value": value},
+            {"type": "button", "action_id": REVIEW_EDIT, "text": plain("Edit"), "value": value},
+            {"type": "button", "action_id": REVIEW_REJECT, "text": plain("Reject"), "style": "danger",
+             "value": value},
+        ]},
+    ]
+
+
+def review_edit_modal(*, feedback_id: int, suggestion: str, reply_to: dict) -> dict:
+    """Edit a suggested answer before approving it; `reply_to` says which message to update."""
+    return {"type": "modal", "callback_id": REVIEW_EDIT_VIEW, "title": plain("Edit and approve"),
+            "submit": plain("Approve"), "close": plain("Cancel"),
+            "private_metadata": json.dumps({"feedback_id": feedback_id, **reply_to}),
+            "blocks": [{"type": "input", "block_id": CORRECTION_BLOCK, "label": plain("The answer to teach"),
+                        "element": {"type": "plain_text_input", "action_id": CORRECTION_INPUT,
+                                    "multiline": True, "max_length": 3000,
+                                    "initial_value": suggestion[:3000]}}]}

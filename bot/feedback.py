@@ -19,7 +19,8 @@ from store.conversations import get_message, previous_user_message
 from store.db import session_scope
 from store.feedback import retract_vote, upsert_vote
 from store.memory import memory_item
-from store.models import FeedbackKind, Message, Role
+from store.models import Feedback as FeedbackRow
+from store.models import FeedbackKind, Message, ReviewState, Role
 from store.receipts import record_event_once
 
 log = get_logger("bot.feedback")
@@ -44,6 +45,7 @@ class Feedback:
         self.memory, self.visibility = memory, visibility or ChannelVisibility()
         self.prompt = PromptSettings()
         self.settings = settings
+        self.review = None  # bot.review.Review, set by the app (it needs this object too)
 
     def reaction_meaning(self, emoji: str) -> tuple[str, str] | None:
         """(kind, value) for a reaction, or None for emojis that mean nothing here."""
@@ -56,12 +58,18 @@ class Feedback:
             return FeedbackKind.label.value, self.settings.label_emojis[emoji]
         return None
 
-    def _vote(self, msg: Message, user: str, kind: str, value: str, correction: str | None = None) -> None:
+    def _vote(self, msg: Message, user: str, kind: str, value: str, correction: str | None = None,
+              review: str | None = None) -> FeedbackRow:
         with session_scope() as s:
-            upsert_vote(s, message_id=msg.id, user=user, kind=kind, value=value, correction=correction,
-                        is_admin=self.settings.is_admin(user))
+            row = upsert_vote(s, message_id=msg.id, user=user, kind=kind, value=value, correction=correction,
+                              is_admin=self.settings.is_admin(user), review=review)
         metrics.FEEDBACK.labels(kind, value if kind != FeedbackKind.label else "label").inc()
         log.info("feedback", kind=kind, value=value, message_id=msg.id, user=user)
+        return row
+
+    def needs_review(self, user: str) -> bool:
+        """Corrections from people who are neither admins nor reviewers wait for a reviewer."""
+        return self.settings.review_corrections and not self.settings.is_reviewer(user)
 
     # -- reactions -------------------------------------------------------------------------------
     def on_reaction(self, event: dict, body: dict, bot_user_id: str | None, removed: bool) -> None:
@@ -70,9 +78,11 @@ class Feedback:
         if meaning is None or item.get("type") != "message" or not event.get("user"):
             return
         if bot_user_id and event.get("item_user") not in (None, bot_user_id):
-            return  # someone else's message
+            metrics.IGNORED.labels("not_an_answer").inc()  # someone else's message
+            return
         msg = find_answer(item.get("channel"), item.get("ts"))
         if msg is None:
+            metrics.IGNORED.labels("not_an_answer").inc()
             return
         event_id = body.get("event_id")
         if event_id:
@@ -142,17 +152,28 @@ class Feedback:
                 errors={blocks.CORRECTION_BLOCK: "I can no longer find the answer this corrects."})
             return
         user = body["user"]["id"]
+        pending = self.needs_review(user)
         try:
-            self._vote(msg, user, FeedbackKind.correction.value, "correction", correction=text)
+            row = self._vote(msg, user, FeedbackKind.correction.value, "correction", correction=text,
+                             review=ReviewState.pending if pending else ReviewState.approved)
         except Exception:
             log.exception("cannot store the correction")
             ack(response_action="errors",
                 errors={blocks.CORRECTION_BLOCK: "Saving failed; please try again in a moment."})
             return
         ack()
-        remembered = self.remember(client, msg, user, text, source="correction")
-        thanks = ("Thanks! Your answer is saved: I use it from now on and in the next training."
-                  if remembered else "Thanks! Your answer is saved and will be used for training.")
+        if pending:
+            if self.review is not None:
+                self.review.submitted(client, row, msg)
+            thanks = "Thanks! Your answer is saved; once a reviewer approves it, I use it and learn from it."
+        else:
+            if self.settings.review_corrections:  # a reviewer's own correction: approved as written
+                with session_scope() as s:
+                    record_audit(s, actor=user, action="correction.approve", target=f"feedback {row.id}",
+                                 detail={"author": user, "message_id": msg.id, "own": True})
+            remembered = self.remember(client, msg, user, text, source="correction")
+            thanks = ("Thanks! Your answer is saved: I use it from now on and in the next training."
+                      if remembered else "Thanks! Your answer is saved and will be used for training.")
         try:
             client.chat_postEphemeral(channel=msg.channel, user=user, text=thanks)
         except SlackApiError as exc:

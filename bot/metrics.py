@@ -17,3 +17,7 @@ ADMIN = Counter("flywheel_bot_admin_actions_total", "Admin actions by outcome", 
 REPORTS = Counter("flywheel_bot_report_messages_total", "Run report posts and updates", ["op"])
 MEMORY = Counter("flywheel_bot_memory_total",
                  "How answers used the correction memory (answer / notes / none / error)", ["use"])
+IGNORED = Counter("flywheel_bot_ignored_events_total",
+                  "Events read and deliberately left alone (from a bot, not for us, not on an answer)", ["reason"])
+REVIEW = Counter("flywheel_bot_review_total",
+                 "Correction reviews (pending / approved / rejected / refused / error)", ["outcome"])

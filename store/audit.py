@@ -8,10 +8,18 @@ from store.models import AuditEvent
 
 def add_audit(session: Session, *, actor: str, action: str, target: str, outcome: str = "ok",
               detail: dict | None = None) -> AuditEvent:
-    """Stage an audit event in the caller's transaction (commit together with the change)."""
-    event = AuditEvent(actor=actor, action=action, target=target, outcome=outcome, detail=detail or {})
+    """Stage an audit event in the caller's transaction (commit together with the change).
+    Over-long actors, actions and targets are cut to their columns, so a refusal about a long
+    text is still recorded (the full text, if any, belongs in `detail`)."""
+    event = AuditEvent(actor=_fit(actor, 64), action=_fit(action, 64), target=_fit(target, 128),
+                       outcome=_fit(outcome, 16), detail=detail or {})
     session.add(event)
     return event
+
+
+def _fit(text: str, limit: int) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def record_audit(session: Session, *, actor: str, action: str, target: str, outcome: str = "ok",

@@ -26,20 +26,23 @@ def upsert_vote(
     value: str,
     correction: str | None = None,
     is_admin: bool = False,
+    review: str | None = None,
 ) -> Feedback:
-    """Record a vote; a newer vote of the same user and kind replaces the value (history kept)."""
+    """Record a vote; a newer vote of the same user and kind replaces the value (history kept).
+    `review` (corrections): its review state; a changed correction waits for a new review."""
     kind = str(kind)
     for _attempt in range(2):
         row = _find(session, message_id, user, kind)
         now = utcnow()
         if row is None:
             row = Feedback(message_id=message_id, user=user, kind=kind, value=value,
-                           correction=correction, is_admin=is_admin, created_at=now, updated_at=now)
+                           correction=correction, is_admin=is_admin, review=review, created_at=now, updated_at=now)
         else:
-            row.history = [*row.history, {"value": row.value, "correction": row.correction,
+            row.history = [*row.history, {"value": row.value, "correction": row.correction, "review": row.review,
                                           "retracted": row.retracted, "at": row.updated_at.isoformat()}]
             row.value, row.correction, row.retracted = value, correction, False
             row.is_admin = is_admin or row.is_admin
+            row.review, row.reviewed_by, row.reviewed_at = review, None, None
             row.updated_at = now
         session.add(row)
         try:

@@ -34,6 +34,13 @@ class FeedbackKind(StrEnum):
     shortcut = "shortcut"  # "Add to training data" message shortcut
 
 
+class ReviewState(StrEnum):
+    """A correction's review: non-admins' corrections wait until a reviewer decides."""
+    pending = "pending"
+    approved = "approved"
+    rejected = "rejected"
+
+
 class ExampleStatus(StrEnum):
     active = "active"
     excluded = "excluded"
@@ -100,6 +107,10 @@ class Feedback(SQLModel, table=True):
     correction: Optional[str] = Field(default=None, sa_column=Column(Text))
     is_admin: bool = False
     retracted: bool = False
+    # Corrections only: pending / approved / rejected (None: not reviewed, e.g. from before reviews).
+    review: Optional[str] = Field(default=None, max_length=16, index=True)
+    reviewed_by: Optional[str] = Field(default=None, max_length=64)
+    reviewed_at: Optional[datetime] = None
     history: list = _json(list)  # earlier values: [{"value", "at", "retracted"}]
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)

@@ -37,8 +37,15 @@ SPLITS = ("train", "eval", "golden", "recall", "general")
 STORED_SPLITS = ("train", "eval", "golden")  # the ones an Example row can be in
 # What people taught: always trained on, never withheld for evaluation.
 TAUGHT_SOURCES = ("correction", "import", "shortcut")
-# Which example wins when several give different targets for the same context.
+# Which example wins when several give different targets for the same context: first who stands
+# behind it (an admin's import, correction or golden item outranks anyone else's correction), then
+# the source, then the newest.
 SOURCE_PRIORITY = {"correction": 5, "import": 4, "shortcut": 3, "label": 3, "feedback": 2, "augmented": 1}
+
+
+def rank(item: dict) -> tuple:
+    by_admin = item["source"] == "import" or item["golden"] or item.get("by_admin", False)
+    return (by_admin, SOURCE_PRIORITY.get(item["source"], 0), item["updated"], item["example_id"])
 FEATURES = Features({
     "example_id": Value("int64"),
     "messages": List({"role": Value("string"), "content": Value("string")}),
@@ -93,7 +100,8 @@ def _clean_example(ex: Example, prompt: PromptSettings, redactions: Counter) -> 
     return {"example_id": ex.id, "messages": messages, "answer": answer, "label": label,
             "rejected_answer": fix_target(ex.rejected_answer), "source": ex.source, "golden": bool(ex.golden),
             "augmented": ex.source == "augmented", "parent": (ex.provenance or {}).get("augmented_from"),
-            "updated": ex.updated_at.isoformat() if ex.updated_at else ""}
+            "updated": ex.updated_at.isoformat() if ex.updated_at else "",
+            "by_admin": bool((ex.provenance or {}).get("by_admin"))}
 
 
 def _bare(prompt: PromptSettings) -> PromptSettings:
@@ -138,7 +146,7 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
         groups.setdefault(key, []).append(item)
     winners = []
     for group in groups.values():
-        group.sort(key=lambda it: (SOURCE_PRIORITY.get(it["source"], 0), it["updated"], it["example_id"]), reverse=True)
+        group.sort(key=rank, reverse=True)
         best = dict(group[0])
         best["golden"] = any(it["golden"] for it in group)
         counts["exact_duplicates"] += len(group) - 1

@@ -5,11 +5,13 @@ The rules (per answer message, over live, non-retracted feedback):
   otherwise everyone's net. Net > 0: the answer is a positive target; net < 0: it is never a
   target and is kept as a rejected answer; net == 0 (mixed): nothing is derived from votes.
 - Corrections beat everything: an admin's correction beats a user's, then the newest one wins.
+  Corrections waiting for a review, or rejected by a reviewer, count for nothing.
   The bot's answer becomes the rejected answer of a corrected item.
 - "Add to training data" (shortcut "include") on an answer makes it a target unless its net vote
   is negative; on a user message, the next bot answer in the thread is the target.
-- Golden: an admin's "golden" mark makes the item golden (its best target: correction, else the
-  answer when its net is not negative); every 👎-then-corrected answer is golden too.
+- Golden: only an admin's "golden" mark makes the item golden (its best target: correction, else
+  the answer when its net is not negative). A user's 👎 + correction never does: golden items gate
+  every later model, so only admins decide what they are.
 - Labels classify the question (the user message an answer replied to, or the labeled message
   itself): admins' labels win; otherwise the majority; a tie goes to the newest label.
 Examples derived earlier from a message whose target has since changed are excluded, so a
@@ -26,7 +28,7 @@ from flywheel.logs import get_logger
 from store.conversations import conversation_messages
 from store.examples import exclude_examples, list_examples, set_example_status, upsert_example
 from store.feedback import active_feedback
-from store.models import ExampleStatus, Feedback, FeedbackKind, Message, Role
+from store.models import ExampleStatus, Feedback, FeedbackKind, Message, ReviewState, Role
 
 log = get_logger("trainer.targets")
 VOTE_KINDS = (FeedbackKind.reaction, FeedbackKind.button)
@@ -51,7 +53,8 @@ def net_votes(votes: list[Feedback]) -> int:
 
 
 def best_correction(corrections: list[Feedback]) -> Feedback | None:
-    usable = [c for c in corrections if (c.correction or "").strip()]
+    usable = [c for c in corrections if (c.correction or "").strip()
+              and c.review not in (ReviewState.pending, ReviewState.rejected)]
     if not usable:
         return None
     return max(usable, key=lambda c: (c.is_admin, c.updated_at, c.id))
@@ -151,7 +154,6 @@ def derive_examples(session: Session, *, context_turns: int = 6) -> Derivation:
         if context is None:
             result.skipped.append(f"message {mid}: no user question before this answer")
             continue
-        downvoted = any(v.value == "down" for v in votes)
         if correction is not None:
             answer, source = correction.correction.strip(), "correction"
             rejected = msg.text if msg.text.strip() != answer else None
@@ -163,11 +165,12 @@ def derive_examples(session: Session, *, context_turns: int = 6) -> Derivation:
             elif golden_marks:
                 result.skipped.append(f"message {mid}: marked golden but its answer is voted down and uncorrected")
             continue
-        golden = bool(golden_marks) or (correction is not None and downvoted)
+        golden = bool(golden_marks)
         provenance = {"feedback_ids": sorted(f.id for f in fbs if f.kind != FeedbackKind.label),
                       "message_id": mid, "net_votes": net}
         if correction is not None:
             provenance["correction_by"] = correction.user
+            provenance["by_admin"] = correction.is_admin
         row, created = upsert_example(session, messages=context, answer=answer, source=source,
                                       provenance=provenance, golden=golden, rejected_answer=rejected,
                                       message_id=mid)

@@ -1,0 +1,191 @@
+"""The correction review queue in Slack. A correction from someone who is neither an admin nor a
+reviewer waits: it is posted to the admin channel with Approve / Edit / Reject (one from a DM or a
+private channel is not: its text stays out of shared channels and reviewers see it with
+`/flywheel review`, which only they can open). Approval puts it in the memory and the training
+data; every decision, and every refused attempt, is audited."""
+from __future__ import annotations
+
+import json
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web import WebClient
+from slack_sdk.webhook import WebhookClient
+
+from bot import blocks, metrics
+from bot.admin import Reply
+from bot.feedback import Feedback
+from bot.settings import BotSettings
+from flywheel.logs import get_logger
+from store.audit import record_audit
+from store.conversations import previous_user_message
+from store.db import session_scope
+from store.errors import StoreError
+from store.models import Feedback as FeedbackRow
+from store.models import Message
+from store.review import count_pending, decide_correction, get_correction, pending_corrections
+
+log = get_logger("bot.review")
+LISTED = 8  # five blocks each: Slack takes at most 50 blocks in a message
+NOT_A_REVIEWER = ":no_entry: Only Flywheel admins and reviewers can review corrections. This attempt was logged."
+
+
+class Review:
+    def __init__(self, settings: BotSettings, feedback: Feedback) -> None:
+        self.settings, self.feedback = settings, feedback
+
+    # -- a correction arrives --------------------------------------------------------------------
+    def submitted(self, client: WebClient, row: FeedbackRow, msg: Message) -> None:
+        """Ask for a review in the admin channel (public origins only)."""
+        metrics.REVIEW.labels("pending").inc()
+        if not self.settings.admin_channel:
+            return
+        private = self.feedback.visibility.visible_in(client, msg.channel) is not None
+        try:
+            if private:
+                client.chat_postMessage(channel=self.settings.admin_channel, text=(
+                    f"A correction from a private conversation waits for review: `/flywheel review` "
+                    f"shows it to admins and reviewers ({self._waiting()} waiting)."))
+            else:
+                item = self._item_blocks(row, msg)
+                client.chat_postMessage(channel=self.settings.admin_channel, blocks=item,
+                                        text=f"A correction by <@{row.user}> waits for review")
+        except SlackApiError as exc:  # it stays pending; `/flywheel review` lists it
+            log.warning("cannot post the review request", error=exc.response.get("error"))
+
+    def _waiting(self) -> int:
+        with session_scope() as s:
+            return count_pending(s)
+
+    def _item_blocks(self, row: FeedbackRow, msg: Message) -> list[dict]:
+        with session_scope() as s:
+            question = previous_user_message(s, msg)
+        where = "in a DM" if msg.channel.startswith("D") else f"in <#{msg.channel}>"
+        return blocks.review_item_blocks(feedback_id=row.id, author=row.user, where=where,
+                                         question=question.text if question else None, answer=msg.text,
+                                         suggestion=row.correction or "")
+
+    # -- `/flywheel review` ----------------------------------------------------------------------
+    def pending_reply(self, user: str) -> Reply:
+        if not self.settings.is_reviewer(user):
+            self._refused(user, "list", "review queue")
+            return Reply(NOT_A_REVIEWER)
+        with session_scope() as s:
+            waiting = count_pending(s)
+            items = pending_corrections(s, limit=LISTED)
+        if not items:
+            return Reply("No corrections wait for review.")
+        head = f"*{waiting} correction{'s' if waiting != 1 else ''} wait for review*" + (
+            f" (the oldest {LISTED} below)" if waiting > LISTED else "")
+        out = [{"type": "section", "text": blocks.mrkdwn(head)}]
+        for row, msg in items:
+            out += [{"type": "divider"}, *self._item_blocks(row, msg)]
+        return Reply(head, blocks=out)
+
+    # -- decisions -------------------------------------------------------------------------------
+    def decide(self, client: WebClient, user: str, feedback_id: int, *, approve: bool,
+               text: str | None = None) -> tuple[bool, str]:
+        """(decided, what to tell the channel or the clicker)."""
+        verb = "approve" if approve else "reject"
+        if not self.settings.is_reviewer(user):
+            self._refused(user, verb, f"feedback {feedback_id}")
+            return False, NOT_A_REVIEWER
+        try:
+            with session_scope() as s:
+                row, edited = decide_correction(s, feedback_id, actor=user, approve=approve, text=text)
+                msg = s.get(Message, row.message_id)
+        except StoreError as exc:
+            with session_scope() as s:
+                record_audit(s, actor=user, action=f"correction.{verb}", target=f"feedback {feedback_id}",
+                             outcome="error", detail={"error": str(exc)})
+            metrics.REVIEW.labels("error").inc()
+            return False, f":x: {exc}"
+        metrics.REVIEW.labels("approved" if approve else "rejected").inc()
+        log.info("correction reviewed", feedback_id=feedback_id, decision=verb, by=user)
+        if approve and msg is not None:
+            self.feedback.remember(client, msg, row.user, row.correction or "", source="correction")
+        if msg is not None:
+            self._tell_author(client, row, msg, approve)
+        done = ":white_check_mark: approved" if approve else ":no_entry_sign: rejected"
+        return True, f"{done}{' (edited)' if edited else ''} by <@{user}>: <@{row.user}>'s correction"
+
+    def _tell_author(self, client: WebClient, row: FeedbackRow, msg: Message, approve: bool) -> None:
+        text = ("A reviewer approved your suggested answer: I use it from now on and in the next training."
+                if approve else "A reviewer did not take your suggested answer this time.")
+        try:
+            client.chat_postEphemeral(channel=msg.channel, user=row.user, text=text)
+        except SlackApiError as exc:
+            log.info("could not tell the author about the review", error=exc.response.get("error"))
+
+    def _refused(self, user: str, verb: str, target: str) -> None:
+        with session_scope() as s:
+            record_audit(s, actor=user, action=f"correction.{verb}", target=target, outcome="refused",
+                         detail={"reason": "not a reviewer"})
+        metrics.REVIEW.labels("refused").inc()
+
+    # -- buttons and the edit modal --------------------------------------------------------------
+    def on_button(self, ack, body: dict, client: WebClient, respond) -> None:
+        ack()
+        action, user = body["actions"][0], body["user"]["id"]
+        try:
+            feedback_id = int(action.get("value") or "")
+        except ValueError:
+            respond(text=":x: This review item is not valid.", response_type="ephemeral", replace_original=False)
+            return
+        if action["action_id"] == blocks.REVIEW_EDIT:
+            self._open_editor(body, client, respond, user, feedback_id)
+            return
+        decided, text = self.decide(client, user, feedback_id, approve=action["action_id"] == blocks.REVIEW_APPROVE)
+        if not decided:
+            respond(text=text, response_type="ephemeral", replace_original=False)
+            return
+        respond(text=text, replace_original=True, blocks=_decided(body.get("message") or {}, feedback_id, text))
+
+    def _open_editor(self, body: dict, client: WebClient, respond, user: str, feedback_id: int) -> None:
+        if not self.settings.is_reviewer(user):
+            self._refused(user, "edit", f"feedback {feedback_id}")
+            respond(text=NOT_A_REVIEWER, response_type="ephemeral", replace_original=False)
+            return
+        with session_scope() as s:
+            found = get_correction(s, feedback_id)
+        if found is None:
+            respond(text=f":x: correction {feedback_id} not found", response_type="ephemeral", replace_original=False)
+            return
+        view = blocks.review_edit_modal(feedback_id=feedback_id, suggestion=found[0].correction or "",
+                                        reply_to={"response_url": body.get("response_url")})
+        try:
+            client.views_open(trigger_id=body["trigger_id"], view=view)
+        except SlackApiError as exc:
+            log.error("cannot open the review editor", error=exc.response.get("error"))
+
+    def on_edit_submit(self, ack, body: dict, view: dict, client: WebClient) -> None:
+        value = (((view.get("state") or {}).get("values") or {}).get(blocks.CORRECTION_BLOCK) or {}).get(
+            blocks.CORRECTION_INPUT) or {}
+        text = (value.get("value") or "").strip()
+        if not text:
+            ack(response_action="errors", errors={blocks.CORRECTION_BLOCK: "Please write the answer to teach."})
+            return
+        try:
+            meta = json.loads(view.get("private_metadata") or "{}")
+            feedback_id = int(meta["feedback_id"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            ack(response_action="errors", errors={blocks.CORRECTION_BLOCK: "This review item is not valid."})
+            return
+        decided, reply = self.decide(client, body["user"]["id"], feedback_id, approve=True, text=text)
+        if not decided:
+            ack(response_action="errors", errors={blocks.CORRECTION_BLOCK: reply.lstrip(":x: ")[:150]})
+            return
+        ack()
+        if meta.get("response_url"):
+            try:
+                WebhookClient(meta["response_url"]).send(text=reply, replace_original=True,
+                                                         blocks=[{"type": "section", "text": blocks.mrkdwn(reply)}])
+            except Exception as exc:  # the decision stands; only the review message stays as it was
+                log.info("could not update the review message", error=f"{type(exc).__name__}: {exc}")
+
+
+def _decided(message: dict, feedback_id: int, result: str | None) -> list[dict]:
+    """The review message after a decision: the item's buttons replaced by who decided."""
+    kept = [b for b in message.get("blocks") or [] if b.get("block_id") != f"review_{feedback_id}"]
+    if result:
+        kept.append({"type": "context", "elements": [blocks.mrkdwn(result)]})
+    return kept[:50] or [{"type": "section", "text": blocks.mrkdwn(result or " ")}]

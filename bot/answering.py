@@ -64,13 +64,17 @@ class Answerer:
 
     # -- which messages are questions for us ---------------------------------------------------
     def on_app_mention(self, event: dict, body: dict, client: WebClient, bot_user_id: str | None) -> None:
-        if not self._first_delivery(body, "app_mention") or _from_a_bot(event, bot_user_id):
+        if not self._first_delivery(body, "app_mention"):
+            return
+        if _from_a_bot(event, bot_user_id):
+            metrics.IGNORED.labels("from_a_bot").inc()
             return
         conversation = event.get("thread_ts") or event["ts"]
         self.answer(client, event, bot_user_id, conversation=conversation, reply_thread=conversation)
 
     def on_message(self, event: dict, body: dict, client: WebClient, bot_user_id: str | None) -> None:
         if _from_a_bot(event, bot_user_id) or event.get("subtype") not in ANSWERABLE_SUBTYPES:
+            metrics.IGNORED.labels("from_a_bot" if _from_a_bot(event, bot_user_id) else "subtype").inc()
             return
         thread_ts = event.get("thread_ts")
         in_thread = bool(thread_ts) and thread_ts != event["ts"]
@@ -81,12 +85,17 @@ class Answerer:
                             reply_thread=thread_ts if in_thread else None)
             return
         if bot_user_id and f"<@{bot_user_id}" in (event.get("text") or ""):
-            return  # the app_mention event for this message answers it
+            metrics.IGNORED.labels("mention").inc()  # the app_mention event for this message answers it
+            return
         if not in_thread:
+            metrics.IGNORED.labels("not_in_a_thread").inc()
             return
         with session_scope() as s:
             ours = bool(thread_messages(s, event["channel"], thread_ts, limit=1))
-        if ours and self._first_delivery(body, "message"):  # a follow-up in a thread of ours
+        if not ours:
+            metrics.IGNORED.labels("not_our_thread").inc()
+            return
+        if self._first_delivery(body, "message"):  # a follow-up in a thread of ours
             self.answer(client, event, bot_user_id, conversation=thread_ts, reply_thread=thread_ts)
 
     def _first_delivery(self, body: dict, kind: str) -> bool:

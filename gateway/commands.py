@@ -15,6 +15,7 @@ def _group() -> None:
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on"),
     port: int = typer.Option(8000, help="Port to listen on"),
+    fd: int = typer.Option(None, help="Serve on this inherited, already-bound socket instead of host/port"),
     backend: str = typer.Option(None, help="transformers or vllm (default: FLYWHEEL_BACKEND)"),
     base_model: str = typer.Option(None, help="Base model directory (default: FLYWHEEL_BASE_MODEL)"),
 ) -> None:
@@ -34,7 +35,7 @@ def serve(
     if settings.backend == "vllm" and not settings.vllm_urls:
         typer.echo("FLYWHEEL_BACKEND=vllm needs FLYWHEEL_VLLM_URLS (comma-separated vLLM server URLs)", err=True)
         raise typer.Exit(2)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(settings), host=host, port=port, fd=fd, log_level="warning", access_log=False)
 
 
 @gateway_app.command("vllm-server")

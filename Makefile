@@ -48,11 +48,12 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
+# Shuffled (pytest-randomly prints "Using --randomly-seed=N"; PYTEST_ARGS=--randomly-seed=N replays an order).
 test: setup model vllm
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -p randomly $(PYTEST_ARGS)
 
 test-fast: setup model
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -p randomly -m "not slow" $(PYTEST_ARGS)
 
 demo: setup model
 	$(BIN)/flywheel demo run

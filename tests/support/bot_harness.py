@@ -8,7 +8,7 @@ from typing import Self
 
 import httpx
 
-from tests.support.gateway_server import free_port
+from tests.support.net import listening_socket, port_of
 from tests.support.slack_double import SlackDouble, SlackSender
 
 SIGNING_SECRET = "test-signing-secret-0123456789abcdef"
@@ -32,12 +32,14 @@ class BotServer:
         values.update(overrides)
         self.settings = BotSettings(**values)
         self.app = create_asgi(self.settings)
-        self.port = free_port()
+        self.sock = listening_socket()  # port 0: the kernel's pick, held from here on
+        self.port = port_of(self.sock)
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
                                 access_log=False, lifespan="on")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"bot-{self.port}", daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name=f"bot-{self.port}", daemon=True)
         self.sender = SlackSender(f"{self.url}/slack/events", SIGNING_SECRET, double=self.double)
 
     def start(self, timeout_s: float = 30.0) -> BotServer:
@@ -58,6 +60,7 @@ class BotServer:
         self.sender.close()
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.sock.close()
         if self.own_double:
             self.double.stop()
 

@@ -1,4 +1,5 @@
-"""Run a real gateway (uvicorn on loopback) inside the test process, in a thread."""
+"""Run a real gateway (uvicorn on loopback) inside the test process, in a thread. It serves on
+a socket bound to port 0 (the kernel's pick) and reports the port it got."""
 from __future__ import annotations
 
 import threading
@@ -6,22 +7,24 @@ import time
 
 import httpx
 
-from flywheel.net import free_port  # noqa: F401  (re-exported for callers)
+from tests.support.net import listening_socket, port_of
 
 
 class GatewayServer:
-    def __init__(self, settings, port: int | None = None) -> None:
+    def __init__(self, settings) -> None:
         import uvicorn
 
         from gateway.app import create_app
 
-        self.port = port or free_port()
+        self.sock = listening_socket()
+        self.port = port_of(self.sock)
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
                                 access_log=False, lifespan="on")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"gateway-{self.port}", daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name=f"gateway-{self.port}", daemon=True)
 
     def start(self, ready_timeout_s: float = 120.0, require_ready: bool = True) -> GatewayServer:
         self.thread.start()
@@ -44,6 +47,7 @@ class GatewayServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.sock.close()
 
     @property
     def gateway(self):

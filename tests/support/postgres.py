@@ -1,5 +1,8 @@
 """A throwaway PostgreSQL server for the test session: initdb in a temp dir, loopback port,
-run as an unprivileged user (PostgreSQL refuses root), stopped and deleted at the end."""
+run as an unprivileged user (PostgreSQL refuses root), stopped and deleted at the end.
+
+PostgreSQL cannot take an already-bound socket, so its port is picked free and, should another
+process take it before the postmaster binds it, the start is retried on a fresh port."""
 from __future__ import annotations
 
 import glob
@@ -47,11 +50,20 @@ class PostgresServer:
     def _run(self, *args: str) -> None:
         subprocess.run([*self.run_as, *args], check=True, capture_output=True, text=True)
 
-    def start(self) -> "PostgresServer":
+    def start(self, attempts: int = 5) -> "PostgresServer":
         data = str(self.datadir / "data")
         self._run(str(self.bindir / "initdb"), "-D", data, "-U", "postgres", "-A", "trust", "--no-sync")
-        opts = f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-        self._run(str(self.bindir / "pg_ctl"), "-D", data, "-o", opts, "-l", str(self.datadir / "log"), "-w", "start")
+        log = self.datadir / "log"
+        for attempt in range(attempts):
+            opts = f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+            try:
+                self._run(str(self.bindir / "pg_ctl"), "-D", data, "-o", opts, "-l", str(log), "-w", "start")
+                return self
+            except subprocess.CalledProcessError:
+                lost_port = log.exists() and "could not bind" in log.read_text(errors="replace")
+                if not lost_port or attempt == attempts - 1:
+                    raise
+                self.port = free_port()  # someone took the port between picking and binding
         return self
 
     def stop(self) -> None:

@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from flywheel.masking import mask_url
+
 _configured = False
 
 
@@ -24,12 +26,18 @@ def configure_logging(level: str | None = None) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _mask_urls,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         logger_factory=_current_stderr,
     )
     _configured = True
+
+
+def _mask_urls(_logger, _method, event_dict: dict) -> dict:
+    """No password of a connection URL in any log line, whoever logged it."""
+    return {k: mask_url(v) if isinstance(v, str) else v for k, v in event_dict.items()}
 
 
 def _current_stderr(*_args) -> structlog.PrintLogger:

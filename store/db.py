@@ -10,6 +10,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlmodel import Session, create_engine
 
+from flywheel.masking import mask_url
 from store.errors import DatabaseConfigError, DatabaseUnavailableError
 from store.settings import StoreSettings
 
@@ -22,8 +23,8 @@ def normalize_url(url: str) -> str:
     """Validate the URL and pin the PostgreSQL driver to psycopg 3 (the one we install)."""
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise DatabaseConfigError(f"malformed database URL {url!r}; expected {SUPPORTED}") from exc
+    except ArgumentError:  # `from None`: the parser's own message quotes the URL, password and all
+        raise DatabaseConfigError(f"malformed database URL {mask_url(url)!r}; expected {SUPPORTED}") from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if parsed.drivername != "sqlite":

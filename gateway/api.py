@@ -1,4 +1,8 @@
-"""The OpenAI-compatible routes: chat completions, completions, models."""
+"""The OpenAI-compatible routes: chat completions, completions, models.
+
+Each request: limits (gateway.limits), a turn from admission (429 when the line is full), the
+version it may name, then the backend. Until the response starts, a client that hangs up
+cancels all of it, generation included (gateway.disconnect); once streaming, Starlette does."""
 from __future__ import annotations
 
 import json
@@ -6,11 +10,13 @@ import time
 
 import anyio
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from flywheel.logs import get_logger
-from gateway.auth import require_api_key
+from gateway.auth import is_admin, require_api_key
+from gateway.disconnect import unless_disconnected
 from gateway.errors import GatewayError
+from gateway.limits import apply_limits
 from gateway.registry import BASE, PRODUCTION
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -38,19 +44,43 @@ def _log_failure(path: str, label: str, exc: GatewayError) -> None:
         log.debug("request_refused", path=path, version=label, status=exc.status, code=exc.code, error=exc.message)
 
 
-async def _serve(request: Request, endpoint: str, req) -> JSONResponse | StreamingResponse:
+async def _serve(request: Request, endpoint: str, req) -> Response:
     gw = request.app.state.gateway
-    metrics, registry = gw.metrics, gw.registry
-    started = time.perf_counter()
     path = f"/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}"
     try:
+        apply_limits(req, gw.settings)
+        turn = await unless_disconnected(request, gw.admission.acquire())
+    except GatewayError as exc:
+        gw.metrics.requests.labels(path, "none", str(exc.status)).inc()
+        raise
+    if turn is None:  # the client left while waiting for a turn
+        gw.metrics.requests.labels(path, "none", "499").inc()
+        return Response(status_code=499)
+    handed_over = False
+    try:
+        response = await unless_disconnected(request, _run(request, gw, endpoint, path, req, turn))
+        handed_over = isinstance(response, StreamingResponse)  # its body releases the turn
+    finally:
+        if not handed_over:
+            gw.admission.release(turn)
+    if response is None:
+        gw.metrics.requests.labels(path, "none", "499").inc()
+        return Response(status_code=499)
+    return response
+
+
+async def _run(request: Request, gw, endpoint: str, path: str, req, turn: float) -> Response:
+    metrics, registry = gw.metrics, gw.registry
+    started = time.perf_counter()
+    admin = is_admin(request)
+    try:
         try:
-            version = registry.resolve(req.model)
+            version = registry.resolve(req.model, admin)
         except GatewayError:
             if gw.syncer is None or gw.settings.max_extra_versions == 0:
                 raise
-            await gw.syncer.ensure_loaded(req.model)  # a registered version named directly
-            version = registry.resolve(req.model)
+            await gw.syncer.ensure_loaded(req.model, admin)  # a registered version named directly
+            version = registry.resolve(req.model, admin)
     except GatewayError as exc:
         metrics.requests.labels(path, "none", str(exc.status)).inc()
         raise
@@ -84,11 +114,31 @@ async def _serve(request: Request, endpoint: str, req) -> JSONResponse | Streami
     except BaseException:
         lease.__exit__(None, None, None)
         metrics.inflight.dec()
+        if "chunks" in locals():
+            with anyio.CancelScope(shield=True):
+                await chunks.aclose()
         raise
     metrics.first_token.labels(path).observe(time.perf_counter() - started)
+    status = "200"
+    closed = False
+
+    async def close() -> None:
+        """Book-keeping first (no awaits), then close the engine's stream even if the client
+        left and this task is being cancelled. Runs once, from whichever end gets here first."""
+        nonlocal closed
+        if closed:
+            return
+        closed = True
+        lease.__exit__(None, None, None)
+        gw.admission.release(turn)
+        metrics.inflight.dec()
+        metrics.requests.labels(path, label, status).inc()
+        metrics.latency.labels(path, "true").observe(time.perf_counter() - started)
+        with anyio.CancelScope(shield=True):
+            await chunks.aclose()
 
     async def body_iter():
-        status = "200"
+        nonlocal status
         try:
             first["model"] = label
             yield _sse(first)
@@ -103,17 +153,26 @@ async def _serve(request: Request, endpoint: str, req) -> JSONResponse | Streami
             _log_failure(path, label, exc)
             yield _sse(exc.body())
         finally:
-            # Book-keeping first (no awaits), then close the engine's stream even if the client
-            # left and this task is being cancelled.
-            lease.__exit__(None, None, None)
-            metrics.inflight.dec()
-            metrics.requests.labels(path, label, status).inc()
-            metrics.latency.labels(path, "true").observe(time.perf_counter() - started)
-            with anyio.CancelScope(shield=True):
-                await chunks.aclose()
+            await close()
 
     headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return StreamingResponse(body_iter(), media_type="text/event-stream", headers=headers)
+    return _Stream(body_iter(), close, media_type="text/event-stream", headers=headers)
+
+
+class _Stream(StreamingResponse):
+    """A streaming response that always runs its `close` (lease, admission turn, engine stream),
+    also when the client left before Starlette started iterating the body."""
+
+    def __init__(self, content, close, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._close = close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close()
 
 
 @router.post("/chat/completions")
@@ -138,8 +197,9 @@ async def list_models(request: Request):
         {"id": PRODUCTION, "object": "model", "created": created, "owned_by": "flywheel", "root": base_id,
          "parent": None, "flywheel": {"kind": "alias", "target": reg.label(reg.production)}},
     ]
+    admin = is_admin(request)
     for name, entry in sorted(reg.loaded.items()):
-        if not entry.draining:
+        if not entry.draining and reg.may_serve(name, entry.status, admin):
             data.append({"id": name, "object": "model", "created": int(entry.loaded_at), "owned_by": "flywheel",
                          "root": base_id, "parent": BASE,
                          "flywheel": {"kind": "adapter", "sha256": entry.sha256,

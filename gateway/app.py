@@ -37,7 +37,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(request: Request):
-        ready, detail = request.app.state.gateway.readiness()
+        ready, detail = request.app.state.gateway.public_readiness()
         return JSONResponse(detail, status_code=200 if ready else 503)
 
     @app.get("/metrics")
@@ -49,8 +49,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         """Read the production alias now (skipping any retry backoff) and swap if it moved."""
         gateway = request.app.state.gateway
         if gateway.syncer is None:
-            raise unavailable(gateway.backend.error or "the backend is still starting; try again shortly",
-                              code="not_ready")
+            raise unavailable("the backend is not ready (see /admin/status); try again shortly", code="not_ready")
         snapshot = await gateway.syncer.sync_once(force=True)
         return {"synced": True, **snapshot}
 

@@ -1,4 +1,6 @@
-"""Bearer-token checks: API keys for /v1 (when configured), the admin token for /admin."""
+"""Bearer-token checks: API keys for /v1 (when configured), the admin token for /admin.
+The admin token also works as an API key, and on /v1 it unlocks versions that are not approved
+(rejected, gate-failed, waiting for review) by name."""
 from __future__ import annotations
 
 import hmac
@@ -18,9 +20,15 @@ def _matches(token: str, keys: list[str]) -> bool:
     return any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
 
 
+def is_admin(request: Request) -> bool:
+    admin = request.app.state.gateway.settings.admin_token
+    token = _bearer(request)
+    return bool(admin and token and _matches(token, [admin]))
+
+
 async def require_api_key(request: Request) -> None:
     keys = request.app.state.gateway.settings.api_keys
-    if not keys:
+    if not keys or is_admin(request):
         return
     token = _bearer(request)
     if token is None:

@@ -27,6 +27,13 @@ class Metrics:
         self.loaded = Gauge("flywheel_gateway_loaded_adapters", "Adapters loaded on this replica", registry=r)
         self.sync_errors = Counter("flywheel_gateway_sync_errors", "Store sync attempts that failed", registry=r)
 
+    def bind_admission(self, admission) -> None:
+        """Queue gauges read at scrape time (no bookkeeping on the request path)."""
+        Gauge("flywheel_gateway_queue_waiting", "Requests waiting for a turn", registry=self.registry
+              ).set_function(lambda: admission.waiting)
+        Gauge("flywheel_gateway_queue_running", "Requests holding a turn", registry=self.registry
+              ).set_function(lambda: admission.running)
+
     def set_production(self, version: str) -> None:
         self.production.clear()
         self.production.labels(version=version).set(1)

@@ -1,6 +1,10 @@
 """Which versions this replica serves: the production pointer, the loaded adapters, and the
 in-flight requests on each (so an old version is unloaded only after it drains).
 
+Who may ask for a version by name: anyone for `production`, `base`, the production version
+and the one before it, and versions an admin approved; rejected, gate-failed and unreviewed
+versions only with the admin token (to everyone else they do not exist: 404).
+
 Everything here runs on the event loop, so resolve + acquire is atomic without locks."""
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from gateway.errors import model_not_found
 
 BASE = "base"
 PRODUCTION = "production"
+# Store statuses (store.models.VersionStatus) that anyone may name.
+OPEN_STATUSES = frozenset({"approved", "production"})
 
 
 @dataclass
@@ -21,6 +27,7 @@ class LoadedVersion:
     name: str
     path: Path
     sha256: str
+    status: str | None = None  # the store's status, refreshed every sync round
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -32,6 +39,8 @@ class Registry:
     def __init__(self) -> None:
         self.production: str | None = None  # None: the base model
         self.previous: str | None = None  # kept loaded for an instant rollback
+        self.store_previous: str | None = None  # the store's production before the current one
+        self.loading: set[str] = set()  # versions being loaded right now (for /admin/status)
         self.loaded: dict[str, LoadedVersion] = {}
         self.base_inflight = 0
         self.synced = False  # True once the production alias has been read from the store
@@ -43,18 +52,25 @@ class Registry:
     def label(version: str | None) -> str:
         return version or BASE
 
-    def names(self) -> list[str]:
-        return [BASE, PRODUCTION, *sorted(n for n, v in self.loaded.items() if not v.draining)]
+    def may_serve(self, name: str, status: str | None, admin: bool = False) -> bool:
+        """Whether a client may name this version (see the module docstring)."""
+        return admin or status in OPEN_STATUSES or (
+            name is not None and name in (self.production, self.previous, self.store_previous))
 
-    def resolve(self, requested: str) -> str | None:
-        """Map a client's model name to a version (None = base); unknown names are a 404."""
+    def names(self, admin: bool = False) -> list[str]:
+        return [BASE, PRODUCTION, *sorted(n for n, v in self.loaded.items()
+                                          if not v.draining and self.may_serve(n, v.status, admin))]
+
+    def resolve(self, requested: str, admin: bool = False) -> str | None:
+        """Map a client's model name to a version (None = base); unknown names, and versions the
+        client may not name, are a 404."""
         if requested == PRODUCTION:
             return self.production
         if requested == BASE:
             return None
         entry = self.loaded.get(requested)
-        if entry is None or entry.draining:
-            raise model_not_found(requested, self.names())
+        if entry is None or entry.draining or not self.may_serve(requested, entry.status, admin):
+            raise model_not_found(requested, self.names(admin))
         return requested
 
     @contextmanager
@@ -76,8 +92,8 @@ class Registry:
                 if entry.inflight == 0:
                     entry.drained.set()
 
-    def add(self, name: str, path: Path, sha256: str) -> LoadedVersion:
-        entry = LoadedVersion(name=name, path=path, sha256=sha256)
+    def add(self, name: str, path: Path, sha256: str, status: str | None = None) -> LoadedVersion:
+        entry = LoadedVersion(name=name, path=path, sha256=sha256, status=status)
         entry.drained.set()
         self.loaded[name] = entry
         return entry
@@ -115,7 +131,8 @@ class Registry:
         return {
             "production": self.label(self.production), "previous": self.label(self.previous),
             "store_target": self.label(self.store_target), "synced": self.synced,
-            "loaded": {n: {"sha256": v.sha256, "inflight": v.inflight, "draining": v.draining}
-                       for n, v in sorted(self.loaded.items())},
+            "loaded": {n: {"sha256": v.sha256, "inflight": v.inflight, "draining": v.draining,
+                           "status": v.status} for n, v in sorted(self.loaded.items())},
+            "loading": sorted(self.loading),
             "base_inflight": self.base_inflight, "last_error": self.last_error,
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from flywheel.logs import get_logger
+from gateway.admission import Admission
 from gateway.backends import make_backend
 from gateway.metrics import Metrics
 from gateway.registry import Registry
@@ -19,6 +20,8 @@ class Gateway:
         self.registry = Registry()
         self.metrics = Metrics()
         self.metrics.set_production("base")
+        self.admission = Admission(settings.concurrency(), settings.max_queue)
+        self.metrics.bind_admission(self.admission)
         self.syncer = None
         self._tasks: list[asyncio.Task] = []
 
@@ -30,7 +33,7 @@ class Gateway:
         try:
             await self.backend.start()
         except Exception as exc:  # noqa: BLE001 - logged by the backend; /readyz reports backend.error
-            log.error("backend_start_failed", backend=self.backend.kind, error=str(exc))
+            log.error("backend_start_failed", backend=self.backend.kind, error=str(exc)[:500])
             return
         from gateway.sync import Syncer
 
@@ -49,6 +52,13 @@ class Gateway:
             await self.syncer.close()
         await self.backend.close()
 
+    def public_readiness(self) -> tuple[bool, dict]:
+        """What /readyz tells anyone: ready or not and the version served, no error text (the
+        reasons, which may name paths and servers, are in /admin/status)."""
+        ready, detail = self.readiness()
+        return ready, {"ready": ready, "production": detail["production"],
+                       "backend": {"kind": self.backend.kind, "ready": self.backend.ready}}
+
     def readiness(self) -> tuple[bool, dict]:
         reg = self.registry
         reasons = []
@@ -60,7 +70,10 @@ class Gateway:
             reasons.append(f"production is {reg.label(reg.store_target)} in the store but "
                            f"{reg.label(reg.production)} here ({reg.last_error or 'loading'})")
         ready = self.backend.ready and reg.synced and (reg.store_target == reg.production or reg.swapped_at is not None)
-        return ready, {"ready": ready, "reasons": reasons, "backend": self.backend.status(), **reg.snapshot()}
+        admission = {"running": self.admission.running, "waiting": self.admission.waiting,
+                     "rejected": self.admission.rejected}
+        return ready, {"ready": ready, "reasons": reasons, "backend": self.backend.status(), **reg.snapshot(),
+                       "admission": admission}
 
     def base_model_name(self) -> str:
         from flywheel.adapters import base_model_id

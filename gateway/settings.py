@@ -35,11 +35,30 @@ class GatewaySettings(BaseSettings):
     # (discovered from GET /v1/models when unset).
     vllm_timeout_s: float = Field(default=300.0, gt=0)
     vllm_base_name: str | None = None
+    # Sent as `Authorization: Bearer` to every vLLM server (start vLLM with --api-key / VLLM_API_KEY).
+    vllm_api_key: str | None = None
+    # Admission: requests handed to the backend at once (unset: 1 for transformers, whose model
+    # runs one generation at a time, 64 for vLLM) and requests waiting for a turn; when that
+    # line is full the replica answers 429 with Retry-After instead of queueing without end.
+    max_concurrent: int | None = Field(default=None, ge=1)
+    max_queue: int = Field(default=32, ge=0)
+    # Largest `n` (choices per request) and whether `logprobs`/`top_logprobs` are accepted:
+    # both multiply the work (or the answer) of one request, so they are off unless enabled.
+    max_choices: int = Field(default=1, ge=1, le=16)
+    allow_logprobs: bool = False
 
     @field_validator("vllm_urls", "api_keys", mode="before")
     @classmethod
     def _csv(cls, value):
         return split_csv(value)
+
+    @field_validator("api_keys", "admin_token", "vllm_api_key")
+    @classmethod
+    def _no_placeholders(cls, value):
+        for secret in value if isinstance(value, list) else [value]:
+            if secret and "change_me" in secret.lower():
+                raise ValueError("still the example placeholder (CHANGE_ME): set a real secret")
+        return value
 
     @field_validator("vllm_urls")
     @classmethod
@@ -56,6 +75,11 @@ class GatewaySettings(BaseSettings):
         if value != "auto" and not (value == "cpu" or value.startswith("cuda") or value == "mps"):
             raise ValueError(f"device {value!r}: use auto, cpu, cuda, cuda:N or mps")
         return value
+
+    def concurrency(self) -> int:
+        if self.max_concurrent is not None:
+            return self.max_concurrent
+        return 64 if self.backend == "vllm" else 1
 
     def resolved_device(self) -> str:
         if self.device != "auto":

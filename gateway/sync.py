@@ -3,7 +3,10 @@
 On a change: check the adapter (path inside the adapters dir, registered sha256, our base
 model), load it, warm it up with one request, switch atomically, keep the previous version
 for an instant rollback, and unload older ones once their in-flight requests are done.
-A failed load keeps the old version serving and is retried with exponential backoff."""
+A failed load keeps the old version serving and is retried with exponential backoff.
+
+Versions a request names are loaded under their own lock, never the sync lock: a slow or stuck
+load on request cannot hold up a promotion or a rollback. A version both want is loaded once."""
 from __future__ import annotations
 
 import asyncio
@@ -25,6 +28,11 @@ class VersionInfo:
     adapter_path: str
     adapter_sha256: str
     base_model: str
+    status: str | None = None
+
+
+def _info(row) -> VersionInfo:
+    return VersionInfo(row.name, row.adapter_path, row.adapter_sha256, row.base_model, str(row.status))
 
 
 def resolve_adapter_path(raw: str, adapters_dir: Path) -> Path:
@@ -57,7 +65,9 @@ class Syncer:
         self.backend = gateway.backend
         self.base_id = gateway.base_model_name()
         self.wake = asyncio.Event()
-        self.lock = asyncio.Lock()
+        self.lock = asyncio.Lock()  # one sync round at a time
+        self.request_lock = asyncio.Lock()  # one load on request at a time (never self.lock)
+        self.loading: dict[str, asyncio.Task] = {}
         self.failures: dict[str | None, tuple[int, float]] = {}  # version -> (attempts, next try at)
         self.unloading: dict[str, asyncio.Task] = {}
 
@@ -76,20 +86,24 @@ class Syncer:
             self.wake.clear()
 
     async def close(self) -> None:
-        for task in self.unloading.values():
+        for task in [*self.unloading.values(), *self.loading.values()]:
             task.cancel()
 
     # ---- one round -------------------------------------------------------------------------
     async def sync_once(self, force: bool = False) -> dict:
         async with self.lock:
             try:
-                target, info = await asyncio.to_thread(self._read_store)
+                target, info, previous, statuses = await asyncio.to_thread(self._read_store, sorted(self.registry.loaded))
             except Exception as exc:  # noqa: BLE001 - the loop must survive anything
                 self.registry.last_error = f"cannot read the production alias from the store: {exc}"
                 self.metrics.sync_errors.inc()
                 log.warning("store_read_failed", error=str(exc))
                 return self.registry.snapshot()
             self.registry.store_target = target
+            self.registry.store_previous = previous
+            for name, status in statuses.items():  # an admin may have rejected a loaded version since
+                if name in self.registry.loaded:
+                    self.registry.loaded[name].status = status
             self.registry.synced = True
             if target != self.registry.production:
                 await self._swap(target, info, force)
@@ -103,30 +117,38 @@ class Syncer:
             await self._heartbeat()
             return self.registry.snapshot()
 
-    def _read_store(self) -> tuple[str | None, VersionInfo | None]:
+    def _read_store(self, loaded: list[str]):
+        """The production target (and its row), the production before it, and the statuses of
+        the versions loaded here."""
+        from sqlmodel import col, select
+
         from store.db import session_scope
-        from store.versions import PRODUCTION, alias_target, find_version
+        from store.models import ModelVersion
+        from store.versions import PRODUCTION, alias_history, alias_target, find_version
 
         with session_scope() as session:
             name = alias_target(session, PRODUCTION)
+            history = alias_history(session, PRODUCTION, limit=1)
+            previous = history[0]["from"] if history and history[0]["to"] == name else None
+            statuses = {row.name: str(row.status) for row in session.exec(
+                select(ModelVersion).where(col(ModelVersion.name).in_(loaded)))} if loaded else {}
             if name is None:
-                return None, None
+                return None, None, previous, statuses
             row = find_version(session, name)
-            if row is None:
-                return name, None
-            return name, VersionInfo(row.name, row.adapter_path, row.adapter_sha256, row.base_model)
+            return name, (_info(row) if row else None), previous, statuses
 
-    async def ensure_loaded(self, name: str) -> None:
-        """Load a registered version that a request names directly (not production): checked like
-        any other, kept as one of at most `max_extra_versions` extras (least recently used goes)."""
+    async def ensure_loaded(self, name: str, admin: bool = False) -> None:
+        """Load a registered version that a request names directly (not production): only one a
+        client may name (see registry), checked like any other, kept as one of at most
+        `max_extra_versions` extras (least recently used goes)."""
         from store.versions import validate_version_name
 
         reg = self.registry
         try:
             validate_version_name(name)
         except ValueError:
-            raise model_not_found(name, reg.names()) from None
-        async with self.lock:
+            raise model_not_found(name, reg.names(admin)) from None
+        async with self.request_lock:
             entry = reg.loaded.get(name)
             if entry is not None and not entry.draining:
                 return
@@ -134,13 +156,15 @@ class Syncer:
                 await asyncio.gather(self.unloading[name], return_exceptions=True)
             try:
                 info = await asyncio.to_thread(self._read_version, name)
-            except Exception as exc:  # the store is down: say so
-                raise unavailable(f"cannot look up version {name} in the store: {exc}", code="store_unavailable") from exc
-            if info is None:
-                raise model_not_found(name, reg.names())
+            except Exception as exc:  # the store is down: say so, without its details
+                log.warning("version_lookup_failed", version=name, error=str(exc))
+                raise unavailable("cannot look up this version right now; retry shortly",
+                                  code="store_unavailable") from exc
+            if info is None or not reg.may_serve(name, info.status, admin):
+                raise model_not_found(name, reg.names(admin))
             try:
-                await self._load(name, info)
-            except Exception as exc:  # refused adapters: the client gets the reason
+                await self._load_shared(name, info)
+            except Exception as exc:  # refused adapters: the client gets the reason (paths masked)
                 log.warning("load_on_request_failed", version=name, error=str(exc))
                 raise GatewayError(404, f"version {name} is registered but cannot be served here: {exc}",
                                    code="model_unavailable", param="model") from exc
@@ -156,7 +180,7 @@ class Syncer:
 
         with session_scope() as session:
             row = find_version(session, name)
-            return VersionInfo(row.name, row.adapter_path, row.adapter_sha256, row.base_model) if row else None
+            return _info(row) if row else None
 
     async def _heartbeat(self) -> None:
         from store.db import session_scope
@@ -185,7 +209,7 @@ class Syncer:
             if target in self.unloading:  # it was being unloaded: let that finish, then load afresh
                 await asyncio.gather(self.unloading[target], return_exceptions=True)
             try:
-                await self._load(target, info)
+                await self._load_shared(target, info)
             except Exception as exc:  # noqa: BLE001 - the loop must survive anything
                 delay = min(self.settings.retry_backoff_s * (2 ** attempts), self.settings.retry_backoff_max_s)
                 self.failures[target] = (attempts + 1, time.monotonic() + delay)
@@ -206,6 +230,21 @@ class Syncer:
         log.info("swapped", production=reg.label(target), previous=reg.label(old),
                  seconds=round(time.perf_counter() - started, 3))
 
+    async def _load_shared(self, name: str, info: VersionInfo | None) -> None:
+        """Load `name` once even if the sync loop and a request both want it now."""
+        task = self.loading.get(name)
+        if task is None:
+            task = asyncio.create_task(self._load(name, info), name=f"load-{name}")
+            self.loading[name] = task
+            self.registry.loading.add(name)
+
+            def done(_task, name=name):
+                self.loading.pop(name, None)
+                self.registry.loading.discard(name)
+
+            task.add_done_callback(done)
+        await asyncio.shield(task)
+
     async def _load(self, name: str, info: VersionInfo | None) -> None:
         from store.versions import validate_version_name
 
@@ -221,7 +260,7 @@ class Syncer:
         path = resolve_adapter_path(info.adapter_path, Path(self.settings.adapters_dir))
         await asyncio.to_thread(verify_adapter, path, expected_sha256=info.adapter_sha256)
         await self.backend.load_adapter(name, path)
-        self.registry.add(name, path, info.adapter_sha256)
+        self.registry.add(name, path, info.adapter_sha256, info.status)
         try:
             await self._warm_up(name)
         except Exception:

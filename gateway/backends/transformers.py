@@ -116,6 +116,9 @@ class TransformersBackend(Backend):
                 self.adapters.discard(name)
 
     # ---- requests --------------------------------------------------------------------------
+    def _not_ready(self) -> str:
+        return "the base model could not be loaded" if self.error else "the base model is still loading"
+
     def _prompt(self, endpoint: Endpoint, req: Request) -> str:
         if endpoint == "chat":
             try:
@@ -134,9 +137,11 @@ class TransformersBackend(Backend):
 
     def _prepare(self, endpoint: Endpoint, req: Request, version: str | None):
         if not self.ready:
-            raise unavailable(self.error or "the base model is still loading", code="model_loading")
+            raise unavailable(self._not_ready(), code="model_loading")
         if req.n != 1:
             raise bad_request("the transformers backend generates one choice per request (n=1)", param="n")
+        if req.wants_logprobs():
+            raise bad_request("the transformers backend does not return logprobs", param="logprobs")
         if version is not None and version not in self.adapters:
             raise unavailable(f"adapter {version} is not loaded on this replica", code="adapter_unavailable")
         text = self._prompt(endpoint, req)
@@ -158,7 +163,7 @@ class TransformersBackend(Backend):
         """Chat template + tokenization off the event loop (long prompts take milliseconds), on the
         default pool rather than the generation pool, whose threads may all be waiting for the lock."""
         if not self.ready:
-            raise unavailable(self.error or "the base model is still loading", code="model_loading")
+            raise unavailable(self._not_ready(), code="model_loading")
         return await asyncio.get_running_loop().run_in_executor(None, self._prepare, endpoint, req, version)
 
     def _gen_kwargs(self, req: Request, ids, max_new: int, cancel: threading.Event, streamer=None) -> dict:
@@ -181,11 +186,14 @@ class TransformersBackend(Backend):
             kwargs["streamer"] = streamer
         return kwargs
 
-    def _run(self, version: str | None, req: Request, kwargs: dict):
-        """Generate under the lock with the right adapter active; returns the new token ids."""
+    def _run(self, version: str | None, req: Request, kwargs: dict, cancel: threading.Event | None = None):
+        """Generate under the lock with the right adapter active; returns the new token ids.
+        A request cancelled while it waited for the lock does not start."""
         import torch
 
         with self._lock:
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled("the client left")
             if version is not None and version not in self.adapters:
                 raise _Cancelled(f"adapter {version} was unloaded")
             model = self.model
@@ -209,9 +217,17 @@ class TransformersBackend(Backend):
 
     async def generate(self, version: str | None, endpoint: Endpoint, req: Request) -> dict:
         text, ids, n_prompt, max_new = await self._prepare_async(endpoint, req, version)
-        kwargs = self._gen_kwargs(req, ids, max_new, threading.Event())
+        cancel = threading.Event()
+        kwargs = self._gen_kwargs(req, ids, max_new, cancel)
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._run, version, req, kwargs, cancel)
         try:
-            new_ids = await asyncio.get_running_loop().run_in_executor(self._pool, self._run, version, req, kwargs)
+            new_ids = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The client left: stop at the next token, and hold the caller's lease on the
+            # version until the thread is out of the model.
+            cancel.set()
+            await asyncio.gather(future, return_exceptions=True)
+            raise
         except _Cancelled as exc:
             raise unavailable(str(exc), code="adapter_unavailable") from exc
         out = self.tokenizer.decode(new_ids, skip_special_tokens=True)
@@ -233,7 +249,7 @@ class TransformersBackend(Backend):
 
         def work():
             try:
-                new_ids = self._run(version, req, kwargs)
+                new_ids = self._run(version, req, kwargs, cancel)
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", new_ids))
             except BaseException as exc:  # noqa: BLE001 - handed to the event loop
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
@@ -261,7 +277,8 @@ class TransformersBackend(Backend):
                 elif kind == "error":
                     if isinstance(value, _Cancelled):
                         raise unavailable(str(value), code="adapter_unavailable")
-                    raise GatewayError(500, f"generation failed: {value}", type="server_error")
+                    log.error("generation_failed", error=type(value).__name__)
+                    raise GatewayError(500, "generation failed", type="server_error")
                 else:
                     new_ids = value
                     break

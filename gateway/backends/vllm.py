@@ -19,13 +19,18 @@ import aiohttp
 from flywheel.adapters import AdapterError
 from flywheel.logs import get_logger
 from gateway.backends.base import Backend, Endpoint, Request
-from gateway.errors import GatewayError, unavailable
+from gateway.errors import GatewayError, bad_request, unavailable
 
 log = get_logger("gateway.vllm")
 # aiohttp, not httpx, for the forwarding client: about 1 ms less CPU per request, which the
 # engine sharing this machine's cores gets back (see bench/gateway/run.py).
 TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+# The only request fields that reach vLLM (after gateway.limits clamped max_tokens); the schemas
+# refuse anything else, and this list keeps it so even if a schema grows a field.
+_COMMON = ("max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+           "frequency_penalty", "presence_penalty")
+FORWARDED = {"chat": (*_COMMON, "logprobs", "top_logprobs"), "completions": (*_COMMON, "prompt", "echo", "logprobs")}
 
 
 @dataclass
@@ -55,8 +60,8 @@ def _vllm_error(status: int, text: str, server: str) -> GatewayError:
     if status < 500:
         param = err.get("param") if isinstance(err.get("param"), str) else None
         return GatewayError(status, message, code=code, param=param)
-    return GatewayError(502, f"vLLM server {server} failed (HTTP {status}): {message}",
-                        type="server_error", code="backend_error")
+    log.warning("vllm_error", url=server, status=status, error=message[:300])
+    return GatewayError(502, f"the vLLM backend failed (HTTP {status})", type="server_error", code="backend_error")
 
 
 class VLLMBackend(Backend):
@@ -78,7 +83,9 @@ class VLLMBackend(Backend):
     async def start(self) -> None:
         """Wait (forever, cancellable) until one vLLM server answers; learn its base model name."""
         if self.client is None:
+            key = self.settings.vllm_api_key
             self.client = aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {key}"} if key else None,
                 timeout=aiohttp.ClientTimeout(total=self.settings.vllm_timeout_s, sock_connect=5.0),
                 connector=aiohttp.TCPConnector(limit=2000, keepalive_timeout=60),
                 json_serialize=lambda obj: json.dumps(obj, separators=(",", ":")))
@@ -128,9 +135,9 @@ class VLLMBackend(Backend):
         server.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
     def _unreachable(self, servers: list[_Server]) -> GatewayError:
-        detail = "; ".join(f"{s.url} ({s.last_error})" for s in servers)
-        return unavailable(f"vLLM backend unavailable: cannot reach {detail}. Retry shortly.",
-                           code="backend_unavailable")
+        """For the client: unavailable, retry. Which server and why is in the log and /admin/status."""
+        return unavailable(f"vLLM backend unavailable ({len(servers) or len(self.servers)} server(s) unreachable). "
+                           "Retry shortly.", code="backend_unavailable")
 
     # ---- adapters --------------------------------------------------------------------------
     async def _load_on(self, server: _Server, name: str, path: Path) -> None:
@@ -155,7 +162,8 @@ class VLLMBackend(Backend):
                     await self._unload_on(done, name)
                 raise
         if not reached:
-            raise AdapterError(self._unreachable(self.servers).message)
+            detail = "; ".join(f"{s.url} ({s.last_error})" for s in self.servers)
+            raise AdapterError(f"cannot reach any vLLM server: {detail}")
         self.paths[name] = Path(path)
 
     async def _unload_on(self, server: _Server, name: str) -> None:
@@ -194,8 +202,16 @@ class VLLMBackend(Backend):
         ring = self.servers[start:] + self.servers[:start]
         return [s for s in ring if s.healthy] + [s for s in ring if not s.healthy]
 
-    def _body(self, version: str | None, req: Request, stream: bool) -> dict:
-        body = req.model_dump(exclude_unset=True, exclude_none=True)
+    def _body(self, version: str | None, endpoint: Endpoint, req: Request, stream: bool) -> dict:
+        """The upstream request, built from the allow-list (FORWARDED) only."""
+        fields = req.model_dump(exclude_none=True)
+        body = {k: fields[k] for k in FORWARDED[endpoint] if k in fields}
+        if endpoint == "chat":
+            try:
+                body["messages"] = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                                    for m in req.messages]
+            except ValueError as exc:
+                raise bad_request(str(exc), param="messages") from exc
         body["model"] = version or self.base_name
         body["stream"] = stream
         return body
@@ -219,14 +235,19 @@ class VLLMBackend(Backend):
 
     async def generate(self, version: str | None, endpoint: Endpoint, req: Request) -> dict:
         if not self.ready:
-            raise unavailable(self.error or "connecting to vLLM", code="backend_unavailable")
-        body = self._body(version, req, stream=False)
+            raise unavailable("connecting to vLLM; retry shortly", code="backend_unavailable")
+        body = self._body(version, endpoint, req, stream=False)
         tried = []
         for server in self._order():
             for attempt in range(2):
                 try:
-                    async with self.client.post(f"{server.url}{PATHS[endpoint]}", json=body) as resp:
+                    resp = await self.client.post(f"{server.url}{PATHS[endpoint]}", json=body)
+                    try:
                         status, raw = resp.status, await resp.read()
+                    except BaseException:
+                        resp.close()  # the client left (or the read failed): vLLM aborts the generation
+                        raise
+                    resp.release()
                 except TRANSPORT_ERRORS as exc:
                     self._down(server, exc)
                     tried.append(server)
@@ -241,8 +262,8 @@ class VLLMBackend(Backend):
 
     async def stream(self, version: str | None, endpoint: Endpoint, req: Request) -> AsyncIterator[dict]:
         if not self.ready:
-            raise unavailable(self.error or "connecting to vLLM", code="backend_unavailable")
-        body = self._body(version, req, stream=True)
+            raise unavailable("connecting to vLLM; retry shortly", code="backend_unavailable")
+        body = self._body(version, endpoint, req, stream=True)
         tried = []
         for server in self._order():
             for attempt in range(2):
@@ -281,12 +302,14 @@ class VLLMBackend(Backend):
                 chunk = json.loads(data)
                 if "error" in chunk and "choices" not in chunk:
                     err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-                    raise GatewayError(502, f"vLLM stream error: {err.get('message')}", type="server_error",
+                    log.warning("vllm_stream_error", url=server.url, error=str(err.get("message"))[:300])
+                    raise GatewayError(502, "the vLLM backend failed mid-stream", type="server_error",
                                        code="backend_error")
                 yield chunk
         except TRANSPORT_ERRORS as exc:
-            raise GatewayError(502, f"vLLM server {server.url} dropped the stream: {type(exc).__name__}",
-                               type="server_error", code="backend_error") from exc
+            log.warning("vllm_stream_dropped", url=server.url, error=type(exc).__name__)
+            raise GatewayError(502, "the vLLM backend dropped the stream", type="server_error",
+                               code="backend_error") from exc
 
     def status(self) -> dict:
         return {**super().status(), "base_name": self.base_name,

@@ -23,6 +23,7 @@ from store.versions import (
     find_version,
     list_versions,
     move_alias,
+    promote_version,
     rollback_target,
     set_version_status,
 )
@@ -128,6 +129,17 @@ class Admin:
                              detail={**(detail or {}), "error": str(exc)})
             metrics.ADMIN.labels(action, "error").inc()
             return Reply(f":x: {exc}")
+        except Exception as exc:  # the database or the gateway failed: audit if we can, say so plainly
+            log.error("admin command crashed", user=user, action=action, target=target, error=type(exc).__name__)
+            try:
+                with session_scope() as s:
+                    record_audit(s, actor=user, action=f"command.{action}", target=target, outcome="error",
+                                 detail={**(detail or {}), "error": type(exc).__name__})
+            except Exception as audit_exc:
+                log.error("cannot audit the failure", error=type(audit_exc).__name__)
+            metrics.ADMIN.labels(action, "error").inc()
+            return Reply(f":x: `{action}` failed on our side ({type(exc).__name__}); nothing was changed "
+                         "unless a later message says so. Try again in a moment.")
         metrics.ADMIN.labels(action, "ok").inc()
         return reply
 
@@ -155,11 +167,7 @@ class Admin:
         """Approve and promote: the production alias moves (audited in the same transaction),
         then the gateway is asked to swap now."""
         with session_scope() as s:
-            current = find_version(s, version)
-            if current is not None and current.status not in (VersionStatus.approved, VersionStatus.production):
-                set_version_status(s, version, VersionStatus.approved, actor=user, reason=force,
-                                   force=force is not None)
-            moved = move_alias(s, PRODUCTION, version, actor=user, reason=force, force=force is not None)
+            moved = promote_version(s, version, actor=user, reason=force, force=force is not None)
         sync = self.gateway.request_sync()
         forced = f' (forced: "{force}")' if force else ""
         log.info("promoted", version=version, previous=moved["from"], by=user, forced=bool(force))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, select
 
 from store.audit import add_audit, list_audit
 from store.errors import InvalidStateError, NotFoundError
@@ -24,9 +24,15 @@ def validate_version_name(name: str) -> str:
     return name
 
 
-def next_version_name(session: Session, prefix: str = "ft") -> str:
-    count = session.exec(select(func.count()).select_from(ModelVersion)).one()
-    return f"{prefix}-{count + 1:04d}"
+def next_version_name(session: Session, prefix: str = "ft", after: str | None = None) -> str:
+    """One past the highest `prefix-NNNN` registered (or past `after`): a count would hand out
+    a taken name once any name was skipped."""
+    numbers = [int(n.rsplit("-", 1)[1]) for n in session.exec(
+        select(ModelVersion.name).where(col(ModelVersion.name).like(f"{prefix}-%"))).all()
+        if n.rsplit("-", 1)[1].isdigit()]
+    if after and after.rsplit("-", 1)[-1].isdigit():
+        numbers.append(int(after.rsplit("-", 1)[1]))
+    return f"{prefix}-{max(numbers, default=0) + 1:04d}"
 
 
 def register_version(
@@ -93,10 +99,10 @@ def alias_version(session: Session, alias: str = PRODUCTION) -> ModelVersion | N
 
 
 def set_version_status(session: Session, name: str, status: VersionStatus, *, actor: str,
-                       reason: str | None = None, force: bool = False) -> ModelVersion:
+                       reason: str | None = None, force: bool = False, commit: bool = True) -> ModelVersion:
     """Approve or reject a version, with its audit event in the same transaction.
     Approving a version the gate rejected needs `force` and a reason."""
-    version = get_version(session, name)
+    version = _locked_version(session, name)
     if status == VersionStatus.approved:
         if version.status == VersionStatus.production:
             raise InvalidStateError(f"{name} is already in production")
@@ -114,18 +120,46 @@ def set_version_status(session: Session, name: str, status: VersionStatus, *, ac
     session.add(version)
     add_audit(session, actor=actor, action=f"version.{'approve' if status == VersionStatus.approved else 'reject'}",
               target=name, detail={"from": before, "to": status.value, "reason": reason, "force": force})
-    session.commit()
-    session.refresh(version)
+    if commit:
+        session.commit()
+        session.refresh(version)
     return version
+
+
+def _locked_version(session: Session, name: str) -> ModelVersion:
+    """The version row, locked until the transaction ends (PostgreSQL; SQLite serializes writers)."""
+    version = session.exec(select(ModelVersion).where(ModelVersion.name == name).with_for_update()).first()
+    if version is None:
+        raise NotFoundError(f"no model version named {name!r}")
+    return version
+
+
+def promote_version(session: Session, name: str, *, actor: str, reason: str | None = None,
+                    force: bool = False) -> dict:
+    """Approve (when not yet approved) and move production to `name` in one transaction, the
+    alias row locked first: of two concurrent promotions one waits for the other, and whatever
+    the order exactly one version ends up in production."""
+    _locked_alias(session, PRODUCTION)
+    version = _locked_version(session, name)
+    if version.status not in (VersionStatus.approved, VersionStatus.production):
+        set_version_status(session, name, VersionStatus.approved, actor=actor, reason=reason, force=force,
+                           commit=False)
+    return move_alias(session, PRODUCTION, name, actor=actor, reason=reason, force=force)
+
+
+def _locked_alias(session: Session, alias: str) -> Alias | None:
+    return session.exec(select(Alias).where(Alias.name == alias).with_for_update()).first()
 
 
 def move_alias(session: Session, alias: str, version_name: str | None, *, actor: str,
                reason: str | None = None, force: bool = False) -> dict:
     """Point `alias` at a version (None = base model) and write the audit event, in one transaction.
-    Moving production also sets the statuses: the new version 'production', the old 'retired'."""
+    Moving production also sets the statuses: the new version 'production', every other one that
+    says 'production' 'retired' (so a lost race can never leave two)."""
     if alias not in ALIASES:
         raise ValueError(f"unknown alias {alias!r}; known: {', '.join(ALIASES)}")
-    new = get_version(session, version_name) if version_name else None
+    _locked_alias(session, alias)
+    new = _locked_version(session, version_name) if version_name else None
     if new is not None and alias == PRODUCTION and not new.gate_passed and not force:
         raise InvalidStateError(
             f"{new.name} did not pass the evaluation gate; use --force \"reason\" to promote it anyway")
@@ -141,10 +175,11 @@ def move_alias(session: Session, alias: str, version_name: str | None, *, actor:
         if new is not None:
             new.status = VersionStatus.production
             session.add(new)
-        old = find_version(session, before) if before else None
-        if old is not None:
-            old.status = VersionStatus.retired
-            session.add(old)
+        live = select(ModelVersion).where(ModelVersion.status == VersionStatus.production)
+        for old in session.exec(live).all():
+            if old.name != version_name:
+                old.status = VersionStatus.retired
+                session.add(old)
     detail = {"from": before, "to": version_name, "reason": reason, "force": force}
     add_audit(session, actor=actor, action=ALIAS_MOVE, target=alias, detail=detail)
     session.commit()
@@ -161,8 +196,19 @@ def alias_history(session: Session, alias: str = PRODUCTION, limit: int = 50) ->
 
 
 def rollback_target(session: Session, alias: str = PRODUCTION) -> str | None:
-    """The version that was live before the current one (None = the base model)."""
-    history = alias_history(session, alias, limit=1)
+    """The version that was live before the current one (None = the base model), skipping
+    versions an admin has rejected since: a rollback never brings back what someone turned down."""
+    history = alias_history(session, alias, limit=200)
     if not history:
         raise InvalidStateError(f"{alias} has never moved; nothing to roll back to")
-    return history[0]["from"]
+    current = history[0]["to"]
+    for move in history:
+        name = move["from"]
+        if name == current:
+            continue
+        if name is None:
+            return None
+        version = find_version(session, name)
+        if version is not None and version.status != VersionStatus.rejected:
+            return name
+    return None

@@ -153,12 +153,18 @@ def _train_and_register(settings: TrainerSettings, snap, run_id: int, lease: Tra
     digest = save_adapter(model, staging)
     report_dir = Path(settings.runs_dir).resolve() / f"run-{run_id}"
     with session_scope(engine) as s:
-        for _attempt in range(5):
-            name = next_version_name(s)
+        name = None
+        for _attempt in range(20):
+            # The next free name: never a registered version's, never over a folder that exists
+            # (a leftover of an unregistered run stays where it is, untouched).
+            name = next_version_name(s, after=name)
             target = adapters_dir / name
-            if target.exists():  # a leftover of an unregistered run: never overwrite, take the next
-                shutil.move(str(target), str(adapters_dir / f".orphan-{name}-{os.getpid()}"))
-            os.replace(staging, target)
+            if target.exists():
+                continue
+            try:
+                os.replace(staging, target)  # atomic; refused if another run just took the folder
+            except OSError:
+                continue
             report = build_report(version=name, run_id=run_id, snapshot=snap.row, results=results, verdict=verdict,
                                   train=train, hyperparams=settings.hyperparams(), base_model=base_id)
             _json, png = write_report(report, report_dir)
@@ -167,7 +173,7 @@ def _train_and_register(settings: TrainerSettings, snap, run_id: int, lease: Tra
                                  gate_passed=verdict.passed, gate_reasons=verdict.reasons, report=report,
                                  report_path=str(png), run_id=run_id, dataset_snapshot_id=snap.row.id)
                 break
-            except InvalidStateError:
+            except InvalidStateError:  # another trainer registered this name meanwhile
                 os.replace(target, staging)
         else:
             raise InvalidStateError("could not allocate a version name for the adapter")

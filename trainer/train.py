@@ -106,7 +106,7 @@ def _load_checkpoint(path: Path | None) -> dict | None:
     if path is None or not (path / CHECKPOINT).is_file():
         return None
     try:
-        return torch.load(path / CHECKPOINT, map_location="cpu", weights_only=False)
+        return torch.load(path / CHECKPOINT, map_location="cpu", weights_only=True)  # never unpickle code
     except Exception as exc:  # a torn or foreign file: start over rather than crash
         log.warning("ignoring unreadable checkpoint", path=str(path), error=str(exc))
         return None

@@ -84,12 +84,24 @@ def hash_split(question: str, eval_fraction: float) -> str:
     return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
 
 
-def _clean_example(ex: Example, prompt: PromptSettings, redactions: Counter) -> dict | None:
+class _TooLong(Exception):
+    """A text over `max_chars`: its item is dropped before redaction ever sees it."""
+
+
+def _clean_example(ex: Example, prompt: PromptSettings, redactions: Counter, max_chars: int) -> dict | None:
     def fix(text):
+        if text and len(text) > max_chars:
+            raise _TooLong
         return redact(text, redactions) if text else text
 
     def fix_target(text):
         return fix(normalize(text, bot_user_id=prompt.bot_user_id)) if text else None
+
+    def fix_rejected(text):  # only exported, never trained: an over-long one is left out, not the item
+        try:
+            return fix_target(text)
+        except _TooLong:
+            return None
 
     # Labels get their own system prompt (the label list) below; answers get production's.
     messages = build_messages(ex.messages, prompt if ex.label is None else _bare(prompt), clean=fix)
@@ -98,7 +110,7 @@ def _clean_example(ex: Example, prompt: PromptSettings, redactions: Counter) -> 
     if not messages or messages[-1]["role"] != "user" or (answer is None and label is None) or (label is None and not answer):
         return None
     return {"example_id": ex.id, "messages": messages, "answer": answer, "label": label,
-            "rejected_answer": fix_target(ex.rejected_answer), "source": ex.source, "golden": bool(ex.golden),
+            "rejected_answer": fix_rejected(ex.rejected_answer), "source": ex.source, "golden": bool(ex.golden),
             "augmented": ex.source == "augmented", "parent": (ex.provenance or {}).get("augmented_from"),
             "updated": ex.updated_at.isoformat() if ex.updated_at else "",
             "by_admin": bool((ex.provenance or {}).get("by_admin"))}
@@ -131,12 +143,18 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
     redactions: Counter = Counter()
     items = []
     for ex in examples:
-        item = _clean_example(ex, prompt, redactions)
+        found: Counter = Counter()  # tallied only for items kept
+        try:
+            item = _clean_example(ex, prompt, found, settings.max_chars)
+        except _TooLong:
+            counts["dropped_too_long"] += 1
+            continue
         if item is None:
             counts["dropped_empty"] += 1
         elif _too_long(item, settings.max_chars):
             counts["dropped_too_long"] += 1
         else:
+            redactions.update(found)
             items.append(item)
     # Exact duplicates and conflicts: one item per (kind, normalized context); the best source wins.
     groups: dict[str, list[dict]] = {}

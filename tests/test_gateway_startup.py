@@ -33,6 +33,13 @@ def wait_ready(url: str, timeout_s: float = 60) -> httpx.Response:
                       timeout_s, "/readyz to answer 200")
 
 
+def admin_status(server, token: str = "adm") -> dict:
+    """The full readiness detail (reasons, errors, loaded versions): an admin's view."""
+    resp = httpx.get(f"{server.url}/admin/status", headers={"Authorization": f"Bearer {token}"})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
 def counter(server, name: str) -> float:
     return metric_value(f"{server.url}/metrics", name)
 
@@ -55,14 +62,14 @@ def heartbeat_at(replica_id: str):
 def test_not_ready_until_the_store_answers(tiny_model_dir, tmp_path, monkeypatch):
     db = tmp_path / "flywheel.db"
     monkeypatch.setenv("FLYWHEEL_DATABASE_URL", f"sqlite:///{db}")  # not migrated yet: no tables
-    settings = GatewaySettings(base_model=tiny_model_dir, adapters_dir=tmp_path / "adapters", sync_interval_s=0.2)
+    settings = GatewaySettings(base_model=tiny_model_dir, adapters_dir=tmp_path / "adapters", sync_interval_s=0.2,
+                               admin_token="adm")
     server = GatewayServer(settings).start(require_ready=False)
     try:
         assert wait_backend(server.url)["backend"]["ready"]
         wait_counter(server, "flywheel_gateway_sync_errors_total", 2)  # two sync rounds, both failed
-        resp = httpx.get(f"{server.url}/readyz")
-        assert resp.status_code == 503
-        assert "production alias not read from the store" in " ".join(resp.json()["reasons"])
+        assert httpx.get(f"{server.url}/readyz").status_code == 503
+        assert "production alias not read from the store" in " ".join(admin_status(server)["reasons"])
         assert httpx.get(f"{server.url}/healthz").status_code == 200
         # It still answers (with the base model) while it cannot read the store.
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
@@ -87,14 +94,13 @@ def test_ready_only_with_the_production_adapter(tiny_model_dir, sqlite_url, tmp_
     adapters = tmp_path / "adapters"
     base = _broken_production(tiny_model_dir, adapters, seed=5)
     settings = GatewaySettings(base_model=tiny_model_dir, adapters_dir=adapters, sync_interval_s=0.2,
-                               retry_backoff_s=0.1, retry_backoff_max_s=0.2)
+                               retry_backoff_s=0.1, retry_backoff_max_s=0.2, admin_token="adm")
     server = GatewayServer(settings).start(require_ready=False)
     try:
         assert wait_backend(server.url)["backend"]["ready"]
         wait_counter(server, "flywheel_gateway_swap_failures_total", 2)  # failed, retried, failed again
-        resp = httpx.get(f"{server.url}/readyz")
-        assert resp.status_code == 503
-        body = resp.json()
+        assert httpx.get(f"{server.url}/readyz").status_code == 503
+        body = admin_status(server)
         assert body["store_target"] == "ft-0001" and body["production"] == "base"
         assert "does not match its registered sha256" in body["last_error"]
         # Fix it in the store (a new immutable version with the right digest) and promote that.

@@ -54,6 +54,7 @@ async def _serve(request: Request, endpoint: str, req) -> Response:
         gw.metrics.requests.labels(path, "none", str(exc.status)).inc()
         raise
     if turn is None:  # the client left while waiting for a turn
+        gw.metrics.cancelled.labels("waiting").inc()
         gw.metrics.requests.labels(path, "none", "499").inc()
         return Response(status_code=499)
     handed_over = False
@@ -63,7 +64,8 @@ async def _serve(request: Request, endpoint: str, req) -> Response:
     finally:
         if not handed_over:
             gw.admission.release(turn)
-    if response is None:
+    if response is None:  # the client left; its work was cancelled (generation included)
+        gw.metrics.cancelled.labels("running").inc()
         gw.metrics.requests.labels(path, "none", "499").inc()
         return Response(status_code=499)
     return response

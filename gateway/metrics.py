@@ -25,6 +25,10 @@ class Metrics:
         self.production = Gauge("flywheel_gateway_production_version", "1 for the version production serves",
                                 ["version"], registry=r)
         self.loaded = Gauge("flywheel_gateway_loaded_adapters", "Adapters loaded on this replica", registry=r)
+        self.cancelled = Counter("flywheel_gateway_cancelled", "Requests whose client hung up before the answer, "
+                                 "by stage (waiting for a turn, running)", ["stage"], registry=r)
+        self.discarded_tokens = Counter("flywheel_gateway_discarded_tokens",
+                                        "Tokens generated for clients that had hung up", registry=r)
         self.sync_errors = Counter("flywheel_gateway_sync_errors", "Store sync attempts that failed", registry=r)
 
     def bind_admission(self, admission) -> None:

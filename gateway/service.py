@@ -22,6 +22,7 @@ class Gateway:
         self.metrics.set_production("base")
         self.admission = Admission(settings.concurrency(), settings.max_queue)
         self.metrics.bind_admission(self.admission)
+        self.backend.on_discarded = self.metrics.discarded_tokens.inc
         self.syncer = None
         self._tasks: list[asyncio.Task] = []
 

@@ -21,6 +21,7 @@ class Backend(ABC):
     def __init__(self) -> None:
         self.ready = False
         self.error: str | None = None  # why the backend is not ready, for /readyz
+        self.on_discarded = lambda tokens: None  # told how many tokens a hung-up client cost
 
     @abstractmethod
     async def start(self) -> None:

@@ -226,7 +226,9 @@ class TransformersBackend(Backend):
             # The client left: stop at the next token, and hold the caller's lease on the
             # version until the thread is out of the model.
             cancel.set()
-            await asyncio.gather(future, return_exceptions=True)
+            (done,) = await asyncio.gather(future, return_exceptions=True)
+            if not isinstance(done, BaseException):
+                self.on_discarded(len(done))
             raise
         except _Cancelled as exc:
             raise unavailable(str(exc), code="adapter_unavailable") from exc

@@ -86,6 +86,7 @@ class TrainerSettings(BaseSettings):
     watch_min_new: int = Field(20, ge=1)  # new examples + feedback since the last run
     watch_cooldown_s: float = Field(3600.0, ge=0.0)
     watch_poll_s: float = Field(30.0, gt=0.0)
+    watch_max_backoff_s: float = Field(300.0, gt=0.0)  # the longest wait between checks while the database is away
 
     @field_validator("target_modules")
     @classmethod

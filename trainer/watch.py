@@ -6,6 +6,8 @@ import signal
 import threading
 from datetime import timedelta
 
+from prometheus_client import Counter
+
 from flywheel.logs import get_logger
 from store.db import session_scope
 from store.examples import count_examples
@@ -15,6 +17,8 @@ from store.runs import has_queued_run, list_runs
 from trainer.lease import LeaseBusy
 
 log = get_logger("trainer.watch")
+CHECKS = Counter("flywheel_trainer_watch_checks_total", "The watch daemon's polls by outcome (ok / failed)",
+                 ["outcome"])
 
 
 def due(session, settings) -> tuple[bool, str]:
@@ -42,10 +46,23 @@ def watch(settings, *, max_cycles: int | None = None, once: bool = False, stop: 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    cycles = 0
+    cycles, failures = 0, 0
     while not stop.is_set():
-        with session_scope() as s:
-            go, why = due(s, settings)
+        try:
+            with session_scope() as s:
+                go, why = due(s, settings)
+        except Exception as exc:  # the database is away (restart, network): back off and poll again
+            failures += 1
+            CHECKS.labels("failed").inc()
+            delay = min(settings.watch_poll_s * 2 ** min(failures - 1, 10), settings.watch_max_backoff_s)
+            log.warning("watch check failed; polling again", error=type(exc).__name__, failures=failures,
+                        retry_in_s=round(delay, 1))
+            stop.wait(delay)
+            continue
+        CHECKS.labels("ok").inc()
+        if failures:
+            log.info("watch check works again", after_failures=failures)
+            failures = 0
         log.info("watch check", run=go, reason=why)
         if go:
             cycles += 1

@@ -1,0 +1,81 @@
+"""`flywheel train watch` outlives a database outage: it logs, backs off, polls again, and the
+next due run succeeds. The outage is real: PostgreSQL behind a TCP hop that is taken down."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from store.db import get_engine, session_scope
+from store.migrate import upgrade
+from store.runs import get_run, queue_run
+from tests.support.faults import TcpProxy
+
+pytestmark = pytest.mark.postgres
+
+
+def wait_until(predicate, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not met within {timeout:.0f} s")
+
+
+def checks(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("flywheel_trainer_watch_checks_total", {"outcome": outcome}) or 0.0
+
+
+def test_watch_survives_a_database_outage_and_the_next_run_succeeds(pg_server, tiny_model_dir, tmp_path,
+                                                                   monkeypatch):
+    from trainer.settings import TrainerSettings
+    from trainer.watch import watch
+
+    real = pg_server.create_database()
+    upgrade(real)
+    proxy = TcpProxy(pg_server.port)
+    url = proxy.url_for(real, pg_server.port)
+    for key, value in {"FLYWHEEL_DATABASE_URL": url, "FLYWHEEL_BASE_MODEL": str(tiny_model_dir),
+                       "FLYWHEEL_ADAPTERS_DIR": str(tmp_path / "adapters"), "FLYWHEEL_RUNS_DIR": str(tmp_path / "runs"),
+                       "FLYWHEEL_DATA_DIR": str(tmp_path / "data"), "FLYWHEEL_MAX_STEPS": "2",
+                       "FLYWHEEL_BATCH_SIZE": "4", "FLYWHEEL_LORA_R": "4", "FLYWHEEL_LORA_ALPHA": "8",
+                       "FLYWHEEL_MAX_NEW_TOKENS": "4", "FLYWHEEL_AUGMENT_TEMPLATES": "0",
+                       "FLYWHEEL_RECALL_PARAPHRASES": "0", "FLYWHEEL_WATCH_POLL_S": "0.2",
+                       "FLYWHEEL_WATCH_MAX_BACKOFF_S": "0.5", "FLYWHEEL_WATCH_MIN_NEW": "1000"}.items():
+        monkeypatch.setenv(key, value)
+    from store.examples import upsert_example
+
+    with session_scope(get_engine(url)) as s:
+        for i in range(6):
+            upsert_example(s, messages=[{"role": "user", "content": f"What is fact number {i}?"}],
+                           answer=f"Fact {i} is {i * 7}.", source="import", provenance={"row": i})
+    stop = threading.Event()
+    daemon = threading.Thread(target=watch, args=(TrainerSettings(),), kwargs={"stop": stop}, daemon=True)
+    ok0, failed0 = checks("ok"), checks("failed")
+    try:
+        daemon.start()
+        wait_until(lambda: checks("ok") >= ok0 + 2, what="the daemon polling")
+        proxy.down()
+        wait_until(lambda: checks("failed") >= failed0 + 3, what="failed checks")
+        assert daemon.is_alive()
+        ok_down = checks("ok")
+        proxy.up()
+        wait_until(lambda: checks("ok") > ok_down, what="the daemon noticing the database is back")
+        with session_scope(get_engine(url)) as s:
+            run_id = queue_run(s, queued_by="UADMIN01").id
+        def finished():
+            with session_scope(get_engine(url)) as s:
+                run = get_run(s, run_id)
+                return run if run.status in ("succeeded", "failed") else None
+        run = wait_until(finished, timeout=300, what="the queued run finishing")
+        assert run.status == "succeeded" and run.model_version, run.error
+        assert daemon.is_alive()
+    finally:
+        stop.set()
+        daemon.join(60)
+        proxy.close()

@@ -129,7 +129,8 @@ def test_feedback_target_rules(session):
     assert ex["<@UBOT> what is the wifi password?"].source == "feedback"
     assert "who owns the cat?" not in ex and result.rejected_only == 2  # the cat and the admin's 👎
     lunch = ex["when is lunch?"]
-    assert (lunch.answer, lunch.source, lunch.rejected_answer, lunch.golden) == ("At noon.", "correction", "Never.", True)
+    # a user's 👎 + correction teaches the answer but never makes a golden item: only admins do
+    assert (lunch.answer, lunch.source, lunch.rejected_answer, lunch.golden) == ("At noon.", "correction", "Never.", False)
     assert sorted(lunch.provenance["feedback_ids"]) == lunch.provenance["feedback_ids"] and len(lunch.provenance["feedback_ids"]) == 3
     assert "is the office open on sunday?" not in ex and "what colour is the logo?" not in ex
     assert ex["where is the main office?"].golden and ex["where is the main office?"].answer == "In Tallinn."
@@ -245,7 +246,7 @@ def test_exact_duplicates_and_conflicts_resolved_by_source(sq, tmp_path):
     q = [{"role": "user", "content": "What is the guest wifi?"}]
     upsert_example(sq, messages=q, answer="Ask reception.", source="import")
     upsert_example(sq, messages=[{"role": "user", "content": "what is the guest WIFI"}], answer="Guest-5G.",
-                   source="correction")
+                   source="correction", provenance={"by_admin": True})  # an admin's correction beats an import
     upsert_example(sq, messages=q, answer="No idea.", source="feedback")
     snap = build_snapshot(sq, settings(tmp_path, eval_fraction=0.0))
     assert [r["answer"] for r in snap.dataset["train"] if not r["augmented"]] == ["Guest-5G."]

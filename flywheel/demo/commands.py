@@ -123,6 +123,10 @@ def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
         asked = sum(r.kind == "asked" for r in rows)
         say(f"\n▶ Monday–Thursday: the team asks {asked} questions; 👍 good answers, 👎 and correct bad ones")
         corrections = play_week(ws, rows, say)
+        say(f"\n▶ Thursday noon: the admin reviews the {corrections} corrections in {ADMIN_CHANNEL} "
+            "and approves them (corrections from non-admins wait for a reviewer)")
+        approved = ws.approve_corrections(ADMIN_CHANNEL, corrections)
+        say(f"  {approved} approved")
         wait_for_memory(corrections)
         t_week = time.monotonic()
 
@@ -213,7 +217,13 @@ def _copy_report(version: dict, out: Path) -> None:
 
 def _admin_channel_printer(say):
     """Show what the bot posts to admins (the report); answers in #general are summarized by the script."""
+    shown = {"review": 0}
+
     def printer(text: str) -> None:
+        if "*Correction by" in text:  # one per correction: show the first, the script counts the rest
+            shown["review"] += 1
+            if shown["review"] > 1:
+                return
         if ADMIN_CHANNEL in text.split("\n", 1)[0] or "file shared" in text:
             say(text)
     return printer

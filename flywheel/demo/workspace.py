@@ -7,7 +7,14 @@ import json
 import time
 from dataclasses import dataclass
 
-from bot.blocks import CORRECTION_BLOCK, CORRECTION_INPUT, CORRECTION_VIEW, SUGGEST_ACTION, THINKING
+from bot.blocks import (
+    CORRECTION_BLOCK,
+    CORRECTION_INPUT,
+    CORRECTION_VIEW,
+    REVIEW_APPROVE,
+    SUGGEST_ACTION,
+    THINKING,
+)
 from store.conversations import get_message
 from store.db import session_scope
 from tests.support.slack_double import BOT_USER_ID, SlackDouble, SlackSender
@@ -60,6 +67,24 @@ class Workspace:
         values = {CORRECTION_BLOCK: {CORRECTION_INPUT: {"type": "plain_text_input", "value": better}}}
         self._ok(self.sender.view_submission(callback_id=CORRECTION_VIEW, values=values,
                                              private_metadata=view.get("private_metadata", ""), user=user))
+
+    def approve_corrections(self, admin_channel: str, count: int, timeout_s: float = 60.0) -> int:
+        """The review step: the admin presses Approve on every correction the bot posted to the
+        admin channel for review; returns how many were approved."""
+        def request(call) -> bool:
+            return call.args.get("channel") == admin_channel and REVIEW_APPROVE in json.dumps(call.args.get("blocks"))
+
+        posts = self.slack.wait_for("chat.postMessage", request, count=count, timeout=timeout_s) if count else []
+        for post in posts:
+            blocks = post.args["blocks"]
+            blocks = json.loads(blocks) if isinstance(blocks, str) else blocks
+            value = next(e["value"] for b in blocks if b.get("type") == "actions"
+                         for e in b["elements"] if e.get("action_id") == REVIEW_APPROVE)
+            self._ok(self.sender.block_action(action_id=REVIEW_APPROVE, value=value, channel=admin_channel,
+                                              message_ts=post.response["ts"], user=self.admin,
+                                              message={"type": "message", "ts": post.response["ts"],
+                                                       "text": "", "blocks": blocks}))
+        return len(posts)
 
     def command(self, text: str, *, user: str | None = None) -> None:
         self._ok(self.sender.command(text, user=user or self.admin, channel=self.channel))

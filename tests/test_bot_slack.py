@@ -1,6 +1,11 @@
 """The Slack bot end to end: the real Bolt app served by uvicorn on loopback, driven with signed
 Slack requests; its WebClient talks to the local Slack double; answers come from a real gateway
-serving the tiny model; everything lands in a real (SQLite) store."""
+serving the tiny model; everything lands in a real (SQLite) store.
+
+The bot and gateway are shared by the module (they take seconds to start); every test works in
+channels of its own and asks its own questions, so the tests pass alone and in any order. That
+the bot left something alone is proven by its ignored-events or duplicates counter moving (the
+handler decided and returned), then checking that nothing was posted or stored."""
 from __future__ import annotations
 
 import json
@@ -22,11 +27,14 @@ from store.runs import finish_run, get_run, list_runs, record_progress, start_ru
 from store.versions import PRODUCTION, alias_target, get_version, register_version
 from tests.support.adapters import make_adapter, register
 from tests.support.bot_harness import ADMIN_CHANNEL, ADMIN_USER, BotServer
-from tests.support.gateway_server import GatewayServer, free_port
+from tests.support.gateway_server import GatewayServer
+from tests.support.metrics import metric_value
+from tests.support.net import port_of, refusing_socket
 from tests.support.slack_double import BOT_USER_ID
+from tests.support.waiting import wait_until
 
 GATEWAY_ADMIN = "gateway-admin-token"
-USER, OTHER = "UALICE01", "UBOB0001"
+USER, OTHER, CAROL = "UALICE01", "UBOB0001", "UCAROL01"
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -54,7 +62,9 @@ def env(request, tiny_model_dir, tmp_path_factory):
         gateway = GatewayServer(GatewaySettings(
             base_model=tiny_model_dir, admin_token=GATEWAY_ADMIN, adapters_dir=adapters, sync_interval_s=30,
             max_new_tokens=8, replica_id="bot-test")).start()
-        bot = BotServer(gateway_url=gateway.url, gateway_admin_token=GATEWAY_ADMIN).start()
+        # Alice and Carol review corrections: theirs count at once (the review queue has its own tests).
+        bot = BotServer(gateway_url=gateway.url, gateway_admin_token=GATEWAY_ADMIN,
+                        reviewers=[USER, CAROL]).start()
         sent: list[dict] = []  # what the bot asked the gateway (its own outgoing requests)
         http = bot.app.state.bolt.flywheel["gateway"].http
         http.event_hooks["request"].append(
@@ -67,6 +77,25 @@ def env(request, tiny_model_dir, tmp_path_factory):
 @pytest.fixture
 def bot(env):
     return env["bot"]
+
+
+class Counted:
+    """A counter on the bot's /metrics page, read before an action; `wait(n)` blocks until it
+    moved by n: the bot has handled (and here: deliberately dropped) what the test sent."""
+
+    def __init__(self, bot: BotServer, name: str, **labels: str) -> None:
+        self.url, self.name, self.labels = f"{bot.url}/metrics", name, labels
+        self.before = self.now()
+
+    def now(self) -> float:
+        return metric_value(self.url, self.name, self.labels)
+
+    def wait(self, n: int = 1, timeout: float = 30.0) -> None:
+        wait_until(lambda: self.now() >= self.before + n, timeout, f"{self.name}{self.labels} to move by {n}")
+
+
+def ignored(bot: BotServer, reason: str) -> Counted:
+    return Counted(bot, "flywheel_bot_ignored_events_total", reason=reason)
 
 
 def has_feedback_buttons(blocks) -> bool:
@@ -113,9 +142,8 @@ def ask(bot: BotServer, text: str, channel: str, **kw):
 # -- answering ------------------------------------------------------------------------------------
 def test_mention_gets_a_threaded_answer_with_buttons_and_is_stored(bot):
     channel = "CANSWER01"
-    started = time.monotonic()
     q_ts, resp = bot.sender.mention("What does the Flywheel bot do?", channel=channel)
-    assert resp.status_code == 200 and time.monotonic() - started < 3  # acked before answering
+    assert resp.status_code == 200 and not resp.content  # acked (how fast: bench/bot/run.py)
     a_ts, final = wait_answer(bot, channel, q_ts)
     placeholder = bot.double.calls_to("chat.postMessage")[-1]
     assert placeholder.args["thread_ts"] == q_ts and "Thinking" in placeholder.args["text"]
@@ -148,9 +176,10 @@ def test_two_turn_thread_keeps_the_dialogue_context(bot, env):
     assert [m.ts for m in thread] == [q1, a1, q2, a2]
     # a message in a thread the bot is not part of gets no answer
     before = len(bot.double.calls_to("chat.postMessage"))
+    not_ours = ignored(bot, "not_our_thread")
     other_root = bot.sender.next_ts()
     bot.sender.message("just chatting", channel=channel, thread_ts=other_root)
-    time.sleep(0.5)
+    not_ours.wait()
     assert len(bot.double.calls_to("chat.postMessage")) == before
     assert stored(channel, other_root) is None
 
@@ -165,8 +194,9 @@ def test_direct_messages_are_answered_at_top_level(bot):
 
 
 def test_gateway_down_gives_a_friendly_message_and_keeps_the_question(env):
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    with BotServer(gateway_url=dead, reports_enabled=False) as down:
+    held = refusing_socket()  # bound, never listening: connections there are refused
+    dead = f"http://127.0.0.1:{port_of(held)}"
+    with held, BotServer(gateway_url=dead, reports_enabled=False) as down:
         channel = "CDOWN0001"
         q_ts, resp = down.sender.mention("Are you there?", channel=channel)
         assert resp.status_code == 200
@@ -177,8 +207,9 @@ def test_gateway_down_gives_a_friendly_message_and_keeps_the_question(env):
         failed = stored(channel, a_ts)
         assert failed.error and "gateway" in failed.error and failed.model_version is None
         # feedback on an apology is ignored: it is not an answer
+        not_an_answer = ignored(down, "not_an_answer")
         down.sender.reaction("+1", channel=channel, ts=a_ts)
-        time.sleep(0.3)
+        not_an_answer.wait()
         assert votes(failed.id) == []
 
 
@@ -191,13 +222,37 @@ def test_a_bare_mention_gets_a_hint_not_a_model_call(bot, env):
     assert len(env["sent"]) == calls and stored(channel, q_ts).role == Role.user
 
 
-def test_slack_rate_limits_are_retried(bot):
+def test_slack_rate_limits_are_retried_after_retry_after(bot):
+    """The double refuses any call made before a 429's Retry-After has passed (as Slack does), so
+    a second, successful call proves the bot waited as long as it was told."""
     channel = "CRATELIM1"
     bot.double.fail_next("chat.postMessage", status=429, error="ratelimited", retry_after=1)
-    _, a_ts, _ = ask(bot, "Rate limits?", channel)
+    try:
+        _, a_ts, _ = ask(bot, "Rate limits?", channel)
+    finally:
+        bot.double.clear_limits()
     posts = [c for c in bot.double.calls_to("chat.postMessage") if c.args.get("channel") == channel]
     assert len(posts) == 2 and posts[0].response["error"] == "ratelimited" and posts[1].response["ok"]
     assert stored(channel, a_ts).role == Role.assistant
+
+
+def test_slack_rate_limit_retries_run_out(bot):
+    """Limited on every try (the harness allows 2 retries): three calls, then the bot gives up;
+    the question stays stored, no answer is."""
+    channel = "CRATELIM2"
+    gave_up = Counted(bot, "flywheel_bot_answers_total", outcome="slack_error")
+    bot.double.fail_next("chat.postMessage", status=429, error="ratelimited", retry_after=1,
+                         times=bot.settings.slack_retries + 1)
+    try:
+        q_ts, resp = bot.sender.mention("Still rate limited?", channel=channel)
+        assert resp.status_code == 200
+        gave_up.wait(timeout=60)
+    finally:
+        bot.double.clear_limits()  # the last 429's Retry-After would slow the next test's posts
+    posts = [c for c in bot.double.calls_to("chat.postMessage") if c.args.get("channel") == channel]
+    assert [c.response["error"] for c in posts] == ["ratelimited"] * (bot.settings.slack_retries + 1)
+    with session_scope() as s:
+        assert [m.role for m in thread_messages(s, channel, q_ts)] == [Role.user]
 
 
 # -- security -------------------------------------------------------------------------------------
@@ -213,8 +268,8 @@ def test_forged_signature_and_stale_timestamp_are_rejected_and_nothing_is_stored
     cmd = bot.sender.post_raw("command=%2Fflywheel&text=train&user_id=" + ADMIN_USER,
                               content_type="application/x-www-form-urlencoded", secret="nope")
     unsigned = httpx.post(bot.sender.url, json={"type": "event_callback", "event": {}})
+    # Refused before anything was dispatched: the 401 itself is the proof nothing runs later.
     assert [r.status_code for r in (forged, stale, cmd, unsigned)] == [401, 401, 401, 401]
-    time.sleep(0.5)
     with session_scope() as s:
         assert count_messages(s) == before and len(list_runs(s, limit=100)) == runs_before
     assert len(bot.double.calls) == calls_before
@@ -226,12 +281,15 @@ def test_the_same_event_delivered_three_times_is_answered_once(bot):
     ts = bot.sender.next_ts()
     event = {"type": "app_mention", "user": USER, "text": f"<@{BOT_USER_ID}> once please", "ts": ts,
              "channel": channel, "event_ts": ts}
+    duplicates = Counted(bot, "flywheel_bot_duplicate_events_total")
+    as_message = ignored(bot, "mention")
     responses = [bot.sender.event(event, event_id="EvRETRY0001", retry_num=n or None) for n in range(3)]
     assert [r.status_code for r in responses] == [200, 200, 200]
     # the same message also arrives as a plain message event (channel subscriptions)
     bot.sender.event({**event, "type": "message", "channel_type": "channel"}, event_id="EvRETRY0002")
     wait_answer(bot, channel, ts)
-    time.sleep(1.0)
+    duplicates.wait(2)  # both retries were seen and dropped...
+    as_message.wait()  # ...and so was the message-event copy
     posts = [c for c in bot.double.calls_to("chat.postMessage") if c.args.get("channel") == channel]
     assert len(posts) == 1
     with session_scope() as s:
@@ -242,39 +300,45 @@ def test_the_same_event_delivered_three_times_is_answered_once(bot):
 def test_messages_from_bots_and_ourselves_are_ignored(bot):
     channel = "DBOTS0001"
     before = len(bot.double.calls_to("chat.postMessage"))
+    from_bots, edits = ignored(bot, "from_a_bot"), ignored(bot, "subtype")
     ts1 = bot.sender.next_ts()
     bot.sender.event({"type": "message", "subtype": "bot_message", "bot_id": "BOTHER01", "text": "beep",
                       "ts": ts1, "channel": channel, "channel_type": "im"})
-    ts2 = bot.sender.next_ts()
+    ts2 = bot.sender.next_ts()  # our own message: Bolt's middleware drops it before any listener
     bot.sender.event({"type": "message", "user": BOT_USER_ID, "text": "my own words", "ts": ts2,
-                      "channel": channel, "channel_type": "im"})
+                      "channel": channel, "channel_type": "im"}, event_id="EvOWNWORDS01")
     ts3 = bot.sender.next_ts()
     bot.sender.event({"type": "message", "subtype": "message_changed", "user": USER, "ts": ts3,
                       "channel": channel, "channel_type": "im", "message": {"text": "edited"}})
-    time.sleep(0.7)
+    from_bots.wait()
+    edits.wait()
+    bot.wait_dispatched("EvOWNWORDS01")
     assert len(bot.double.calls_to("chat.postMessage")) == before
     assert all(stored(channel, t) is None for t in (ts1, ts2, ts3))
 
 
 # -- feedback -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def answered(env):
-    """One answer in its own channel for the feedback tests."""
-    channel = "CFEEDBACK"
-    q_ts, a_ts, _ = ask(env["bot"], "What is the refund policy?", channel)
+def answer_in(bot: BotServer, channel: str, question: str) -> dict:
+    """An answer of the test's own (its channel, its question) to give feedback on."""
+    q_ts, a_ts, _ = ask(bot, question, channel)
     return {"channel": channel, "q": q_ts, "a": a_ts, "id": stored(channel, a_ts).id}
 
 
-def test_reactions_vote_change_and_removal_retracts(bot, answered):
+def reply(bot: BotServer, timeout: float = 30.0) -> dict:
+    """What the bot answered on the response_url of the request sent last."""
+    rid = bot.sender.last_response_id
+    return bot.double.wait_for("response", lambda c: c.args["response_id"] == rid, timeout=timeout)[0].args
+
+
+def test_reactions_vote_change_and_removal_retracts(bot):
+    answered = answer_in(bot, "CFBREACT1", "Where is the printer on the third floor?")
     ch, a, mid = answered["channel"], answered["a"], answered["id"]
     send = bot.sender.reaction
     assert send("thumbsup::skin-tone-3", channel=ch, ts=a, user=USER).status_code == 200
     assert send("-1", channel=ch, ts=a, user=OTHER).status_code == 200
     assert send("question", channel=ch, ts=a, user=OTHER).status_code == 200  # a label emoji
     assert send("tada", channel=ch, ts=a, user=OTHER).status_code == 200  # means nothing here
-    deadline = time.monotonic() + 10
-    while len(votes(mid)) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait(lambda: len(votes(mid)) >= 3)
     live = {(v.user, v.kind): v.value for v in votes(mid)}
     assert live == {(USER, "reaction"): "up", (OTHER, "reaction"): "down", (OTHER, "label"): "unclear"}
     # Alice changes her mind: the latest vote wins; then she removes it: retracted, not lost
@@ -286,20 +350,18 @@ def test_reactions_vote_change_and_removal_retracts(bot, answered):
     row = next(v for v in votes(mid, include_retracted=True) if v.user == USER and v.kind == "reaction")
     assert row.retracted and row.value == "down" and [h["value"] for h in row.history] == ["up", "down"]
     # reactions on a person's message (not the bot's) are ignored
+    not_an_answer = ignored(bot, "not_an_answer")
     send("+1", channel=ch, ts=answered["q"], user=OTHER, item_user=USER)
-    time.sleep(0.3)
+    not_an_answer.wait()
     assert votes(stored(ch, answered["q"]).id, include_retracted=True) == []
 
 
-def _wait(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
+def _wait(predicate, timeout: float = 30.0) -> None:
+    wait_until(predicate, timeout)
 
 
-def test_feedback_buttons_record_votes(bot, answered):
+def test_feedback_buttons_record_votes(bot):
+    answered = answer_in(bot, "CFBBUTTN1", "Who approves vacation requests?")
     ch, a, mid = answered["channel"], answered["a"], answered["id"]
     resp = bot.sender.block_action(action_id="answer_feedback", action_type="feedback_buttons", value="up",
                                    channel=ch, message_ts=a, user="UCAROL01")
@@ -310,16 +372,17 @@ def test_feedback_buttons_record_votes(bot, answered):
     _wait(lambda: [v.value for v in votes(mid) if v.kind == "button"] == ["down"])
     bot.sender.block_action(action_id="vote_up", value="up", channel=ch, message_ts=a, user=ADMIN_USER)
     _wait(lambda: any(v.user == ADMIN_USER and v.kind == "button" and v.is_admin for v in votes(mid)))
-    thanks = bot.double.wait_for("response", lambda c: "Thanks" in c.args.get("text", ""))
-    assert thanks[-1].args["response_type"] == "ephemeral"
+    thanks = reply(bot)
+    assert "Thanks" in thanks["text"] and thanks["response_type"] == "ephemeral"
 
 
-def test_modal_correction_becomes_a_training_example(bot, answered):
+def test_modal_correction_becomes_a_training_example(bot):
     from trainer.targets import derive_examples
 
+    answered = answer_in(bot, "CFBMODAL1", "What is the refund policy?")
     ch, a, mid = answered["channel"], answered["a"], answered["id"]
     bot.sender.block_action(action_id="suggest_correction", value="suggest", channel=ch, message_ts=a)
-    opened = bot.double.wait_for("views.open")[-1]
+    opened = bot.double.wait_for("views.open", lambda c: ch in json.dumps(c.args["view"]))[-1]
     view = opened.args["view"]
     assert view["callback_id"] == "correction_modal" and "refund policy" in json.dumps(view)
     meta = view["private_metadata"]
@@ -333,7 +396,7 @@ def test_modal_correction_becomes_a_training_example(bot, answered):
     assert ok.status_code == 200 and not ok.content  # acked: the modal closes
     row = next(v for v in votes(mid) if v.kind == "correction")
     assert row.value == "correction" and row.correction == gold and row.user == USER
-    bot.double.wait_for("chat.postEphemeral", lambda c: c.args.get("user") == USER)
+    bot.double.wait_for("chat.postEphemeral", lambda c: c.args.get("user") == USER and c.args.get("channel") == ch)
     # the trainer turns it into an example: the question as context, the correction as target
     with session_scope() as s:
         derive_examples(s)
@@ -343,31 +406,31 @@ def test_modal_correction_becomes_a_training_example(bot, answered):
     assert examples[0].rejected_answer == stored(ch, a).text
 
 
-def test_message_shortcuts_include_and_golden(bot, answered):
+def test_message_shortcuts_include_and_golden(bot):
+    answered = answer_in(bot, "CFBSHORT1", "How do I reset my VPN token?")
     ch, a, mid = answered["channel"], answered["a"], answered["id"]
     bot.sender.message_shortcut(callback_id="add_to_training", channel=ch, message_ts=a, user=OTHER)
     _wait(lambda: any(v.kind == "shortcut" and v.value == "include" for v in votes(mid)))
     bot.sender.message_shortcut(callback_id="mark_golden", channel=ch, message_ts=a, user=OTHER)
-    refused = bot.double.wait_for("response", lambda c: "Only Flywheel admins" in c.args.get("text", ""))
-    assert refused
+    assert "Only Flywheel admins" in reply(bot)["text"]
     assert not any(v.kind == "golden" for v in votes(mid))
     bot.sender.message_shortcut(callback_id="mark_golden", channel=ch, message_ts=a, user=ADMIN_USER)
-    bot.double.wait_for("response", lambda c: "Marked as a golden example" in c.args.get("text", ""))
+    assert "Marked as a golden example" in reply(bot)["text"]
     assert any(v.kind == "golden" and v.is_admin for v in votes(mid))
     with session_scope() as s:
-        audit = list_audit(s, action="answer.golden")
-    assert {(e.actor, e.outcome) for e in audit} >= {(OTHER, "refused"), (ADMIN_USER, "ok")}
+        audit = [e for e in list_audit(s, action="answer.golden") if e.target in (f"message {ch}/{a}", f"message {mid}")]
+    assert {(e.actor, e.outcome) for e in audit} == {(OTHER, "refused"), (ADMIN_USER, "ok")}
     # a shortcut on a message that is not a bot answer explains itself and records nothing
     bot.sender.message_shortcut(callback_id="add_to_training", channel=ch, message_ts=answered["q"],
                                 message_user=USER)
-    bot.double.wait_for("response", lambda c: "not one of them" in c.args.get("text", ""))
+    assert "not one of them" in reply(bot)["text"]
 
 
 # -- admin ----------------------------------------------------------------------------------------
 def command(bot: BotServer, text: str, user: str, channel: str = "CGENERAL1") -> dict:
     """Run a slash command; the bot acks at once and answers through the response_url."""
     resp = bot.sender.command(text, user=user, channel=channel)
-    assert resp.status_code == 200 and not resp.content  # acked empty within Slack's 3 s
+    assert resp.status_code == 200 and not resp.content  # acked empty; the answer comes later
     rid = bot.sender.last_response_id
     return bot.double.wait_for("response", lambda c: c.args["response_id"] == rid, timeout=60)[0].args
 
@@ -414,6 +477,69 @@ def test_admin_approve_moves_the_alias_and_the_gateway_serves_it(bot):
     assert errors and "did not pass" in errors[-1].detail["error"]
 
 
+def _candidate(env, name: str, tiny_model_dir, run_id: int | None = None, **kw) -> None:
+    with session_scope() as s:
+        register_version(s, name=name, adapter_path=str(env["adapters"] / "ft-0001"), adapter_sha256="0" * 64,
+                         base_model=base_model_id(tiny_model_dir), gate_passed=True,
+                         gate_reasons=["all gates passed"], run_id=run_id, **kw)
+
+
+def version_status(name: str) -> VersionStatus:
+    with session_scope() as s:
+        return get_version(s, name).status
+
+
+def test_admin_rejects_a_candidate_by_command(bot, env, tiny_model_dir):
+    _candidate(env, "ft-0004", tiny_model_dir)
+    assert "Only Flywheel admins" in command(bot, "reject ft-0004", user=OTHER)["text"]
+    assert version_status("ft-0004") == VersionStatus.candidate
+    done = command(bot, "reject ft-0004", user=ADMIN_USER)
+    assert done["response_type"] == "in_channel" and f"<@{ADMIN_USER}> rejected `ft-0004`" in done["text"]
+    assert version_status("ft-0004") == VersionStatus.rejected
+    with session_scope() as s:
+        audit = [(e.actor, e.outcome) for e in list_audit(s, action="version.reject") if e.target == "ft-0004"]
+    assert audit == [(ADMIN_USER, "ok")]
+
+
+def test_admin_rejects_a_candidate_under_its_report(bot, env, tiny_model_dir):
+    """The Reject button under a finished run's report: refused for others; for an admin the
+    version is rejected and the report says so, its buttons gone."""
+    with session_scope() as s:
+        run_id = start_run(s, owner="test-trainer", hyperparams={"steps": 1}).id
+    _candidate(env, "ft-0005", tiny_model_dir, run_id=run_id,
+               report={"candidate": {"token_f1": 0.4, "golden_pass": 1.0}})
+    with session_scope() as s:
+        finish_run(s, run_id, RunStatus.succeeded, model_version="ft-0005")
+
+    def report():
+        for c in bot.double.calls:
+            shown = json.dumps(c.args.get("blocks"))
+            if c.method in ("chat.postMessage", "chat.update") and "report_reject" in shown and '"ft-0005"' in shown:
+                return c
+        return None
+
+    shown = wait_until(report, 60, "the run report with its buttons")
+    ts = shown.args.get("ts") or shown.response["ts"]
+    message = {"type": "message", "ts": ts, "blocks": _maybe_json(shown.args["blocks"]), "user": BOT_USER_ID}
+    bot.sender.block_action(action_id="report_reject", value="ft-0005", channel=ADMIN_CHANNEL, message_ts=ts,
+                            user=OTHER, message=message)
+    assert "Only Flywheel admins can `reject`" in reply(bot)["text"]
+    assert version_status("ft-0005") == VersionStatus.candidate
+    bot.sender.block_action(action_id="report_reject", value="ft-0005", channel=ADMIN_CHANNEL, message_ts=ts,
+                            user=ADMIN_USER, message=message)
+    updated = bot.double.wait_for(
+        "chat.update", lambda c: c.args.get("ts") == ts and "rejected `ft-0005`" in json.dumps(c.args))[-1]
+    assert "report_reject" not in json.dumps(updated.args["blocks"])
+    assert version_status("ft-0005") == VersionStatus.rejected
+    with session_scope() as s:
+        kinds = {(e.actor, e.action, e.outcome) for e in list_audit(s) if e.target == "ft-0005"}
+    assert {(OTHER, "command.reject", "refused"), (ADMIN_USER, "version.reject", "ok")} <= kinds
+
+
+def _maybe_json(value):
+    return json.loads(value) if isinstance(value, str) else value
+
+
 def test_read_only_commands(bot):
     assert "`/flywheel` commands" in command(bot, "help", user=OTHER)["text"]
     assert "`/flywheel` commands" in command(bot, "", user=OTHER)["text"]
@@ -442,15 +568,18 @@ def _plot(path) -> str:
 
 
 def test_train_queues_a_run_whose_report_is_one_updated_message_with_buttons(bot, env, tiny_model_dir):
-    reply = command(bot, "train", user=ADMIN_USER)
-    assert reply["response_type"] == "in_channel" and "queued training run" in reply["text"]
+    queued = command(bot, "train", user=ADMIN_USER)
+    assert queued["response_type"] == "in_channel" and "queued training run" in queued["text"]
+    run_id = int(queued["text"].split("queued training run #", 1)[1].split(".", 1)[0])
     with session_scope() as s:
-        run_id = list_runs(s, limit=1)[0].id
+        assert list_audit(s, action="run.queue")[0].target == f"run {run_id}"
         assert list_audit(s, action="run.queue")[0].actor == ADMIN_USER
-    in_admin = lambda c: c.args.get("channel") == ADMIN_CHANNEL
+
+    def in_admin(c) -> bool:  # this run's report in the admin channel
+        return c.args.get("channel") == ADMIN_CHANNEL and f"Training run #{run_id}" in json.dumps(c.args)
+
     first = bot.double.wait_for("chat.postMessage", in_admin)[-1]
     report_ts = first.response["ts"]
-    assert f"Training run #{run_id}" in json.dumps(first.args["blocks"])
     # the trainer claims the run and reports progress: the same message is updated
     with session_scope() as s:
         run = start_run(s, owner="test-trainer", hyperparams={"steps": 10})
@@ -471,17 +600,17 @@ def test_train_queues_a_run_whose_report_is_one_updated_message_with_buttons(bot
         "chat.update", lambda c: c.args.get("ts") == report_ts and "report_approve" in json.dumps(c.args))[-1]
     text = json.dumps(final.args["blocks"])
     assert "Gate passed" in text and "token_f1" in text and "0.710" in text and "candidate" in text
-    done = bot.double.wait_for("files.completeUploadExternal")[-1]
+    done = bot.double.wait_for("files.completeUploadExternal", lambda c: c.args.get("thread_ts") == report_ts)[-1]
     assert done.response["ok"] and done.args["channel_id"] == ADMIN_CHANNEL and done.args["thread_ts"] == report_ts
     assert [c for c in bot.double.calls_to("upload")][-1].args["bytes"] > 100
     _wait(lambda: get_run_reported(run_id))
     posts = [c for c in bot.double.calls_to("chat.postMessage") if in_admin(c) and not c.args.get("thread_ts")]
-    assert len(posts) == 1  # progress updated one message
+    assert len(posts) == 1  # progress updated one message (the report is up to date: no post pending)
     # Approve under the report: refused for a non-admin, done for an admin
     message = {"type": "message", "ts": report_ts, "blocks": final.args["blocks"], "user": BOT_USER_ID}
     bot.sender.block_action(action_id="report_approve", value="ft-0003", channel=ADMIN_CHANNEL,
                             message_ts=report_ts, user=OTHER, message=message)
-    bot.double.wait_for("response", lambda c: "Only Flywheel admins can `approve`" in c.args.get("text", ""))
+    assert "Only Flywheel admins can `approve`" in reply(bot)["text"]
     assert production_label() != "ft-0003"
     bot.sender.block_action(action_id="report_approve", value="ft-0003", channel=ADMIN_CHANNEL,
                             message_ts=report_ts, user=ADMIN_USER, message=message)
@@ -501,18 +630,24 @@ def get_run_reported(run_id: int) -> bool:
 
 
 # -- App Home -------------------------------------------------------------------------------------
-def test_app_home_shows_production_runs_counts_and_worst_answers(bot, answered):
+def test_app_home_shows_production_runs_counts_and_worst_answers(bot):
+    answered = answer_in(bot, "CHOME0001", "What is the travel budget per trip?")
     bot.sender.reaction("-1", channel=answered["channel"], ts=answered["a"], user="UDAVE001")
     _wait(lambda: any(v.user == "UDAVE001" for v in votes(answered["id"])))
+    with session_scope() as s:  # a run of its own to show (a queued run another test may claim: finish it)
+        run = start_run(s, owner="test-trainer", hyperparams={"steps": 1})
+        finish_run(s, run.id, RunStatus.cancelled, error="nothing to learn")
+    published = len(bot.double.calls_to("views.publish"))
     assert bot.sender.home_opened(user=ADMIN_USER).status_code == 200
-    view = bot.double.wait_for("views.publish", lambda c: c.args.get("user_id") == ADMIN_USER)[-1].args["view"]
+    view = bot.double.wait_for("views.publish", lambda c: c.args.get("user_id") == ADMIN_USER,
+                               count=published + 1)[-1].args["view"]
     text = json.dumps(view, ensure_ascii=False)
     assert view["type"] == "home"
     assert f"`{production_label()}`" in text and "Questions" in text and "Most 👎 answers" in text
     with session_scope() as s:
-        runs = list_runs(s, limit=5)
-    assert all(f"#{r.id} " in text for r in runs)
-    assert "refund policy" in text  # the 👎 answer's question
+        runs = list_runs(s, limit=3)
+    assert runs and runs[0].id == run.id and all(f"#{r.id} " in text for r in runs)
+    assert "travel budget" in text  # the 👎 answer's question
     assert "You are a Flywheel admin" in text
 
 
@@ -548,7 +683,7 @@ def test_a_correction_answers_a_paraphrase_right_away_with_its_source(bot):
 
 def test_a_correction_made_in_a_dm_never_reaches_anyone_else(bot, env):
     gold = "Your parking spot is P-17 on level -2, next to the bike room."
-    carol, dm = "UCAROL01", "DCAROL001"
+    carol, dm = CAROL, "DCAROL001"
     q_ts = bot.sender.next_ts()
     bot.sender.event({"type": "message", "user": carol, "text": "Where is my parking spot at Lumenfold?",
                       "ts": q_ts, "channel": dm, "channel_type": "im"})

@@ -70,6 +70,16 @@ def test_reaction_meanings_follow_the_settings():
     assert fb.reaction_meaning("tada") is None
 
 
+def test_default_label_emojis_are_the_documented_ones(monkeypatch):
+    """README: `:question:`→unclear, `:warning:`→unsafe, `:zzz:`→off-topic by default."""
+    for key in ("FLYWHEEL_LABEL_EMOJIS", "FLYWHEEL_UP_EMOJIS", "FLYWHEEL_DOWN_EMOJIS"):
+        monkeypatch.delenv(key, raising=False)
+    fb = Feedback(BotSettings())
+    assert [fb.reaction_meaning(e) for e in ("question", "warning", ":zzz:", "warning::skin-tone-2")] == [
+        ("label", "unclear"), ("label", "unsafe"), ("label", "off-topic"), ("label", "unsafe")]
+    assert fb.reaction_meaning("bug") is None
+
+
 def test_blocks_split_long_answers_and_carry_the_version():
     long = ("line of text\n" * 600)
     parts = sections(long)

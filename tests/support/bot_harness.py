@@ -32,6 +32,9 @@ class BotServer:
         values.update(overrides)
         self.settings = BotSettings(**values)
         self.app = create_asgi(self.settings)
+        self._dispatched: set[str] = set()
+        self._dispatch_done = threading.Condition()
+        self._watch_dispatch(self.app.state.bolt)
         self.sock = listening_socket()  # port 0: the kernel's pick, held from here on
         self.port = port_of(self.sock)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -41,6 +44,29 @@ class BotServer:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name=f"bot-{self.port}", daemon=True)
         self.sender = SlackSender(f"{self.url}/slack/events", SIGNING_SECRET, double=self.double)
+
+    def _watch_dispatch(self, bolt) -> None:
+        """Note each event id once Bolt's dispatch of it returned. Bolt's own middleware (for
+        instance the one that drops the bot's own messages) has then run to the end: a dropped
+        event can do nothing more. Observation only: the real dispatch does the work."""
+        dispatch = bolt.dispatch
+
+        def watched(req):
+            try:
+                return dispatch(req)
+            finally:
+                event_id = (req.body or {}).get("event_id") if isinstance(req.body, dict) else None
+                if event_id:
+                    with self._dispatch_done:
+                        self._dispatched.add(event_id)
+                        self._dispatch_done.notify_all()
+
+        bolt.dispatch = watched
+
+    def wait_dispatched(self, event_id: str, timeout: float = 30.0) -> None:
+        with self._dispatch_done:
+            if not self._dispatch_done.wait_for(lambda: event_id in self._dispatched, timeout):
+                raise AssertionError(f"event {event_id} not dispatched within {timeout}s")
 
     def start(self, timeout_s: float = 30.0) -> BotServer:
         self.thread.start()

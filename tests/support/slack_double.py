@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
 import time
 import urllib.parse
@@ -59,6 +60,7 @@ class _State:
         self.uploads: dict[str, dict] = {}
         self.views: dict[str, dict] = {}
         self.failures: dict[str, list[tuple[int, str, int]]] = {}
+        self.limited_until: dict[str, float] = {}  # method -> monotonic time its Retry-After ends
 
     def next_ts(self) -> str:
         return new_ts()
@@ -142,13 +144,23 @@ class SlackDouble:
 
     def fail_next(self, method: str, *, status: int = 429, error: str = "ratelimited",
                   retry_after: int = 1, times: int = 1) -> None:
-        """Make the next `times` calls to `method` fail (429 + Retry-After, like Slack's limits)."""
+        """Make the next `times` calls to `method` fail (429 + Retry-After, like Slack's limits).
+        Like Slack, a call made before a 429's Retry-After has passed is refused again (and
+        does not use up one of the `times`): a client that does not wait cannot get through."""
         with self.state.lock:
             self.state.failures.setdefault(method, []).extend([(status, error, retry_after)] * times)
+
+    def clear_limits(self) -> None:
+        """Forget injected failures and Retry-After windows (a test that set them cleans up)."""
+        with self.state.lock:
+            self.state.failures.clear()
+            self.state.limited_until.clear()
 
     def reset(self) -> None:
         with self.state.lock:
             self.state.calls.clear()
+            self.state.failures.clear()
+            self.state.limited_until.clear()
 
     # -- the Web API -------------------------------------------------------------------------
     def _user(self, user_id: str) -> dict:
@@ -384,8 +396,15 @@ def _make_handler(double: SlackDouble):
             call = Call(method, args, token)
             with st.lock:
                 st.calls.append(call)
-                pending = st.failures.get(method)
-                failure = pending.pop(0) if pending else None
+                now = time.monotonic()
+                early = st.limited_until.get(method, 0.0) - now
+                if early > 0:  # called again before the Retry-After we gave: still limited
+                    failure = (429, "ratelimited", max(1, math.ceil(early)))
+                else:
+                    pending = st.failures.get(method)
+                    failure = pending.pop(0) if pending else None
+                if failure is not None and failure[0] == 429:
+                    st.limited_until[method] = now + failure[2]
                 if failure is not None:
                     status, error, retry_after = failure
                     response = {"ok": False, "error": error}

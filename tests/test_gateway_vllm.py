@@ -3,7 +3,6 @@ unload, and an unreachable vLLM (503 with a clear message, then recovery after a
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import openai
@@ -11,10 +10,11 @@ import pytest
 
 from flywheel.adapters import base_model_id
 from gateway.settings import GatewaySettings
-from gateway.vllm_server import VLLMServer, vllm_available
+from gateway.vllm_server import VLLMServer, VLLMServerError, vllm_available
 from store.migrate import upgrade
 from tests.support.adapters import make_adapter, promote, register
 from tests.support.gateway_server import GatewayServer
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 ADMIN = "admin"
@@ -25,7 +25,17 @@ MESSAGES = [{"role": "user", "content": "What does the company sell?"}]
 def vllm_server(tiny_model_dir):
     if not vllm_available():
         pytest.skip("vLLM is not installed: run `make vllm`")
-    server = VLLMServer(tiny_model_dir, served_name="tiny-llama").start()
+    # vLLM cannot take an already-bound socket: its port is picked free, and should another
+    # process take it before vLLM binds it, the start is retried on a fresh port.
+    for attempt in range(3):
+        server = VLLMServer(tiny_model_dir, served_name="tiny-llama")
+        try:
+            server.start()
+            break
+        except VLLMServerError as exc:
+            server.cleanup()
+            if "address already in use" not in str(exc).lower() or attempt == 2:
+                raise
     yield server
     server.cleanup()
 
@@ -66,6 +76,8 @@ def ask(client, model="production", **kw):
 
 def test_base_model_through_vllm(env):
     gw, vllm = env["gateway"], env["vllm"]
+    promote(None)  # production: the base model, whatever another test left
+    assert admin_sync(gw)["production"] == "base"
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
     raw = ask(client)
     resp = raw.parse()
@@ -83,13 +95,11 @@ def test_base_model_through_vllm(env):
 
 def test_errors_pass_through_in_openai_shape(env):
     client = openai.OpenAI(base_url=f"{env['gateway'].url}/v1", api_key="x", max_retries=0)
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="production", messages=[{"role": "user", "content": "word " * 1500}],
-                                       max_tokens=3)
-    assert info.value.code == "context_length_exceeded" and "maximum context length" in info.value.message
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="production", messages=MESSAGES, max_tokens=5000, stream=True)
-    assert info.value.code == "context_length_exceeded"
+    for stream in (False, True):  # (max_tokens past the context is clamped by the gateway instead)
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="production", stream=stream, max_tokens=3,
+                                           messages=[{"role": "user", "content": "word " * 1500}])
+        assert info.value.code == "context_length_exceeded" and "maximum context length" in info.value.message
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="ft-0042", messages=MESSAGES, max_tokens=3)
 
@@ -117,14 +127,18 @@ def test_swap_and_unload_under_load(env):
     threads = [threading.Thread(target=traffic, args=(s,)) for s in (False, True, False)]
     for t in threads:
         t.start()
+    expected: dict[str, str] = {}  # each adapter's text straight from vLLM, asked while it is loaded there
     try:
         for target in ("ft-0001", "ft-0002", None):
             promote(target)
             assert admin_sync(gw)["production"] == (target or "base")
+            if target:
+                assert target in vllm_models(vllm)
+                expected[target] = direct.chat.completions.create(
+                    model=target, messages=MESSAGES, max_tokens=4, temperature=0).choices[0].message.content
             seen = len(results)
-            deadline = time.monotonic() + 20
-            while not any(m == (target or "base") for m, _ in results[seen:]) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: any(m == (target or "base") for m, _ in results[seen:]), 60,
+                       f"an answer from {target or 'base'} (errors: {errors[:3]})")
     finally:
         stop.set()
         for t in threads:
@@ -135,14 +149,10 @@ def test_swap_and_unload_under_load(env):
         texts.setdefault(model, set()).add(text)
     assert set(texts) == {"base", "ft-0001", "ft-0002"}
     for name in ("ft-0001", "ft-0002"):  # each label's text is what vLLM gives for that adapter
-        if name in vllm_models(vllm):
-            expect = direct.chat.completions.create(model=name, messages=MESSAGES, max_tokens=4, temperature=0)
-            assert texts[name] == {expect.choices[0].message.content}
+        assert texts[name] == {expected[name]}, (name, texts)
+    assert expected["ft-0001"] != expected["ft-0002"]  # else the check above could not tell them apart
     # base is production, ft-0002 kept for rollback, ft-0001 drained and unloaded from vLLM
-    deadline = time.monotonic() + 10
-    while "ft-0001" in vllm_models(vllm) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "ft-0001" not in vllm_models(vllm)
+    wait_until(lambda: "ft-0001" not in vllm_models(vllm), 30, "ft-0001 to be unloaded from vLLM")
     assert "ft-0002" in vllm_models(vllm)
     assert {m.id for m in client.models.list()} == {"base", "production", "ft-0002"}
 
@@ -160,14 +170,13 @@ def test_vllm_down_gives_503_and_recovers(env):
         assert "vLLM backend unavailable: cannot reach" in info.value.message and vllm.url in info.value.message
     assert httpx.get(f"{gw.url}/healthz").status_code == 200
     vllm.start()  # same port: the gateway finds it again and gives it back the adapter it lost
-    deadline = time.monotonic() + 30
-    while True:
+
+    def answered():
         try:
-            resp = ask(client).parse()
-            break
+            return ask(client).parse()
         except openai.APIStatusError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            return None
+
+    resp = wait_until(answered, 60, "the gateway to answer through the restarted vLLM", interval=0.5)
     assert resp.model == "ft-0002"
     assert "ft-0002" in vllm_models(vllm)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import time
 import zipfile
 from pathlib import Path
 
@@ -66,9 +65,7 @@ def test_tiny_model_is_deterministic_and_idempotent(tiny, tmp_path):
     assert weights_sha(same) == weights_sha(tiny) != weights_sha(other)
 
     mtime = (tiny / "model.safetensors").stat().st_mtime_ns
-    started = time.monotonic()
-    assert build_tiny_llama(tiny, SMOLLM2) == tiny
-    assert time.monotonic() - started < 1.0
+    assert build_tiny_llama(tiny, SMOLLM2) == tiny  # built already: nothing is rewritten
     assert (tiny / "model.safetensors").stat().st_mtime_ns == mtime
     with pytest.raises(ModelFetchError, match="built with"):
         build_tiny_llama(tiny, SMOLLM2, seed=5)

@@ -274,3 +274,66 @@ def test_label_items_get_the_label_set_prompt(sq, tmp_path):
     row = snap.dataset["train"][0]
     assert row["messages"][0]["role"] == "system" and "billing, bug, feature" in row["messages"][0]["content"]
     assert row["answer"] == row["label"]
+
+
+def test_near_duplicates_inside_the_training_set_keep_the_first(sq, tmp_path):
+    """MinHash dedup within the training split: a never-taught item nearly the same as one
+    already kept is dropped (a taught one always stays, and comes first)."""
+    taught = "What time does the Tartu office open on weekdays?"
+    opens = "The Tartu office opens at eight in the morning on weekdays."
+    kitchen = "Which floor is the Tartu office kitchen on for the quarterly team?"
+    floor = "The kitchen for the quarterly team is on the fourth floor of the Tartu office."
+    upsert_example(sq, messages=[{"role": "user", "content": taught}], answer=opens, source="correction")
+    upsert_example(sq, messages=[{"role": "user", "content": "Please, " + taught}], answer=opens,
+                   source="feedback")
+    upsert_example(sq, messages=[{"role": "user", "content": kitchen}], answer=floor, source="feedback")
+    upsert_example(sq, messages=[{"role": "user", "content": "Please, " + kitchen}], answer=floor,
+                   source="feedback")
+    other = "Who signs the purchase orders above ten thousand euros?"
+    upsert_example(sq, messages=[{"role": "user", "content": other}], answer="The CFO.", source="feedback")
+    snap = build_snapshot(sq, settings(tmp_path, eval_fraction=0.0))  # every never-taught item trains
+    originals = [r["messages"][-1]["content"] for r in snap.dataset["train"] if not r["augmented"]]
+    assert sorted(originals) == sorted([taught, kitchen, other]), (originals, snap.counts)
+    assert snap.counts["near_duplicates"] == 2 and snap.counts["exact_duplicates"] == 0
+
+
+def test_model_paraphrases_through_the_gateway_train_with_their_parent(sq, tmp_path, tiny_model_dir,
+                                                                       monkeypatch):
+    """FLYWHEEL_AUGMENT: each taught answer is asked of the gateway (a real one, tiny model) for
+    new phrasings; they are stored as augmented examples and train with their parent's answer.
+    Items already augmented are not sent again."""
+    from gateway.settings import GatewaySettings
+    from tests.support.gateway_server import GatewayServer
+    from tests.support.metrics import metric_value
+    from trainer.augment import augment_examples
+
+    questions = ["How many vacation days do new employees get?", "Where do I submit travel receipts?"]
+    ids = {}
+    for q in questions:
+        row, _ = upsert_example(sq, messages=[{"role": "user", "content": q}], answer=f"Answer to {q}",
+                                source="import")
+        ids[row.id] = q
+    gw = GatewayServer(GatewaySettings(base_model=tiny_model_dir, adapters_dir=tmp_path / "adapters",
+                                       sync_interval_s=30, max_new_tokens=80, replica_id="augment-test")).start()
+    asked = {"endpoint": "/v1/chat/completions", "status": "200", "version": "base"}
+    try:
+        cfg = settings(tmp_path, eval_fraction=0.0, augment=True, gateway_url=gw.url, augment_paraphrases=2,
+                       augment_model="base")
+        snap = build_snapshot(sq, cfg, augmenter=augment_examples)
+        requests = metric_value(f"{gw.url}/metrics", "flywheel_gateway_requests_total", asked)
+        made = [ex for ex in list_examples(sq) if ex.source == "augmented"]
+        again = build_snapshot(sq, cfg, augmenter=augment_examples)
+        assert metric_value(f"{gw.url}/metrics", "flywheel_gateway_requests_total", asked) == requests
+    finally:
+        gw.stop()
+    assert requests == len(questions)  # one request per taught answer
+    assert made and {ex.provenance["augmented_from"] for ex in made} <= set(ids)
+    train = {(r["messages"][-1]["content"], r["parent"]): r for r in snap.dataset["train"] if r["augmented"]}
+    for ex in made:
+        parent = ex.provenance["augmented_from"]
+        text = ex.messages[-1]["content"]
+        assert text.strip().lower() != ids[parent].lower()
+        row = train[(text, parent)]  # trains, tied to its parent...
+        assert row["answer"] == f"Answer to {ids[parent]}"  # ...with the parent's answer
+    assert len([ex for ex in list_examples(sq) if ex.source == "augmented"]) == len(made)
+    assert again.row.content_hash == snap.row.content_hash

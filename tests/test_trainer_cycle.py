@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from store.versions import list_versions, move_alias
 from trainer.cycle import run_cycle
 from trainer.gate import gate
 from trainer.lease import LeaseBusy
+from tests.support.waiting import wait_until
 from trainer.settings import TrainerSettings
 
 DATA = Path(__file__).parent / "data"
@@ -166,13 +166,7 @@ def test_gate_refuses_harm_to_general_never_taught_and_memory_answers():
 
 
 def _wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(predicate, timeout, what, interval=0.2)
 
 
 def test_killed_run_registers_nothing_and_the_next_run_resumes(env, sqlite_url):

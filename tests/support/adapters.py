@@ -45,3 +45,15 @@ def promote(name: str | None, actor: str = "test-admin") -> None:
 
     with session_scope() as session:
         move_alias(session, PRODUCTION, name, actor=actor)
+
+
+def serve_in_production(name: str | None) -> None:
+    """Make production point at `name` (None: the base model), moving the alias only if it points
+    elsewhere: for tests that state what production must be, whatever ran before them."""
+    from store.db import session_scope
+    from store.versions import PRODUCTION, alias_target
+
+    with session_scope() as session:
+        current = alias_target(session, PRODUCTION)
+    if current != name:
+        promote(name)

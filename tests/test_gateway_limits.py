@@ -15,7 +15,6 @@ import pytest
 from typer.testing import CliRunner
 
 from flywheel.adapters import base_model_id
-from gateway.limits import apply_limits
 from gateway.schemas import ChatCompletionRequest
 from gateway.settings import GatewaySettings
 from store.migrate import upgrade
@@ -89,6 +88,7 @@ def test_choices_and_logprobs_are_refused_unless_enabled(server):
 def test_only_allow_listed_fields_reach_vllm():
     """The upstream body is built from the allow-list: clamped max_tokens, text-only messages."""
     from gateway.backends.vllm import VLLMBackend
+    from gateway.limits import apply_limits
 
     settings = GatewaySettings(backend="vllm", vllm_urls=["http://127.0.0.1:9"], vllm_base_name="tiny",
                                max_new_tokens=CAP, max_choices=2, allow_logprobs=True)

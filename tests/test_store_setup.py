@@ -10,7 +10,7 @@ from sqlalchemy import inspect
 from store.db import get_engine, normalize_url
 from store.errors import DatabaseConfigError, DatabaseUnavailableError
 from store.migrate import check_drift, current_revision, head_revision, upgrade
-from tests.support.postgres import free_port
+from tests.support.net import port_of, refusing_socket
 
 
 def test_migrations_apply_on_empty_database_without_drift(empty_db_url):
@@ -42,9 +42,10 @@ def test_plain_postgresql_url_gets_psycopg_driver():
 
 
 def test_unreachable_database_is_a_clear_error():
-    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nope"
-    with pytest.raises(DatabaseUnavailableError, match="cannot reach the database"):
-        upgrade(url)
+    with refusing_socket() as held:  # bound, never listening: nobody can answer on that port
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port_of(held)}/nope"
+        with pytest.raises(DatabaseUnavailableError, match="cannot reach the database"):
+            upgrade(url)
 
 
 def test_cli_reports_bad_url_without_traceback(tmp_path):

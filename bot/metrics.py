@@ -21,3 +21,7 @@ IGNORED = Counter("flywheel_bot_ignored_events_total",
                   "Events read and deliberately left alone (from a bot, not for us, not on an answer)", ["reason"])
 REVIEW = Counter("flywheel_bot_review_total",
                  "Correction reviews (pending / approved / rejected / refused / error)", ["outcome"])
+GATEWAY_RETRIES = Counter("flywheel_bot_gateway_retries_total",
+                          "Refused gateway connections: retried, or given up on", ["outcome"])
+REJECTED = Counter("flywheel_bot_rejected_requests_total",
+                   "Slack HTTP requests refused before parsing (too large, bad signature, ...)", ["reason"])

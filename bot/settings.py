@@ -56,6 +56,12 @@ class BotSettings(BaseSettings):
     gateway_admin_token: str | None = None
     gateway_model: str = "production"
     gateway_timeout_s: float = Field(default=120.0, gt=0)
+    # A gateway restarting (connection refused, then 503 while its model loads) is retried with
+    # short backoff for at most this many seconds in all before the user gets an apology; 0: never.
+    gateway_connect_retry_s: float = Field(default=30.0, ge=0)
+    # Each answer's total budget from its question to the final message; past it the
+    # placeholder becomes an apology and the worker lets go.
+    answer_deadline_s: float = Field(default=120.0, gt=0)
     stream: bool = True
     max_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.2, ge=0)
@@ -86,6 +92,11 @@ class BotSettings(BaseSettings):
     # Runs older than this are never reported (a bot configured late does not flood the channel).
     report_backlog_days: float = Field(default=7.0, gt=0)
     listener_threads: int = Field(default=16, ge=1)
+    # Workers for slash commands, buttons and modals, apart from the answer workers, so
+    # `/flywheel rollback` runs while every answer is stuck.
+    command_threads: int = Field(default=4, ge=1)
+    # Slack requests larger than this get 413 before anything reads them (Slack's are a few KB).
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
 
     @field_validator("admins", "reviewers", "up_emojis", "down_emojis", mode="before")
     @classmethod

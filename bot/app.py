@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from slack_bolt import App
 from slack_sdk.http_retry.builtin_handlers import (
@@ -22,7 +21,8 @@ from bot.home import publish_home
 from bot.reports import on_report_button
 from bot.review import Review
 from bot.settings import BotSettings
-from flywheel.logs import get_logger
+from bot.workers import LaneExecutor, lane_middleware
+from flywheel.logs import describe_exception, get_logger
 from flywheel.memory import Memory
 
 log = get_logger("bot.app")
@@ -47,13 +47,14 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     if not socket_mode:
         settings.require_http_credentials()
     gateway = gateway or GatewayClient(settings)
-    executor = ThreadPoolExecutor(max_workers=settings.listener_threads, thread_name_prefix="bot-listener")
+    executor = LaneExecutor(settings.listener_threads, settings.command_threads)
     app = App(
         client=make_web_client(settings),
         signing_secret=settings.slack_signing_secret or "", request_verification_enabled=not socket_mode,
         process_before_response=False, logger=logging.getLogger("slack_bolt"),
         listener_executor=executor,
     )
+    app.use(lane_middleware)  # commands and clicks never wait behind answers
     memory = Memory()
     threading.Thread(target=memory.warm, name="memory-warm-up", daemon=True).start()
     answerer = Answerer(settings, gateway, memory)
@@ -96,7 +97,8 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
         try:
             reply = admin.run_command(command["user_id"], command.get("text", ""))
         except Exception as exc:  # the caller must hear something, not silence
-            log.exception("command failed", text=command.get("text"))
+            log.error("command failed", command=(command.get("text") or "").split(" ", 1)[0][:32],
+                      error=describe_exception(exc))
             respond(text=f":x: The command failed: {exc}", response_type="ephemeral")
             return
         respond(text=reply.text, blocks=reply.blocks,
@@ -121,6 +123,6 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
 
     @app.error
     def _error(error, body):
-        log.error("listener failed", error=repr(error), type=(body or {}).get("type"))
+        log.error("listener failed", error=describe_exception(error), type=(body or {}).get("type"))
 
     return app

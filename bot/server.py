@@ -3,6 +3,7 @@ and /metrics; in Socket Mode the same app serves health and metrics while a webs
 carries the events. The report poller runs for the app's lifetime."""
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +23,55 @@ from bot.app import create_app
 from bot.gateway_client import GatewayClient
 from bot.reports import ReportPoller
 from bot.settings import BotSettings
-from flywheel.logs import get_logger
+from flywheel.logs import describe_exception, get_logger
 
 log = get_logger("bot.server")
 EVENTS_PATH = "/slack/events"
+
+
+MAX_CLOCK_SKEW_S = 60 * 5  # Slack's own rule: older (or newer) signatures are replays
+
+
+class Rejected(Exception):
+    """A request refused before anything parsed it; `reason` is all that is logged of it."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with 413 past `limit` bytes: by its Content-Length before a byte is
+    read, and by counting while reading (chunked bodies have no length)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise Rejected(413 if declared.isdigit() else 400, "too large" if declared.isdigit() else "bad length")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Rejected(413, "too large")
+    return bytes(body)
+
+
+def check_signature(verifier: SignatureVerifier, body: bytes, headers) -> None:
+    """Slack's signature over `v0:{timestamp}:{body}`, checked on the raw bytes before any
+    parsing; a missing or non-numeric timestamp is a bad request like a forged one (401)."""
+    timestamp = headers.get("x-slack-request-timestamp") or ""
+    signature = headers.get("x-slack-signature") or ""
+    if not signature or not timestamp:
+        raise Rejected(401, "unsigned")
+    if not timestamp.isdigit() or len(timestamp) > 12:
+        raise Rejected(401, "bad timestamp")
+    if abs(time.time() - int(timestamp)) > MAX_CLOCK_SKEW_S:
+        raise Rejected(401, "stale timestamp")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected(401, "bad signature") from None  # Slack signs UTF-8 text
+    expected = verifier.generate_signature(timestamp=timestamp, body=text)
+    if not hmac.compare_digest(expected, signature):
+        raise Rejected(401, "bad signature")
 
 
 def _kind(body: bytes, content_type: str) -> str:
@@ -64,24 +110,31 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
         try:  # the request is parsed here, off the event loop
             resp = bolt.dispatch(BoltRequest(body=text, query=query, headers=headers))
             if resp.status >= 400:
-                log.warning("event not handled", status=resp.status, body=resp.body[:200])
-        except Exception:
-            log.exception("event dispatch failed")
+                log.warning("event not handled", status=resp.status)
+        except Exception as exc:
+            log.error("event dispatch failed", error=describe_exception(exc))
 
     async def slack_events(request: Request) -> Response:
-        """Events API deliveries are acked as soon as their signature checks out (Slack's
-        3-second budget does not wait for Bolt's middleware), and Bolt then verifies again
-        and dispatches them on a worker thread. Interactivity and commands need Bolt's
-        response body, so they go through Bolt before the response, in a worker thread."""
+        """Nothing reads a request before its size and signature are checked; a refused one is
+        logged by kind and reason only. Events API deliveries are then acked at once (Slack's
+        3-second budget does not wait for Bolt's middleware) and dispatched on a worker thread.
+        Interactivity and commands need Bolt's response body, so they go through Bolt before
+        the response, in a worker thread (Bolt checks the signature again: harmless)."""
         started = time.perf_counter()
-        body = await request.body()
-        kind = _kind(body, request.headers.get("content-type", ""))
-        text = body.decode("utf-8", errors="replace")
+        content_type = request.headers.get("content-type", "")
+        try:
+            body = await read_body(request, settings.max_body_bytes)
+            check_signature(verifier, body, request.headers)
+        except Rejected as exc:
+            metrics.REJECTED.labels(exc.reason).inc()
+            log.warning("request rejected", kind="event" if "json" in content_type else "form",
+                        reason=exc.reason, status=exc.status)
+            return JSONResponse({"error": exc.reason}, status_code=exc.status)
+        kind = _kind(body, content_type)
+        text = body.decode("utf-8")
         headers = dict(request.headers)
         query = request.url.query
         if kind == "event" and '"event_callback"' in text:
-            if not verifier.is_valid_request(text, headers):
-                return JSONResponse({"error": "invalid request"}, status_code=401)
             dispatcher.submit(dispatch_later, text, query, headers)
             metrics.REQUESTS.labels(kind).observe(time.perf_counter() - started)
             return Response(status_code=200)
@@ -99,7 +152,9 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
     @asynccontextmanager
     async def lifespan(_app):
         await anyio.to_thread.run_sync(prestart, dispatcher, 2)
-        await anyio.to_thread.run_sync(prestart, bolt.flywheel["executor"], settings.listener_threads)
+        lanes = bolt.flywheel["executor"]
+        for lane, pool in lanes.pools.items():
+            await anyio.to_thread.run_sync(prestart, pool, lanes.sizes[lane])
         if settings.reports_enabled:
             poller.start()
         if socket_mode:

@@ -2,6 +2,7 @@
 gateway with the thread as context, post the answer with feedback buttons, store the answer."""
 from __future__ import annotations
 
+import threading
 import time
 
 from slack_sdk.errors import SlackApiError
@@ -10,7 +11,7 @@ from slack_sdk.web import WebClient
 from bot import blocks, metrics
 from bot.gateway_client import Answer, GatewayClient, GatewayError
 from bot.settings import BotSettings
-from flywheel.logs import get_logger
+from flywheel.logs import describe_exception, get_logger
 from flywheel.memory import Memory, MemoryPlan, citation
 from flywheel.prompt import PromptSettings, build_messages, normalize, question_of
 from store.conversations import record_message, thread_messages
@@ -24,15 +25,58 @@ DM_CONVERSATION = "dm"  # a DM's top level is one long conversation
 ANSWERABLE_SUBTYPES = (None, "file_share", "thread_broadcast")
 FRIENDLY_DOWN = (":warning: Sorry, I can't reach the model right now. Your question is saved; "
                  "please ask again in a minute.")
+SORRY = (":warning: Sorry, something went wrong on my side and I could not answer. "
+         "Please ask again in a minute.")
+TOO_SLOW = (":warning: Sorry, the model took too long to answer. Please ask again in a minute, "
+            "perhaps in fewer words.")
 EMPTY_QUESTION = "Ask me something after the mention, e.g. _@flywheel what is our refund policy?_"
 EMPTY_ANSWER = "_The model returned an empty answer. Try rephrasing the question._"
+
+
+class _Reply:
+    """The placeholder and the one final message it becomes. The first final message wins: the
+    deadline's apology is never overwritten by a late answer, and no progress update lands
+    after a final one (updates hold the lock while they are in flight)."""
+
+    def __init__(self, client: WebClient, channel: str, ts: str) -> None:
+        self.client, self.channel, self.ts = client, channel, ts
+        self.final = False
+        self._lock = threading.Lock()
+
+    def progress(self, text_so_far: str) -> None:
+        with self._lock:
+            if self.final:
+                return
+            try:
+                self.client.chat_update(channel=self.channel, ts=self.ts, text=text_so_far,
+                                        blocks=blocks.streaming_blocks(text_so_far))
+            except SlackApiError as exc:  # progress is best effort; the final update matters
+                log.warning("progress update failed", error=exc.response.get("error"))
+
+    def finish(self, text: str, shown: list[dict]) -> bool:
+        """Show the final message; False when another was shown first or Slack refused it."""
+        with self._lock:
+            if self.final:
+                return False
+            self.final = True
+            try:
+                self.client.chat_update(channel=self.channel, ts=self.ts, text=text[:3000], blocks=shown)
+                return True
+            except SlackApiError as exc:
+                metrics.ANSWERS.labels("slack_error").inc()
+                log.error("cannot show the answer", channel=self.channel, ts=self.ts,
+                          error=exc.response.get("error"))
+                return False
+
+    def apologize(self, text: str) -> bool:
+        return self.finish(text, [{"type": "section", "text": blocks.mrkdwn(text)}])
 
 
 class _Progress:
     """Shows the answer growing in the placeholder message, at most one update per interval."""
 
-    def __init__(self, client: WebClient, channel: str, ts: str, interval_s: float) -> None:
-        self.client, self.channel, self.ts, self.interval = client, channel, ts, interval_s
+    def __init__(self, reply: _Reply, interval_s: float) -> None:
+        self.reply, self.interval = reply, interval_s
         self.last = time.monotonic()
 
     def __call__(self, text_so_far: str) -> None:
@@ -40,11 +84,7 @@ class _Progress:
         if now - self.last < self.interval:
             return
         self.last = now
-        try:
-            self.client.chat_update(channel=self.channel, ts=self.ts, text=text_so_far,
-                                    blocks=blocks.streaming_blocks(text_so_far))
-        except SlackApiError as exc:  # progress is best effort; the final update matters
-            log.warning("progress update failed", error=exc.response.get("error"))
+        self.reply.progress(text_so_far)
 
 
 class Answerer:
@@ -59,7 +99,7 @@ class Answerer:
             return self.memory.plan_for(question_of(messages), channel=channel, session=session)
         except Exception as exc:
             metrics.MEMORY.labels("error").inc()
-            log.warning("memory unavailable; answering without it", error=f"{type(exc).__name__}: {exc}")
+            log.warning("memory unavailable; answering without it", error=describe_exception(exc))
             return MemoryPlan()
 
     # -- which messages are questions for us ---------------------------------------------------
@@ -90,8 +130,13 @@ class Answerer:
         if not in_thread:
             metrics.IGNORED.labels("not_in_a_thread").inc()
             return
-        with session_scope() as s:
-            ours = bool(thread_messages(s, event["channel"], thread_ts, limit=1))
+        try:
+            with session_scope() as s:
+                ours = bool(thread_messages(s, event["channel"], thread_ts, limit=1))
+        except Exception as exc:  # the store is down: whose thread this is cannot be told
+            log.warning("cannot tell whether a thread is ours", channel=event["channel"],
+                        error=describe_exception(exc))
+            return
         if not ours:
             metrics.IGNORED.labels("not_our_thread").inc()
             return
@@ -103,8 +148,13 @@ class Answerer:
         event_id = body.get("event_id")
         if not event_id:
             return True
-        with session_scope() as s:
-            first = record_event_once(s, event_id, kind=kind)
+        try:
+            with session_scope() as s:
+                first = record_event_once(s, event_id, kind=kind)
+        except Exception as exc:  # the store is down: a rare double answer beats silence
+            log.warning("cannot record the delivery; answering anyway", event_id=event_id,
+                        error=describe_exception(exc))
+            return True
         if not first:
             metrics.DUPLICATES.inc()
             log.info("duplicate delivery dropped", event_id=event_id)
@@ -113,20 +163,27 @@ class Answerer:
     # -- the answer ----------------------------------------------------------------------------
     def answer(self, client: WebClient, event: dict, bot_user_id: str | None, *, conversation: str,
                reply_thread: str | None) -> None:
+        """Whatever fails, the person hears back: before the placeholder exists an apology is
+        posted instead; after, the placeholder becomes one, at the latest at the deadline."""
+        deadline = time.monotonic() + self.settings.answer_deadline_s
         channel, ts, user = event["channel"], event["ts"], event.get("user")
         text = event.get("text") or ""
-        with session_scope() as s:
-            # app_mention and message events can both carry one message: answer it once
-            if not record_event_once(s, f"msg:{channel}:{ts}", kind="question"):
-                return
-            record_message(s, channel=channel, ts=ts, thread_ts=conversation, role=Role.user,
-                           text=text, author=user)
+        try:
+            with session_scope() as s:
+                # app_mention and message events can both carry one message: answer it once
+                if not record_event_once(s, f"msg:{channel}:{ts}", kind="question"):
+                    return
+                record_message(s, channel=channel, ts=ts, thread_ts=conversation, role=Role.user,
+                               text=text, author=user)
+        except Exception as exc:
+            metrics.ANSWERS.labels("store_error").inc()
+            log.error("cannot store the question; apology posted", channel=channel,
+                      error=describe_exception(exc))
+            self._post(client, channel, reply_thread, SORRY)
+            return
         prompt = self.prompt.model_copy(update={"bot_user_id": bot_user_id or self.prompt.bot_user_id})
         if not normalize(text, bot_user_id=prompt.bot_user_id):  # a bare mention: nothing to ask the model
-            try:
-                client.chat_postMessage(channel=channel, thread_ts=reply_thread, text=EMPTY_QUESTION)
-            except SlackApiError as exc:
-                log.warning("cannot post the hint", channel=channel, error=exc.response.get("error"))
+            self._post(client, channel, reply_thread, EMPTY_QUESTION)
             return
         try:
             placeholder = client.chat_postMessage(channel=channel, thread_ts=reply_thread,
@@ -136,55 +193,88 @@ class Answerer:
             log.error("cannot post in the thread; question stored", channel=channel,
                       error=exc.response.get("error"))
             return
-        answer_ts = placeholder["ts"]
+        reply = _Reply(client, channel, placeholder["ts"])
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), self._too_slow, args=(reply,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            self._fill(reply, prompt, conversation, bot_user_id, deadline)
+        except Exception as exc:  # the database, a bug, anything: never leave "Thinking…" behind
+            metrics.ANSWERS.labels("error").inc()
+            log.error("answer failed; apology shown", channel=channel, ts=reply.ts,
+                      error=describe_exception(exc))
+            if reply.apologize(SORRY):
+                self._record_apology(reply, conversation, bot_user_id, SORRY, f"{type(exc).__name__}: {exc}")
+        finally:
+            watchdog.cancel()
+
+    def _fill(self, reply: _Reply, prompt: PromptSettings, conversation: str, bot_user_id: str | None,
+              deadline: float) -> None:
+        """Ask for the answer (memory or model), store it, and show it in the placeholder."""
+        channel, answer_ts = reply.channel, reply.ts
         with session_scope() as s:
             history = thread_messages(s, channel, conversation, limit=prompt.context_max_messages * 2)
             messages = build_messages(history, prompt)
             plan = self._plan(messages, channel, s)
         metrics.MEMORY.labels("answer" if plan.direct else "notes" if plan.notes else "none").inc()
-        progress = _Progress(client, channel, answer_ts, self.settings.stream_update_interval_s)
+        progress = _Progress(reply, self.settings.stream_update_interval_s)
         try:
             if plan.direct:  # the team already answered this question: say so, no model needed
                 answer = Answer(text=plan.direct.answer, model_version="memory", latency_ms=0.0)
             else:
-                answer = self.gateway.chat(plan.apply(messages), on_delta=progress)
+                answer = self.gateway.chat(plan.apply(messages), on_delta=progress, deadline=deadline)
         except GatewayError as exc:
-            metrics.ANSWERS.labels("gateway_error").inc()
-            log.warning("gateway failed; friendly message posted", channel=channel, error=str(exc))
-            with session_scope() as s:
-                record_message(s, channel=channel, ts=answer_ts, thread_ts=conversation, role=Role.assistant,
-                               text=FRIENDLY_DOWN, author=bot_user_id, error=str(exc))
-            self._update(client, channel, answer_ts, FRIENDLY_DOWN,
-                         [{"type": "section", "text": blocks.mrkdwn(FRIENDLY_DOWN)}])
+            slow = exc.kind in ("deadline", "timeout")
+            metrics.ANSWERS.labels("deadline" if slow else "gateway_error").inc()
+            log.warning("gateway failed; apology shown", channel=channel, reason=exc.kind)
+            apology = TOO_SLOW if slow else FRIENDLY_DOWN
+            self._record_apology(reply, conversation, bot_user_id, apology, str(exc))
+            reply.apologize(apology)
             return
         metrics.ANSWER_SECONDS.observe(answer.latency_ms / 1000)
+        if reply.final:  # the deadline's apology is showing: a late answer is not stored as shown
+            return
         error = None if answer.text else "empty answer"
         with session_scope() as s:  # stored before Slack shows it, so votes always find it
             record_message(s, channel=channel, ts=answer_ts, thread_ts=conversation, role=Role.assistant,
                            text=answer.text or EMPTY_ANSWER, author=bot_user_id,
                            model_version=answer.model_version, latency_ms=answer.latency_ms, error=error)
         if error:
-            shown = [{"type": "section", "text": blocks.mrkdwn(EMPTY_ANSWER)}]
-            self._update(client, channel, answer_ts, EMPTY_ANSWER, shown)
-            metrics.ANSWERS.labels("empty").inc()
+            if reply.apologize(EMPTY_ANSWER):
+                metrics.ANSWERS.labels("empty").inc()
             return
         shown = blocks.answer_blocks(answer.text, model_version=answer.model_version,
                                      latency_ms=answer.latency_ms, style=self.settings.feedback_style,
                                      source=citation(plan))
-        if self._update(client, channel, answer_ts, answer.text, shown):
+        if reply.finish(answer.text, shown):
             metrics.ANSWERS.labels("ok").inc()
             log.info("answered", channel=channel, ts=answer_ts, version=answer.model_version,
                      latency_ms=answer.latency_ms)
 
+    def _too_slow(self, reply: _Reply) -> None:
+        """The deadline: whatever the worker is still waiting for, the person hears back now."""
+        if reply.apologize(TOO_SLOW):
+            metrics.ANSWERS.labels("deadline").inc()
+            log.warning("answer deadline passed; apology shown", channel=reply.channel, ts=reply.ts,
+                        deadline_s=self.settings.answer_deadline_s)
+
     @staticmethod
-    def _update(client: WebClient, channel: str, ts: str, text: str, shown: list[dict]) -> bool:
+    def _record_apology(reply: _Reply, conversation: str, bot_user_id: str | None, text: str,
+                        error: str) -> None:
+        """Keep the apology in the thread's history when the store lets us (it may be the fault)."""
         try:
-            client.chat_update(channel=channel, ts=ts, text=text[:3000], blocks=shown)
-            return True
+            with session_scope() as s:
+                record_message(s, channel=reply.channel, ts=reply.ts, thread_ts=conversation,
+                               role=Role.assistant, text=text, author=bot_user_id, error=error[:2000])
+        except Exception as exc:
+            log.warning("cannot store the apology", channel=reply.channel, error=describe_exception(exc))
+
+    @staticmethod
+    def _post(client: WebClient, channel: str, thread_ts: str | None, text: str) -> None:
+        try:
+            client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text)
         except SlackApiError as exc:
-            metrics.ANSWERS.labels("slack_error").inc()
-            log.error("cannot show the answer", channel=channel, ts=ts, error=exc.response.get("error"))
-            return False
+            log.warning("cannot post in the thread", channel=channel, error=exc.response.get("error"))
 
 
 def _from_a_bot(event: dict, bot_user_id: str | None) -> bool:

@@ -1,4 +1,5 @@
-"""App Home: what the bot serves, how training goes, and where it answers worst."""
+"""App Home: what the bot serves and how training goes; the team's figures and its worst
+(public) answers for admins and reviewers, and each person's own figures for everyone else."""
 from __future__ import annotations
 
 from slack_sdk.errors import SlackApiError
@@ -6,6 +7,7 @@ from slack_sdk.web import WebClient
 
 from bot.admin import feedback_summary, run_line
 from bot.blocks import mrkdwn, plain
+from bot.channels import ChannelVisibility
 from bot.settings import BotSettings
 from bot.slack_text import escape
 from flywheel.prompt import normalize
@@ -13,9 +15,11 @@ from flywheel.logs import get_logger
 from store.conversations import previous_user_message
 from store.db import session_scope
 from store.feedback import top_downvoted_answers
-from store.overview import overview
+from store.overview import overview, personal_overview
 
 log = get_logger("bot.home")
+WORST_SHOWN, WORST_CANDIDATES = 5, 50  # candidates: room for the DM answers that are skipped
+_visibility = ChannelVisibility()  # cached per process, like the feedback's
 
 
 def _short(text: str, n: int = 150) -> str:
@@ -23,31 +27,59 @@ def _short(text: str, n: int = 150) -> str:
     return escape(text if len(text) <= n else text[:n] + "…")
 
 
-def home_view(settings: BotSettings, user: str) -> dict:
-    with session_scope() as s:
-        o = overview(s, runs=5)
-        worst = [(m, n, previous_user_message(s, m)) for m, n in top_downvoted_answers(s, limit=5)]
-    prod, runs, questions, answers = o.production, o.runs, o.questions, o.answers
-    feedback, examples = o.feedback, o.examples
-    blocks = [
-        {"type": "header", "text": plain("Flywheel")},
-        {"type": "section", "text": mrkdwn(f"*Production model:* `{prod or 'base model'}`")},
-        {"type": "section", "text": mrkdwn("*Last training runs*\n" + (
-            "\n".join(f"• {run_line(r)}" for r in runs) if runs else "_none yet_"))},
+def _shareable(client: WebClient | None, channel: str) -> bool:
+    """Only answers from public channels are quoted, even to admins: a DM (or a private
+    channel) stays between the people in it."""
+    return client is not None and _visibility.is_public(client, channel)
+
+
+def _team_blocks(o, worst) -> list[dict]:
+    """For admins and reviewers: the team's figures and where the bot answers worst."""
+    out = [
         {"type": "section", "fields": [
-            mrkdwn(f"*Questions*\n{questions}"), mrkdwn(f"*Answers*\n{answers}"),
-            mrkdwn(f"*Examples*\n{examples.get('total', 0)} ({examples.get('golden', 0)} golden)"),
-            mrkdwn(f"*Feedback*\n{feedback_summary(feedback)}"),
+            mrkdwn(f"*Questions*\n{o.questions}"), mrkdwn(f"*Answers*\n{o.answers}"),
+            mrkdwn(f"*Examples*\n{o.examples.get('total', 0)} ({o.examples.get('golden', 0)} golden)"),
+            mrkdwn(f"*Feedback*\n{feedback_summary(o.feedback)}"),
         ]},
         {"type": "divider"},
-        {"type": "section", "text": mrkdwn("*Most 👎 answers*")},
+        {"type": "section", "text": mrkdwn("*Most 👎 answers* (public channels)")},
     ]
     if not worst:
-        blocks.append({"type": "context", "elements": [mrkdwn("No 👎 yet.")]})
+        out.append({"type": "context", "elements": [mrkdwn("No 👎 in public channels yet.")]})
     for msg, downs, question in worst:
         q = _short(normalize(question.text)) if question else "_(question not stored)_"
-        blocks.append({"type": "section", "text": mrkdwn(
-            f"*{downs}× 👎* · `{msg.model_version or 'unknown'}`\n>{q}\n{_short(msg.text)}")})
+        out.append({"type": "section", "text": mrkdwn(
+            f"*{downs}× 👎* · `{msg.model_version or 'unknown'}` · <#{msg.channel}>\n>{q}\n{_short(msg.text)}")})
+    return out
+
+
+def _own_blocks(mine) -> list[dict]:
+    """For everyone else: their own figures only."""
+    return [{"type": "section", "fields": [
+        mrkdwn(f"*Your questions*\n{mine.questions}"),
+        mrkdwn(f"*Your feedback*\n{feedback_summary(mine.feedback)}"),
+    ]}]
+
+
+def home_view(settings: BotSettings, user: str, client: WebClient | None = None) -> dict:
+    """Admins and reviewers see the team's figures and the worst public answers; everyone else
+    sees only their own figures. Production and training runs are no one's private data."""
+    staff = settings.is_reviewer(user)
+    with session_scope() as s:
+        o = overview(s, runs=5)
+        if staff:
+            candidates = top_downvoted_answers(s, limit=WORST_CANDIDATES)
+            worst = [(m, n, previous_user_message(s, m)) for m, n in candidates
+                     if _shareable(client, m.channel)][:WORST_SHOWN]
+        else:
+            mine = personal_overview(s, user)
+    blocks = [
+        {"type": "header", "text": plain("Flywheel")},
+        {"type": "section", "text": mrkdwn(f"*Production model:* `{o.production or 'base model'}`")},
+        {"type": "section", "text": mrkdwn("*Last training runs*\n" + (
+            "\n".join(f"• {run_line(r)}" for r in o.runs) if o.runs else "_none yet_"))},
+    ]
+    blocks += _team_blocks(o, worst) if staff else _own_blocks(mine)
     if settings.is_admin(user):
         blocks += [{"type": "divider"}, {"type": "context", "elements": [mrkdwn(
             "You are a Flywheel admin: `/flywheel train`, `/flywheel approve <version>`, "
@@ -58,6 +90,6 @@ def home_view(settings: BotSettings, user: str) -> dict:
 
 def publish_home(settings: BotSettings, client: WebClient, user: str) -> None:
     try:
-        client.views_publish(user_id=user, view=home_view(settings, user))
+        client.views_publish(user_id=user, view=home_view(settings, user, client))
     except SlackApiError as exc:
         log.error("cannot publish App Home", user=user, error=exc.response.get("error"))

@@ -74,7 +74,7 @@ def golden_pass(prediction: str, row: dict, labels: list[str], threshold: float)
 def eval_memory(train_rows: list[dict], settings):
     """The correction memory as production would hold it for these items: every taught answer
     of the training set (not its paraphrases), embedded with the production embedder."""
-    from flywheel.memory import Memory, MemorySettings, Recalled
+    from flywheel.memory import Memory, MemorySettings, Recalled, item_vectors
     from trainer.dataset import TAUGHT_SOURCES
 
     mem_settings = MemorySettings()
@@ -84,7 +84,7 @@ def eval_memory(train_rows: list[dict], settings):
     taught = [r for r in train_rows if not r["augmented"] and r["label"] is None
               and (r["source"] in TAUGHT_SOURCES or r["golden"])]
     if taught:
-        vectors = memory.embedder.embed([r["messages"][-1]["content"] for r in taught])
+        vectors = item_vectors(memory.embedder, [(r["messages"][-1]["content"], r["answer"]) for r in taught])
         for i, (row, vec) in enumerate(zip(taught, vectors)):
             memory.index.add(Recalled(i, row["messages"][-1]["content"], row["answer"], row["source"], None,
                                       datetime.now(timezone.utc), 0.0), vec)

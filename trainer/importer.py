@@ -148,7 +148,9 @@ def remember_examples(session: Session, memory, rows) -> int:
     items = [(r, q) for r, q in items if q]
     if not items or not memory.settings.memory:
         return 0
-    vectors = memory.embedder.embed([q for _, q in items])
+    from flywheel.memory import item_vectors
+
+    vectors = item_vectors(memory.embedder, [(q, r.answer.strip()) for r, q in items])
     for (row, question), vector in zip(items, vectors):
         upsert_memory_item(session, key=f"example:{row.id}", question=question, answer=row.answer.strip(),
                            source="import", author=None, channel=None, visible_in=None, vector=to_bytes(vector))

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from flywheel.embedding import load_embedder  # noqa: E402
-from flywheel.memory import MemorySettings  # noqa: E402
+from flywheel.memory import MemorySettings, item_vectors  # noqa: E402
 
 DEFAULT_SETS = [ROOT / "flywheel/demo/data/company_facts.jsonl", *sorted((ROOT / "bench/learning/facts").glob("*.jsonl"))]
 GENERAL = [json.loads(x)["question"] for x in (ROOT / "trainer/data/general_questions.jsonl").read_text().splitlines()
@@ -33,7 +33,7 @@ def main(paths: list[Path]) -> None:
     out = {}
     for path in paths:
         facts = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        taught = emb.embed([f["question"] for f in facts])
+        taught = item_vectors(emb, [(f["question"], f["answer"]) for f in facts])  # as the memory keys items
         paras = [(i, p) for i, f in enumerate(facts) for p in f.get("paraphrases", [])[:2]]
         pv = emb.embed([p for _, p in paras])
         scores = pv @ taught.T
@@ -49,6 +49,15 @@ def main(paths: list[Path]) -> None:
             row[f"direct@{t}"] = round(float(hit.mean()), 3)
             row[f"wrong@{t}"] = round(float((hit & ~right).sum() / max(1, hit.sum())), 3)
             row[f"general@{t}"] = round(float((gbest >= t).mean()), 3)
+        # the default rule (flywheel.memory.plan): best >= threshold, or >= floor with a lead
+        ms = MemorySettings()
+        ranked = np.sort(scores, 1)[:, ::-1]
+        direct = (ranked[:, 0] >= ms.memory_answer_threshold) | (
+            (ranked[:, 0] >= ms.memory_answer_floor) & (ranked[:, 0] - ranked[:, 1] >= ms.memory_answer_margin))
+        row["top2_right"] = round(float((np.argsort(-scores, 1)[:, :2] == np.array([i for i, _ in paras])[:, None])
+                                        .any(1).mean()), 3)
+        row["answered_default"] = round(float(direct.mean()), 3)
+        row["answered_wrong_default"] = round(float((direct & ~right).sum() / max(1, direct.sum())), 3)
         out[path.stem] = row
         print(path.stem, json.dumps(row))
     print("RESULT " + json.dumps(out))

@@ -16,6 +16,7 @@ from bot.admin import Reply
 from bot.feedback import Feedback
 from bot.settings import BotSettings
 from flywheel.logs import get_logger
+from flywheel.prompt import normalize
 from store.audit import record_audit
 from store.conversations import previous_user_message
 from store.db import session_scope
@@ -60,8 +61,9 @@ class Review:
         with session_scope() as s:
             question = previous_user_message(s, msg)
         where = "in a DM" if msg.channel.startswith("D") else f"in <#{msg.channel}>"
+        text = normalize(question.text, bot_user_id=self.feedback.prompt.bot_user_id) if question else None
         return blocks.review_item_blocks(feedback_id=row.id, author=row.user, where=where,
-                                         question=question.text if question else None, answer=msg.text,
+                                         question=text, answer=msg.text,
                                          suggestion=row.correction or "")
 
     # -- `/flywheel review` ----------------------------------------------------------------------

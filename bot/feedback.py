@@ -3,8 +3,10 @@ shortcuts. Everything lands in store.feedback as one vote per user, message and 
 from __future__ import annotations
 
 import json
+import time
 
 from slack_sdk.errors import SlackApiError
+from sqlalchemy.exc import DBAPIError
 from slack_sdk.web import WebClient
 
 from bot import blocks, metrics
@@ -17,6 +19,7 @@ from flywheel.prompt import PromptSettings, normalize
 from store.audit import record_audit
 from store.conversations import get_message, previous_user_message
 from store.db import session_scope
+from store.errors import DatabaseUnavailableError
 from store.feedback import retract_vote, upsert_vote
 from store.memory import memory_item
 from store.models import Feedback as FeedbackRow
@@ -71,8 +74,33 @@ class Feedback:
         """Corrections from people who are neither admins nor reviewers wait for a reviewer."""
         return self.settings.review_corrections and not self.settings.is_reviewer(user)
 
+    def until_stored(self, what: str, store) -> None:
+        """Run `store()`; while the database is away (a restart, a network blip) try again with
+        backoff for up to FLYWHEEL_FEEDBACK_RETRY_S, so a vote given during an outage is kept.
+        Slack does not redeliver an event we already acked: this retry is its only chance."""
+        deadline, delay = time.monotonic() + self.settings.feedback_retry_s, 0.25
+        while True:
+            try:
+                return store()
+            except (DBAPIError, DatabaseUnavailableError) as exc:
+                if time.monotonic() + delay > deadline:
+                    metrics.FEEDBACK.labels(what, "lost").inc()
+                    log.error("feedback lost: the database stayed unavailable", what=what,
+                              error=type(exc).__name__)
+                    return None
+                metrics.FEEDBACK.labels(what, "retried").inc()
+                log.warning("database unavailable; keeping the feedback and retrying", what=what,
+                            error=type(exc).__name__, retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     # -- reactions -------------------------------------------------------------------------------
     def on_reaction(self, event: dict, body: dict, bot_user_id: str | None, removed: bool) -> None:
+        claimed: set[str] = set()  # this delivery's receipt, once written: a retry must not read it as a duplicate
+        self.until_stored("reaction", lambda: self._on_reaction(event, body, bot_user_id, removed, claimed))
+
+    def _on_reaction(self, event: dict, body: dict, bot_user_id: str | None, removed: bool,
+                     claimed: set[str]) -> None:
         meaning = self.reaction_meaning(event.get("reaction", ""))
         item = event.get("item") or {}
         if meaning is None or item.get("type") != "message" or not event.get("user"):
@@ -85,11 +113,12 @@ class Feedback:
             metrics.IGNORED.labels("not_an_answer").inc()
             return
         event_id = body.get("event_id")
-        if event_id:
+        if event_id and event_id not in claimed:
             with session_scope() as s:
                 if not record_event_once(s, event_id, kind=event.get("type", "reaction")):
                     metrics.DUPLICATES.inc()
                     return
+            claimed.add(event_id)
         kind, value = meaning
         if removed:
             with session_scope() as s:
@@ -108,11 +137,19 @@ class Feedback:
         if value not in ("up", "down"):
             log.warning("vote button with an unexpected value", value=value)
             return
-        msg = find_answer(*_container(body))
-        if msg is None:
+        msg = self.until_stored("button", lambda: find_answer(*_container(body)) or False)
+        if msg is None:  # the database stayed away: the vote is lost, and the person hears it
+            respond(text="Sorry, I could not save that vote right now; please try again in a minute.",
+                    response_type="ephemeral", replace_original=False)
+            return
+        if msg is False:
             respond(text=NOT_AN_ANSWER, response_type="ephemeral", replace_original=False)
             return
-        self._vote(msg, body["user"]["id"], FeedbackKind.button.value, value)
+        if self.until_stored("button", lambda: self._vote(msg, body["user"]["id"], FeedbackKind.button.value,
+                                                          value)) is None:
+            respond(text="Sorry, I could not save that vote right now; please try again in a minute.",
+                    response_type="ephemeral", replace_original=False)
+            return
         if action.get("type") == "button":  # classic buttons show no state of their own
             respond(text=f"Thanks, noted {'👍' if value == 'up' else '👎'}", response_type="ephemeral",
                     replace_original=False)

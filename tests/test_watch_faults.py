@@ -3,7 +3,6 @@ next due run succeeds. The outage is real: PostgreSQL behind a TCP hop that is t
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -11,18 +10,9 @@ from store.db import get_engine, session_scope
 from store.migrate import upgrade
 from store.runs import get_run, queue_run
 from tests.support.faults import TcpProxy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.postgres
-
-
-def wait_until(predicate, timeout: float = 120.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout:.0f} s")
 
 
 def checks(outcome: str) -> float:
@@ -59,13 +49,13 @@ def test_watch_survives_a_database_outage_and_the_next_run_succeeds(pg_server, t
     ok0, failed0 = checks("ok"), checks("failed")
     try:
         daemon.start()
-        wait_until(lambda: checks("ok") >= ok0 + 2, what="the daemon polling")
+        wait_until(lambda: checks("ok") >= ok0 + 2, timeout=120, what="the daemon polling")
         proxy.down()
-        wait_until(lambda: checks("failed") >= failed0 + 3, what="failed checks")
+        wait_until(lambda: checks("failed") >= failed0 + 3, timeout=120, what="failed checks")
         assert daemon.is_alive()
         ok_down = checks("ok")
         proxy.up()
-        wait_until(lambda: checks("ok") > ok_down, what="the daemon noticing the database is back")
+        wait_until(lambda: checks("ok") > ok_down, timeout=120, what="the daemon noticing the database is back")
         with session_scope(get_engine(url)) as s:
             run_id = queue_run(s, queued_by="UADMIN01").id
         def finished():

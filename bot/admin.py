@@ -17,7 +17,9 @@ from store.overview import overview
 from store.replicas import list_replicas
 from store.runs import queue_run
 from store.versions import (
+    ALIASES,
     PRODUCTION,
+    VERSION_NAME,
     alias_history,
     alias_target,
     find_version,
@@ -117,12 +119,12 @@ class Admin:
                 record_audit(s, actor=user, action=f"command.{action}", target=target, outcome="refused",
                              detail={**(detail or {}), "reason": "not an admin"})
             metrics.ADMIN.labels(action, "refused").inc()
-            log.warning("admin command refused", user=user, action=action, target=target)
+            log.warning("admin command refused", user=user, action=action, target=_loggable(target))
             return Reply(f":no_entry: Only Flywheel admins can `{action}`. This attempt was logged.")
         try:
             reply = do()
         except (StoreError, ValueError) as exc:
-            log.warning("admin command failed", user=user, action=action, target=target, error=str(exc),
+            log.warning("admin command failed", user=user, action=action, target=_loggable(target), error=str(exc),
                         exc_info=not isinstance(exc, StoreError))
             with session_scope() as s:
                 record_audit(s, actor=user, action=f"command.{action}", target=target, outcome="error",
@@ -130,7 +132,8 @@ class Admin:
             metrics.ADMIN.labels(action, "error").inc()
             return Reply(f":x: {exc}")
         except Exception as exc:  # the database or the gateway failed: audit if we can, say so plainly
-            log.error("admin command crashed", user=user, action=action, target=target, error=type(exc).__name__)
+            log.error("admin command crashed", user=user, action=action, target=_loggable(target),
+                      error=type(exc).__name__)
             try:
                 with session_scope() as s:
                     record_audit(s, actor=user, action=f"command.{action}", target=target, outcome="error",
@@ -236,6 +239,12 @@ class Admin:
             lines.append(f"• {m['at']:%Y-%m-%d %H:%M} <@{m['actor']}>: `{m['from'] or 'base'}` → "
                          f"`{m['to'] or 'base'}`{why}")
         return Reply("\n".join(lines))
+
+
+def _loggable(target: str) -> str:
+    """A version name or an alias as typed, anything else not at all: logs hold no typed text
+    (the audit row, which admins read, keeps it)."""
+    return target if VERSION_NAME.fullmatch(target or "") or target in ALIASES else "(not a version name)"
 
 
 def feedback_summary(counts: dict[str, int]) -> str:

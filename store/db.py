@@ -60,14 +60,16 @@ def get_engine(url: str | None = None) -> Engine:
         if engine is not None:
             return engine
         if url.startswith("sqlite"):
+            # hide_parameters: a statement's parameters (people's messages) never reach an error text or a log
             engine = create_engine(
-                url,
+                url, hide_parameters=True,
                 connect_args={"check_same_thread": False, "timeout": settings.sqlite_busy_timeout_s},
             )
             event.listen(engine, "connect", _sqlite_pragmas(settings.sqlite_busy_timeout_s))
         else:
             engine = create_engine(
-                url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args={"connect_timeout": 5}
+                url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True,
+                connect_args={"connect_timeout": 5}
             )
         _engines[url] = engine
         return engine

@@ -196,7 +196,7 @@ def test_direct_messages_are_answered_at_top_level(bot):
 def test_gateway_down_gives_a_friendly_message_and_keeps_the_question(env):
     held = refusing_socket()  # bound, never listening: connections there are refused
     dead = f"http://127.0.0.1:{port_of(held)}"
-    with held, BotServer(gateway_url=dead, reports_enabled=False) as down:
+    with held, BotServer(gateway_url=dead, reports_enabled=False, gateway_connect_retry_s=0) as down:
         channel = "CDOWN0001"
         q_ts, resp = down.sender.mention("Are you there?", channel=channel)
         assert resp.status_code == 200

@@ -15,7 +15,6 @@ import logging
 import socket
 import sqlite3
 import threading
-import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -33,6 +32,7 @@ from tests.support.adapters import make_adapter, register
 from tests.support.bot_harness import ADMIN_USER, BotServer
 from tests.support.gateway_server import GatewayServer
 from tests.support.slack_double import BOT_USER_ID, SlackDouble
+from tests.support.waiting import wait_until
 
 SECRET = "tangerine-7Q3Z-payroll-do-not-log"  # what people write: never in a log line
 REVIEWER = "UREVIEW01"
@@ -224,14 +224,6 @@ def stored(channel: str, ts: str):
         return get_message(s, channel, ts)
 
 
-def wait_until(check, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.05)
-
-
 def home_of(bot: BotServer, user: str) -> str:
     before = len([c for c in bot.double.calls_to("views.publish") if c.args.get("user_id") == user])
     assert bot.sender.home_opened(user=user).status_code == 200
@@ -260,7 +252,7 @@ def test_home_shows_people_their_own_figures_and_never_quotes_a_dm(bot):
     def all_votes_in() -> bool:
         with session_scope() as s:
             return all(len(feedback_for_message(s, stored(ch, ts).id)) == 2 for ch, ts in answers)
-    wait_until(all_votes_in, "six 👎 stored")
+    wait_until(all_votes_in, what="six 👎 stored")
 
     bob = home_of(bot, "UBOB0001")
     for private_word in ("amethyst", "quokka", "heron", "Most 👎"):
@@ -438,7 +430,7 @@ def test_a_refused_gateway_is_retried_until_it_is_back(env, tiny_model_dir):
         q_ts, _ = server.sender.mention("are you back?", channel="CRESTART1")
         a_ts = placeholder(server, "CRESTART1")
         wait_until(lambda: counter("flywheel_bot_gateway_retries_total", outcome="retried") > retried,
-                   "the bot saw the gateway refuse and retried", timeout=60)
+                   what="the bot saw the gateway refuse and retried", timeout=60)
         gateway = HeldPortGateway(GatewaySettings(
             base_model=tiny_model_dir, adapters_dir=env["tmp"] / "adapters", sync_interval_s=30,
             max_new_tokens=8, replica_id="trust-restart"), sock).start()

@@ -124,7 +124,8 @@ class Admin:
         try:
             reply = do()
         except (StoreError, ValueError) as exc:
-            log.warning("admin command failed", user=user, action=action, target=_loggable(target), error=str(exc),
+            log.warning("admin command failed", user=user, action=action, target=_loggable(target),
+                        error=type(exc).__name__,
                         exc_info=not isinstance(exc, StoreError))
             with session_scope() as s:
                 record_audit(s, actor=user, action=f"command.{action}", target=target, outcome="error",
@@ -194,8 +195,14 @@ class Admin:
 
     # -- read-only -------------------------------------------------------------------------------
     def _live(self, version: str | None) -> str:
-        with session_scope() as s:
-            replicas = list_replicas(s)
+        """Best effort: the change is committed already, so a failed read here must not turn the
+        reply into "nothing was changed"."""
+        try:
+            with session_scope() as s:
+                replicas = list_replicas(s)
+        except Exception as exc:
+            log.warning("cannot read the replicas", error=type(exc).__name__)
+            return "(`/flywheel status` shows where it is live.)"
         if not replicas:
             return ""
         label = version or "base"  # what replicas report for the base model

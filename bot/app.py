@@ -99,7 +99,8 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
         except Exception as exc:  # the caller must hear something, not silence
             log.error("command failed", command=(command.get("text") or "").split(" ", 1)[0][:32],
                       error=describe_exception(exc))
-            respond(text=f":x: The command failed: {exc}", response_type="ephemeral")
+            respond(text=f":x: The command failed on our side ({type(exc).__name__}); it was logged. "
+                         "Try again in a moment.", response_type="ephemeral")
             return
         respond(text=reply.text, blocks=reply.blocks,
                 response_type="in_channel" if reply.public else "ephemeral")

@@ -126,3 +126,9 @@ def review_edit_modal(*, feedback_id: int, suggestion: str, reply_to: dict) -> d
                         "element": {"type": "plain_text_input", "action_id": CORRECTION_INPUT,
                                     "multiline": True, "max_length": 3000,
                                     "initial_value": suggestion[:3000]}}]}
+
+
+def modal_text(view: dict) -> str:
+    """The text typed into a correction or review modal (its one input), stripped."""
+    value = (((view.get("state") or {}).get("values") or {}).get(CORRECTION_BLOCK) or {}).get(CORRECTION_INPUT) or {}
+    return (value.get("value") or "").strip()

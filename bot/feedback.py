@@ -173,9 +173,7 @@ class Feedback:
     def on_correction(self, ack, body: dict, view: dict, client: WebClient) -> None:
         """The modal's text becomes a correction; empty text or a vanished answer keeps the modal
         open with the reason (Slack shows it under the field)."""
-        value = (((view.get("state") or {}).get("values") or {}).get(blocks.CORRECTION_BLOCK) or {}).get(
-            blocks.CORRECTION_INPUT) or {}
-        text = (value.get("value") or "").strip()
+        text = blocks.modal_text(view)
         if not text:
             ack(response_action="errors", errors={blocks.CORRECTION_BLOCK: "Please write the better answer."})
             return

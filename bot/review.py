@@ -6,6 +6,7 @@ data; every decision, and every refused attempt, is audited."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web import WebClient
@@ -85,12 +86,13 @@ class Review:
 
     # -- decisions -------------------------------------------------------------------------------
     def decide(self, client: WebClient, user: str, feedback_id: int, *, approve: bool,
-               text: str | None = None) -> tuple[bool, str]:
-        """(decided, what to tell the channel or the clicker)."""
+               text: str | None = None) -> tuple[bool, str, Callable[[], None]]:
+        """(decided, what to tell the channel or the clicker, what to do once Slack has its ack:
+        teach the memory and tell the author; slow, so a modal is acked before it)."""
         verb = "approve" if approve else "reject"
         if not self.settings.is_reviewer(user):
             self._refused(user, verb, f"feedback {feedback_id}")
-            return False, NOT_A_REVIEWER
+            return False, NOT_A_REVIEWER, _nothing
         try:
             with session_scope() as s:
                 row, edited = decide_correction(s, feedback_id, actor=user, approve=approve, text=text)
@@ -100,15 +102,18 @@ class Review:
                 record_audit(s, actor=user, action=f"correction.{verb}", target=f"feedback {feedback_id}",
                              outcome="error", detail={"error": str(exc)})
             metrics.REVIEW.labels("error").inc()
-            return False, f":x: {exc}"
+            return False, f":x: {exc}", _nothing
         metrics.REVIEW.labels("approved" if approve else "rejected").inc()
         log.info("correction reviewed", feedback_id=feedback_id, decision=verb, by=user)
-        if approve and msg is not None:
-            self.feedback.remember(client, msg, row.user, row.correction or "", source="correction")
-        if msg is not None:
-            self._tell_author(client, row, msg, approve)
+
+        def follow_up() -> None:
+            if approve and msg is not None:
+                self.feedback.remember(client, msg, row.user, row.correction or "", source="correction")
+            if msg is not None:
+                self._tell_author(client, row, msg, approve)
+
         done = ":white_check_mark: approved" if approve else ":no_entry_sign: rejected"
-        return True, f"{done}{' (edited)' if edited else ''} by <@{user}>: <@{row.user}>'s correction"
+        return True, f"{done}{' (edited)' if edited else ''} by <@{user}>: <@{row.user}>'s correction", follow_up
 
     def _tell_author(self, client: WebClient, row: FeedbackRow, msg: Message, approve: bool) -> None:
         text = ("A reviewer approved your suggested answer: I use it from now on and in the next training."
@@ -136,10 +141,12 @@ class Review:
         if action["action_id"] == blocks.REVIEW_EDIT:
             self._open_editor(body, client, respond, user, feedback_id)
             return
-        decided, text = self.decide(client, user, feedback_id, approve=action["action_id"] == blocks.REVIEW_APPROVE)
+        decided, text, follow_up = self.decide(client, user, feedback_id,
+                                               approve=action["action_id"] == blocks.REVIEW_APPROVE)
         if not decided:
             respond(text=text, response_type="ephemeral", replace_original=False)
             return
+        follow_up()
         respond(text=text, replace_original=True, blocks=_decided(body.get("message") or {}, feedback_id, text))
 
     def _open_editor(self, body: dict, client: WebClient, respond, user: str, feedback_id: int) -> None:
@@ -160,9 +167,7 @@ class Review:
             log.error("cannot open the review editor", error=exc.response.get("error"))
 
     def on_edit_submit(self, ack, body: dict, view: dict, client: WebClient) -> None:
-        value = (((view.get("state") or {}).get("values") or {}).get(blocks.CORRECTION_BLOCK) or {}).get(
-            blocks.CORRECTION_INPUT) or {}
-        text = (value.get("value") or "").strip()
+        text = blocks.modal_text(view)
         if not text:
             ack(response_action="errors", errors={blocks.CORRECTION_BLOCK: "Please write the answer to teach."})
             return
@@ -172,17 +177,22 @@ class Review:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             ack(response_action="errors", errors={blocks.CORRECTION_BLOCK: "This review item is not valid."})
             return
-        decided, reply = self.decide(client, body["user"]["id"], feedback_id, approve=True, text=text)
+        decided, reply, follow_up = self.decide(client, body["user"]["id"], feedback_id, approve=True, text=text)
         if not decided:
             ack(response_action="errors", errors={blocks.CORRECTION_BLOCK: reply.lstrip(":x: ")[:150]})
             return
-        ack()
+        ack()  # within Slack's 3 s: the decision is stored; the memory and the author come next
+        follow_up()
         if meta.get("response_url"):
             try:
                 WebhookClient(meta["response_url"]).send(text=reply, replace_original=True,
                                                          blocks=[{"type": "section", "text": blocks.mrkdwn(reply)}])
             except Exception as exc:  # the decision stands; only the review message stays as it was
                 log.info("could not update the review message", error=f"{type(exc).__name__}: {exc}")
+
+
+def _nothing() -> None:
+    return None
 
 
 def _decided(message: dict, feedback_id: int, result: str | None) -> list[dict]:

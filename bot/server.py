@@ -44,8 +44,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused with 413 past `limit` bytes: by its Content-Length before a byte is
     read, and by counting while reading (chunked bodies have no length)."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise Rejected(413 if declared.isdigit() else 400, "too large" if declared.isdigit() else "bad length")
+    numeric = declared is not None and declared.isascii() and declared.isdigit()  # '²'.isdigit() is True
+    if declared is not None and (not numeric or int(declared) > limit):
+        raise Rejected(413 if numeric else 400, "too large" if numeric else "bad length")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -61,7 +62,7 @@ def check_signature(verifier: SignatureVerifier, body: bytes, headers) -> None:
     signature = headers.get("x-slack-signature") or ""
     if not signature or not timestamp:
         raise Rejected(401, "unsigned")
-    if not timestamp.isdigit() or len(timestamp) > 12:
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
         raise Rejected(401, "bad timestamp")
     if abs(time.time() - int(timestamp)) > MAX_CLOCK_SKEW_S:
         raise Rejected(401, "stale timestamp")

@@ -49,7 +49,7 @@ class Admission:
         except asyncio.CancelledError:  # the client left while waiting
             if turn.done() and not turn.cancelled():
                 self.release(time.monotonic())  # the turn was already ours: pass it on
-            else:
+            elif turn in self.waiters:  # release() may have dropped our cancelled turn already
                 self.waiters.remove(turn)
             raise
         return time.monotonic()

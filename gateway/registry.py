@@ -54,7 +54,11 @@ class Registry:
 
     def may_serve(self, name: str, status: str | None, admin: bool = False) -> bool:
         """Whether a client may name this version (see the module docstring)."""
-        return admin or status in OPEN_STATUSES or (
+        if admin:
+            return True
+        if status == "rejected":  # rejected since it was live: gone for everyone but admins
+            return False
+        return status in OPEN_STATUSES or (
             name is not None and name in (self.production, self.previous, self.store_previous))
 
     def names(self, admin: bool = False) -> list[str]:

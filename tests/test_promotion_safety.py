@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 
 from store.audit import list_audit
 from store.db import get_engine, session_scope

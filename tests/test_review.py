@@ -21,6 +21,7 @@ from store.models import FeedbackKind, ReviewState
 from store.review import count_pending, decide_correction
 from tests.support.bot_harness import ADMIN_CHANNEL, ADMIN_USER, BotServer
 from tests.support.gateway_server import GatewayServer
+from tests.support.waiting import wait_until
 
 ALICE, BOB, REVIEWER = "UALICE01", "UBOB0001", "UREVIEW01"
 
@@ -180,8 +181,12 @@ def test_rejected_corrections_teach_nothing_and_edits_teach_the_reviewers_text(b
     assert (decided.review, decided.correction) == (ReviewState.approved, edited)
     assert decided.history[-1]["correction"] == "in the room app i think"  # what Bob wrote stays on record
     assert len(examples_answering(edited)) == 1 and examples_answering("in the room app i think") == []
+    def remembered():  # the modal is acked first; the memory learns it right after
+        with session_scope() as s:
+            item = memory_item(s, f"message:{m2.id}")
+            return item.answer if item else None
+    assert wait_until(remembered, what="the edited answer in the memory") == edited
     with session_scope() as s:
-        assert memory_item(s, f"message:{m2.id}").answer == edited
         assert list_audit(s, action="correction.approve", target=f"feedback {r2.id}")[0].detail["edited"]
 
 

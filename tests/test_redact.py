@@ -29,6 +29,8 @@ PEM_BODY = "MIIEowIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8PbnGy0AHB7MhgHcTz6sE2I2yPB\nyJ
     ("pat github_pat_11ABCDEFG0aBcDeFgHiJkLmN_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRS ok",
      "pat [API_KEY] ok"),
     ("classic ghp_a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8", "classic [API_KEY]"),
+    ("gitlab glpat-xY12_ab34-CD56ef78GH90", "gitlab [API_KEY]"),
+    ("maps AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q ok", "maps [API_KEY] ok"),
     ("stripe sk_live_4eC39HqLyjWDarjtT1zdp7dc", "stripe [API_KEY]"),
     ("stripe sk_test_51HxYzABCDEF1234567890", "stripe [API_KEY]"),
     ("stripe rk_live_51HxYzABCDEF1234567890", "stripe [API_KEY]"),

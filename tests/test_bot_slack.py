@@ -145,7 +145,9 @@ def test_mention_gets_a_threaded_answer_with_buttons_and_is_stored(bot):
     q_ts, resp = bot.sender.mention("What does the Flywheel bot do?", channel=channel)
     assert resp.status_code == 200 and not resp.content  # acked (how fast: bench/bot/run.py)
     a_ts, final = wait_answer(bot, channel, q_ts)
-    placeholder = bot.double.calls_to("chat.postMessage")[-1]
+    # this answer's placeholder (other tests' posts, e.g. reports in the admin channel, come and go)
+    placeholder = next(c for c in bot.double.calls_to("chat.postMessage")
+                       if c.args.get("channel") == channel and (c.response or {}).get("ts") == a_ts)
     assert placeholder.args["thread_ts"] == q_ts and "Thinking" in placeholder.args["text"]
     assert has_feedback_buttons(final.args["blocks"])
     question, answer = stored(channel, q_ts), stored(channel, a_ts)

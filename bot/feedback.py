@@ -114,11 +114,17 @@ class Feedback:
             return
         event_id = body.get("event_id")
         if event_id and event_id not in claimed:
-            with session_scope() as s:
-                if not record_event_once(s, event_id, kind=event.get("type", "reaction")):
-                    metrics.DUPLICATES.inc()
-                    return
-            claimed.add(event_id)
+            try:
+                with session_scope() as s:
+                    fresh = record_event_once(s, event_id, kind=event.get("type", "reaction"))
+            except (DBAPIError, DatabaseUnavailableError):
+                # the connection died during the commit: the receipt may be written (by us) or not
+                claimed.add("uncertain:" + event_id)
+                raise
+            if not fresh and "uncertain:" + event_id not in claimed:
+                metrics.DUPLICATES.inc()
+                return
+            claimed.add(event_id)  # a vote is idempotent, so "maybe ours" is handled as ours
         kind, value = meaning
         if removed:
             with session_scope() as s:

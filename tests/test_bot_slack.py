@@ -116,6 +116,11 @@ def wait_answer(bot: BotServer, channel: str, thread_ts: str | None, *, after: i
     return ts, final
 
 
+def posts_in(bot: BotServer, channel: str) -> int:
+    """Messages the bot posted in one channel (other tests post elsewhere, at any time)."""
+    return len([c for c in bot.double.calls_to("chat.postMessage") if c.args.get("channel") == channel])
+
+
 def stored(channel: str, ts: str):
     with session_scope() as s:
         return get_message(s, channel, ts)
@@ -177,12 +182,12 @@ def test_two_turn_thread_keeps_the_dialogue_context(bot, env):
         thread = thread_messages(s, channel, q1)
     assert [m.ts for m in thread] == [q1, a1, q2, a2]
     # a message in a thread the bot is not part of gets no answer
-    before = len(bot.double.calls_to("chat.postMessage"))
+    before = posts_in(bot, channel)
     not_ours = ignored(bot, "not_our_thread")
     other_root = bot.sender.next_ts()
     bot.sender.message("just chatting", channel=channel, thread_ts=other_root)
     not_ours.wait()
-    assert len(bot.double.calls_to("chat.postMessage")) == before
+    assert posts_in(bot, channel) == before
     assert stored(channel, other_root) is None
 
 
@@ -301,7 +306,7 @@ def test_the_same_event_delivered_three_times_is_answered_once(bot):
 
 def test_messages_from_bots_and_ourselves_are_ignored(bot):
     channel = "DBOTS0001"
-    before = len(bot.double.calls_to("chat.postMessage"))
+    before = posts_in(bot, channel)
     from_bots, edits = ignored(bot, "from_a_bot"), ignored(bot, "subtype")
     ts1 = bot.sender.next_ts()
     bot.sender.event({"type": "message", "subtype": "bot_message", "bot_id": "BOTHER01", "text": "beep",
@@ -315,7 +320,7 @@ def test_messages_from_bots_and_ourselves_are_ignored(bot):
     from_bots.wait()
     edits.wait()
     bot.wait_dispatched("EvOWNWORDS01")
-    assert len(bot.double.calls_to("chat.postMessage")) == before
+    assert posts_in(bot, channel) == before
     assert all(stored(channel, t) is None for t in (ts1, ts2, ts3))
 
 
@@ -639,7 +644,7 @@ def test_app_home_shows_production_runs_counts_and_worst_answers(bot):
     with session_scope() as s:  # a run of its own to show (a queued run another test may claim: finish it)
         run = start_run(s, owner="test-trainer", hyperparams={"steps": 1})
         finish_run(s, run.id, RunStatus.cancelled, error="nothing to learn")
-    published = len(bot.double.calls_to("views.publish"))
+    published = len([c for c in bot.double.calls_to("views.publish") if c.args.get("user_id") == ADMIN_USER])
     assert bot.sender.home_opened(user=ADMIN_USER).status_code == 200
     view = bot.double.wait_for("views.publish", lambda c: c.args.get("user_id") == ADMIN_USER,
                                count=published + 1)[-1].args["view"]
@@ -656,7 +661,10 @@ def test_app_home_shows_production_runs_counts_and_worst_answers(bot):
 # -- correction memory ----------------------------------------------------------------------------
 def correct_answer(bot: BotServer, channel: str, answer_ts: str, text: str, user: str = USER) -> None:
     """Suggest a better answer through the modal and wait until the bot says it will use it."""
-    before = len(bot.double.calls_to("chat.postEphemeral"))
+    def to_author(c) -> bool:
+        return c.args.get("channel") == channel and c.args.get("user") == user
+
+    before = len([c for c in bot.double.calls_to("chat.postEphemeral") if to_author(c)])
     bot.sender.block_action(action_id="suggest_correction", value="suggest", channel=channel,
                             message_ts=answer_ts, user=user)
     view = bot.double.wait_for("views.open", lambda c: channel in json.dumps(c.args["view"]))[-1].args["view"]
@@ -664,7 +672,7 @@ def correct_answer(bot: BotServer, channel: str, answer_ts: str, text: str, user
                                     values={"correction": {"text": {"type": "plain_text_input", "value": text}}},
                                     user=user)
     assert ok.status_code == 200 and not ok.content
-    thanks = bot.double.wait_for("chat.postEphemeral", count=before + 1)[-1]
+    thanks = bot.double.wait_for("chat.postEphemeral", to_author, count=before + 1)[-1]
     assert "I use it from now on" in thanks.args["text"], thanks.args["text"]
 
 

@@ -66,7 +66,10 @@ def correction_of(message_id: int):
 
 def suggest(bot: BotServer, channel: str, answer_ts: str, text: str, user: str = ALICE) -> str:
     """Submit a correction through the modal; the thanks the author gets."""
-    before = len(bot.double.calls_to("chat.postEphemeral"))
+    def to_author(c) -> bool:
+        return c.args.get("channel") == channel and c.args.get("user") == user
+
+    before = len([c for c in bot.double.calls_to("chat.postEphemeral") if to_author(c)])
     bot.sender.block_action(action_id="suggest_correction", value="suggest", channel=channel,
                             message_ts=answer_ts, user=user)
     view = bot.double.wait_for("views.open", lambda c: answer_ts in json.dumps(c.args["view"]))[-1].args["view"]
@@ -74,7 +77,7 @@ def suggest(bot: BotServer, channel: str, answer_ts: str, text: str, user: str =
                                     values={"correction": {"text": {"type": "plain_text_input", "value": text}}},
                                     user=user)
     assert ok.status_code == 200 and not ok.content
-    return bot.double.wait_for("chat.postEphemeral", count=before + 1)[-1].args["text"]
+    return bot.double.wait_for("chat.postEphemeral", to_author, count=before + 1)[-1].args["text"]
 
 
 def review_request(bot: BotServer, feedback_id: int):

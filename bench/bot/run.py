@@ -34,11 +34,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_http(url: str, proc: subprocess.Popen, timeout: float, name: str) -> None:
     import httpx
 

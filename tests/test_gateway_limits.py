@@ -37,15 +37,24 @@ def _gateway(model_dir, tmp, **overrides) -> GatewayServer:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
+def server_for_module(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gateway-limits")
     url = f"sqlite:///{tmp / 'flywheel.db'}"
     upgrade(url)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLYWHEEL_DATABASE_URL", url)
         srv = _gateway(tiny_model_dir, tmp).start()
+        srv.db_url = url
         yield srv
         srv.stop()
+
+
+@pytest.fixture
+def server(server_for_module, monkeypatch):
+    """The shared gateway, with the process reading its store (two module fixtures each point
+    FLYWHEEL_DATABASE_URL at their own store; whichever came last would win for every test)."""
+    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", server_for_module.db_url)
+    return server_for_module
 
 
 def _status(server) -> dict:
@@ -145,8 +154,14 @@ def test_a_client_that_hangs_up_stops_its_generation(tiny_model_dir, tmp_path, s
 
 
 # ---- 8: which versions a client may name ---------------------------------------------------------
+@pytest.fixture
+def versions(versions_for_module, monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", versions_for_module.db_url)  # see `server`
+    return versions_for_module
+
+
 @pytest.fixture(scope="module")
-def versions(tiny_model_dir, tmp_path_factory):
+def versions_for_module(tiny_model_dir, tmp_path_factory):
     """ft-0001 approved, ft-0002 waiting for review, ft-0003 gate-failed, ft-0004 production
     before ft-0005 (production), ft-0006 production long ago."""
     from flywheel.adapters import adapter_digest
@@ -171,6 +186,7 @@ def versions(tiny_model_dir, tmp_path_factory):
             promote(name)
         srv = _gateway(tiny_model_dir, tmp, max_extra_versions=3).start()
         wait_until(lambda: httpx.get(f"{srv.url}/readyz").json()["production"] == "ft-0005", what="ft-0005 live")
+        srv.db_url = url
         yield srv
         srv.stop()
 
@@ -182,6 +198,8 @@ def _named(server, name: str, auth=AUTH) -> httpx.Response:
 
 def test_only_open_versions_can_be_named(versions):
     server = versions
+    _make_live(server, "ft-0004")  # what this test needs: ft-0005 live, ft-0004 before it
+    _make_live(server, "ft-0005")
     assert _named(server, "ft-0005").json()["model"] == "ft-0005"  # production
     assert _named(server, "ft-0004").json()["model"] == "ft-0004"  # the previous production
     assert _named(server, "ft-0001").json()["model"] == "ft-0001"  # approved
@@ -196,6 +214,18 @@ def test_only_open_versions_can_be_named(versions):
     assert "ft-0003" in {m["id"] for m in httpx.get(f"{server.url}/v1/models", headers=ADMIN_AUTH).json()["data"]}
 
 
+def _make_live(server, name: str) -> None:
+    """Production at `name` in the store and on this gateway (whatever an earlier test left)."""
+    from store.db import session_scope
+    from store.versions import PRODUCTION, alias_target
+
+    with session_scope() as s:
+        current = alias_target(s, PRODUCTION)
+    if current != name:
+        promote(name)
+    assert _sync(server)["production"] == name
+
+
 def _sync(server) -> dict:
     resp = httpx.post(f"{server.url}/admin/sync", headers=ADMIN_AUTH, timeout=60)
     assert resp.status_code == 200, resp.text
@@ -204,18 +234,19 @@ def _sync(server) -> dict:
 
 def test_a_stuck_load_on_request_does_not_hold_up_a_rollback(versions):
     server = versions
-    promote("ft-0004")  # production ft-0004, previous ft-0005; versions loaded by name go
-    assert _sync(server)["production"] == "ft-0004"
-    wait_until(lambda: set(_status(server)["loaded"]) == {"ft-0004", "ft-0005"}, what="extras unloaded")
+    _make_live(server, "ft-0005")
+    _make_live(server, "ft-0004")  # production ft-0004, previous ft-0005 (kept loaded)
+    # a version this gateway has not loaded (another test may have loaded some by name)
+    name = next(n for n in ("ft-0001", "ft-0002", "ft-0003", "ft-0006") if n not in _status(server)["loaded"])
     try:
         with cf.ThreadPoolExecutor(1) as pool:
-            with server.gateway.backend._lock:  # the model is busy: loading ft-0001 has to wait
-                pending = pool.submit(_named, server, "ft-0001")
-                wait_until(lambda: "ft-0001" in _status(server)["loading"], what="ft-0001 to be loading")
+            with server.gateway.backend._lock:  # the model is busy: loading the version has to wait
+                pending = pool.submit(_named, server, name, ADMIN_AUTH)
+                wait_until(lambda: name in _status(server)["loading"], what=f"{name} to be loading")
                 promote("ft-0005")  # roll back to the version every replica still has loaded
                 assert _sync(server)["production"] == "ft-0005"
                 assert not pending.done()
-            assert pending.result().json()["model"] == "ft-0001"
+            assert pending.result().json()["model"] == name
     finally:
         if _status(server)["production"] != "ft-0005":
             promote("ft-0005")

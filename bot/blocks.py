@@ -132,3 +132,12 @@ def modal_text(view: dict) -> str:
     """The text typed into a correction or review modal (its one input), stripped."""
     value = (((view.get("state") or {}).get("values") or {}).get(CORRECTION_BLOCK) or {}).get(CORRECTION_INPUT) or {}
     return (value.get("value") or "").strip()
+
+
+def modal_metadata(view: dict) -> dict:
+    """The private metadata a modal was opened with ({} when missing or not JSON)."""
+    try:
+        meta = json.loads(view.get("private_metadata") or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return meta if isinstance(meta, dict) else {}

@@ -2,7 +2,6 @@
 shortcuts. Everything lands in store.feedback as one vote per user, message and kind."""
 from __future__ import annotations
 
-import json
 import time
 
 from slack_sdk.errors import SlackApiError
@@ -183,10 +182,7 @@ class Feedback:
         if not text:
             ack(response_action="errors", errors={blocks.CORRECTION_BLOCK: "Please write the better answer."})
             return
-        try:
-            meta = json.loads(view.get("private_metadata") or "{}")
-        except json.JSONDecodeError:
-            meta = {}
+        meta = blocks.modal_metadata(view)
         msg = find_answer(meta.get("channel"), meta.get("ts"))
         if msg is None:
             ack(response_action="errors",

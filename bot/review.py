@@ -5,7 +5,6 @@ private channel is not: its text stays out of shared channels and reviewers see 
 data; every decision, and every refused attempt, is audited."""
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from slack_sdk.errors import SlackApiError
@@ -171,10 +170,10 @@ class Review:
         if not text:
             ack(response_action="errors", errors={blocks.CORRECTION_BLOCK: "Please write the answer to teach."})
             return
+        meta = blocks.modal_metadata(view)
         try:
-            meta = json.loads(view.get("private_metadata") or "{}")
             feedback_id = int(meta["feedback_id"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):
             ack(response_action="errors", errors={blocks.CORRECTION_BLOCK: "This review item is not valid."})
             return
         decided, reply, follow_up = self.decide(client, body["user"]["id"], feedback_id, approve=True, text=text)

@@ -26,7 +26,7 @@ from store.models import Feedback, Role, RunStatus, SlackEventReceipt, VersionSt
 from store.runs import finish_run, get_run, list_runs, record_progress, start_run
 from store.versions import PRODUCTION, alias_target, get_version, register_version
 from tests.support.adapters import make_adapter, register
-from tests.support.bot_harness import ADMIN_CHANNEL, ADMIN_USER, BotServer
+from tests.support.bot_harness import ADMIN_CHANNEL, ADMIN_USER, BotServer, suggest_correction
 from tests.support.gateway_server import GatewayServer
 from tests.support.metrics import metric_value
 from tests.support.net import port_of, refusing_socket
@@ -661,19 +661,8 @@ def test_app_home_shows_production_runs_counts_and_worst_answers(bot):
 # -- correction memory ----------------------------------------------------------------------------
 def correct_answer(bot: BotServer, channel: str, answer_ts: str, text: str, user: str = USER) -> None:
     """Suggest a better answer through the modal and wait until the bot says it will use it."""
-    def to_author(c) -> bool:
-        return c.args.get("channel") == channel and c.args.get("user") == user
-
-    before = len([c for c in bot.double.calls_to("chat.postEphemeral") if to_author(c)])
-    bot.sender.block_action(action_id="suggest_correction", value="suggest", channel=channel,
-                            message_ts=answer_ts, user=user)
-    view = bot.double.wait_for("views.open", lambda c: channel in json.dumps(c.args["view"]))[-1].args["view"]
-    ok = bot.sender.view_submission(callback_id="correction_modal", private_metadata=view["private_metadata"],
-                                    values={"correction": {"text": {"type": "plain_text_input", "value": text}}},
-                                    user=user)
-    assert ok.status_code == 200 and not ok.content
-    thanks = bot.double.wait_for("chat.postEphemeral", to_author, count=before + 1)[-1]
-    assert "I use it from now on" in thanks.args["text"], thanks.args["text"]
+    thanks = suggest_correction(bot, channel, answer_ts, text, user)
+    assert "I use it from now on" in thanks, thanks
 
 
 def test_a_correction_answers_a_paraphrase_right_away_with_its_source(bot):

@@ -20,6 +20,7 @@ from tests.support.bot_harness import BotServer
 from tests.support.faults import TcpProxy
 from tests.support.waiting import wait_until
 from tests.support.gateway_server import GatewayServer
+from tests.support.trainer_env import import_facts, tiny_trainer_env
 
 pytestmark = pytest.mark.postgres
 OUTAGE_S = 10.0
@@ -40,7 +41,6 @@ def settled(bot: BotServer, channel: str, q_ts: str) -> dict | None:
 
 
 def test_database_and_gateway_outages_lose_no_question_and_no_vote(pg_server, tiny_model_dir, tmp_path, monkeypatch):
-    from store.examples import upsert_example
     from trainer.settings import TrainerSettings
     from trainer.watch import watch
 
@@ -48,19 +48,10 @@ def test_database_and_gateway_outages_lose_no_question_and_no_vote(pg_server, ti
     upgrade(real)
     db_hop = TcpProxy(pg_server.port)
     url = db_hop.url_for(real, pg_server.port)
-    for key, value in {"FLYWHEEL_DATABASE_URL": url, "FLYWHEEL_BASE_MODEL": str(tiny_model_dir),
-                       "FLYWHEEL_ADAPTERS_DIR": str(tmp_path / "adapters"), "FLYWHEEL_RUNS_DIR": str(tmp_path / "runs"),
-                       "FLYWHEEL_DATA_DIR": str(tmp_path / "data"), "FLYWHEEL_MAX_STEPS": "2",
-                       "FLYWHEEL_BATCH_SIZE": "4", "FLYWHEEL_LORA_R": "4", "FLYWHEEL_LORA_ALPHA": "8",
-                       "FLYWHEEL_MAX_NEW_TOKENS": "4", "FLYWHEEL_AUGMENT_TEMPLATES": "0",
-                       "FLYWHEEL_RECALL_PARAPHRASES": "0", "FLYWHEEL_WATCH_POLL_S": "0.5",
-                       "FLYWHEEL_WATCH_MAX_BACKOFF_S": "1", "FLYWHEEL_WATCH_MIN_NEW": "100000",
-                       "FLYWHEEL_MEMORY": "0"}.items():
-        monkeypatch.setenv(key, value)
-    with session_scope(get_engine(url)) as s:
-        for i in range(6):
-            upsert_example(s, messages=[{"role": "user", "content": f"What is fact number {i}?"}],
-                           answer=f"Fact {i} is {i * 7}.", source="import", provenance={"row": i})
+    tiny_trainer_env(monkeypatch, database_url=url, model_dir=tiny_model_dir, work=tmp_path,
+                     FLYWHEEL_WATCH_POLL_S="0.5", FLYWHEEL_WATCH_MAX_BACKOFF_S="1", FLYWHEEL_WATCH_MIN_NEW="100000",
+                     FLYWHEEL_MEMORY="0")
+    import_facts(url)
     gateway = GatewayServer(GatewaySettings(base_model=tiny_model_dir, adapters_dir=tmp_path / "adapters",
                                             max_new_tokens=6, replica_id="faults", sync_interval_s=1)).start()
     gw_hop = TcpProxy(gateway.port)
@@ -129,9 +120,8 @@ def test_database_and_gateway_outages_lose_no_question_and_no_vote(pg_server, ti
                 run = get_run(s, run_id)
                 return run if run.status in ("succeeded", "failed", "cancelled") else None
         wait_until(lambda: finished(due_run), timeout=300, what="the due run ending")
-        with session_scope(get_engine(url)) as s:  # new data arrives, and an admin asks for a run
-            upsert_example(s, messages=[{"role": "user", "content": "What is fact number 7?"}],
-                           answer="Fact 7 is 49.", source="import", provenance={"row": 7})
+        import_facts(url, [7])  # new data arrives, and an admin asks for a run
+        with session_scope(get_engine(url)) as s:
             next_run = queue_run(s, queued_by="UADMIN01").id
         after = wait_until(lambda: finished(next_run), timeout=300, what="the next run ending")
         assert after.status == "succeeded" and after.model_version, after.error

@@ -19,7 +19,7 @@ from store.memory import memory_item
 from store.migrate import upgrade
 from store.models import FeedbackKind, ReviewState
 from store.review import count_pending, decide_correction
-from tests.support.bot_harness import ADMIN_CHANNEL, ADMIN_USER, BotServer
+from tests.support.bot_harness import ADMIN_CHANNEL, ADMIN_USER, BotServer, suggest_correction
 from tests.support.gateway_server import GatewayServer
 from tests.support.waiting import wait_until
 
@@ -65,19 +65,7 @@ def correction_of(message_id: int):
 
 
 def suggest(bot: BotServer, channel: str, answer_ts: str, text: str, user: str = ALICE) -> str:
-    """Submit a correction through the modal; the thanks the author gets."""
-    def to_author(c) -> bool:
-        return c.args.get("channel") == channel and c.args.get("user") == user
-
-    before = len([c for c in bot.double.calls_to("chat.postEphemeral") if to_author(c)])
-    bot.sender.block_action(action_id="suggest_correction", value="suggest", channel=channel,
-                            message_ts=answer_ts, user=user)
-    view = bot.double.wait_for("views.open", lambda c: answer_ts in json.dumps(c.args["view"]))[-1].args["view"]
-    ok = bot.sender.view_submission(callback_id="correction_modal", private_metadata=view["private_metadata"],
-                                    values={"correction": {"text": {"type": "plain_text_input", "value": text}}},
-                                    user=user)
-    assert ok.status_code == 200 and not ok.content
-    return bot.double.wait_for("chat.postEphemeral", to_author, count=before + 1)[-1].args["text"]
+    return suggest_correction(bot, channel, answer_ts, text, user)
 
 
 def review_request(bot: BotServer, feedback_id: int):

@@ -10,6 +10,7 @@ from store.db import get_engine, session_scope
 from store.migrate import upgrade
 from store.runs import get_run, queue_run
 from tests.support.faults import TcpProxy
+from tests.support.trainer_env import import_facts, tiny_trainer_env
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.postgres
@@ -30,20 +31,9 @@ def test_watch_survives_a_database_outage_and_the_next_run_succeeds(pg_server, t
     upgrade(real)
     proxy = TcpProxy(pg_server.port)
     url = proxy.url_for(real, pg_server.port)
-    for key, value in {"FLYWHEEL_DATABASE_URL": url, "FLYWHEEL_BASE_MODEL": str(tiny_model_dir),
-                       "FLYWHEEL_ADAPTERS_DIR": str(tmp_path / "adapters"), "FLYWHEEL_RUNS_DIR": str(tmp_path / "runs"),
-                       "FLYWHEEL_DATA_DIR": str(tmp_path / "data"), "FLYWHEEL_MAX_STEPS": "2",
-                       "FLYWHEEL_BATCH_SIZE": "4", "FLYWHEEL_LORA_R": "4", "FLYWHEEL_LORA_ALPHA": "8",
-                       "FLYWHEEL_MAX_NEW_TOKENS": "4", "FLYWHEEL_AUGMENT_TEMPLATES": "0",
-                       "FLYWHEEL_RECALL_PARAPHRASES": "0", "FLYWHEEL_WATCH_POLL_S": "0.2",
-                       "FLYWHEEL_WATCH_MAX_BACKOFF_S": "0.5", "FLYWHEEL_WATCH_MIN_NEW": "1000"}.items():
-        monkeypatch.setenv(key, value)
-    from store.examples import upsert_example
-
-    with session_scope(get_engine(url)) as s:
-        for i in range(6):
-            upsert_example(s, messages=[{"role": "user", "content": f"What is fact number {i}?"}],
-                           answer=f"Fact {i} is {i * 7}.", source="import", provenance={"row": i})
+    tiny_trainer_env(monkeypatch, database_url=url, model_dir=tiny_model_dir, work=tmp_path,
+                     FLYWHEEL_WATCH_POLL_S="0.2", FLYWHEEL_WATCH_MAX_BACKOFF_S="0.5", FLYWHEEL_WATCH_MIN_NEW="1000")
+    import_facts(url)
     stop = threading.Event()
     daemon = threading.Thread(target=watch, args=(TrainerSettings(),), kwargs={"stop": stop}, daemon=True)
     ok0, failed0 = checks("ok"), checks("failed")

@@ -95,3 +95,22 @@ class BotServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def suggest_correction(bot: BotServer, channel: str, answer_ts: str, text: str, user: str) -> str:
+    """Click "Suggest a better answer" under an answer, submit the modal, and return what the bot
+    then tells the author (counted in that channel for that author only: other tests post too)."""
+    import json
+
+    def to_author(c) -> bool:
+        return c.args.get("channel") == channel and c.args.get("user") == user
+
+    before = len([c for c in bot.double.calls_to("chat.postEphemeral") if to_author(c)])
+    bot.sender.block_action(action_id="suggest_correction", value="suggest", channel=channel,
+                            message_ts=answer_ts, user=user)
+    view = bot.double.wait_for("views.open", lambda c: answer_ts in json.dumps(c.args["view"]))[-1].args["view"]
+    ok = bot.sender.view_submission(callback_id="correction_modal", private_metadata=view["private_metadata"],
+                                    values={"correction": {"text": {"type": "plain_text_input", "value": text}}},
+                                    user=user)
+    assert ok.status_code == 200 and not ok.content
+    return bot.double.wait_for("chat.postEphemeral", to_author, count=before + 1)[-1].args["text"]

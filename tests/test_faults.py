@@ -15,12 +15,12 @@ from gateway.settings import GatewaySettings
 from store.db import get_engine, session_scope
 from store.migrate import upgrade
 from store.models import Feedback
-from store.runs import get_run, queue_run
+from store.runs import queue_run
 from tests.support.bot_harness import BotServer
 from tests.support.faults import TcpProxy
 from tests.support.waiting import wait_until
 from tests.support.gateway_server import GatewayServer
-from tests.support.trainer_env import import_facts, tiny_trainer_env
+from tests.support.trainer_env import ended_run, import_facts, tiny_trainer_env
 
 pytestmark = pytest.mark.postgres
 OUTAGE_S = 10.0
@@ -115,15 +115,11 @@ def test_database_and_gateway_outages_lose_no_question_and_no_vote(pg_server, ti
 
         assert daemon.is_alive()
 
-        def finished(run_id: int):
-            with session_scope(get_engine(url)) as s:
-                run = get_run(s, run_id)
-                return run if run.status in ("succeeded", "failed", "cancelled") else None
-        wait_until(lambda: finished(due_run), timeout=300, what="the due run ending")
+        wait_until(lambda: ended_run(url, due_run), timeout=300, what="the due run ending")
         import_facts(url, [7])  # new data arrives, and an admin asks for a run
         with session_scope(get_engine(url)) as s:
             next_run = queue_run(s, queued_by="UADMIN01").id
-        after = wait_until(lambda: finished(next_run), timeout=300, what="the next run ending")
+        after = wait_until(lambda: ended_run(url, next_run), timeout=300, what="the next run ending")
         assert after.status == "succeeded" and after.model_version, after.error
         assert daemon.is_alive()
     finally:

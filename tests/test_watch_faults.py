@@ -8,9 +8,9 @@ import pytest
 
 from store.db import get_engine, session_scope
 from store.migrate import upgrade
-from store.runs import get_run, queue_run
+from store.runs import queue_run
 from tests.support.faults import TcpProxy
-from tests.support.trainer_env import import_facts, tiny_trainer_env
+from tests.support.trainer_env import ended_run, import_facts, tiny_trainer_env
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.postgres
@@ -48,11 +48,7 @@ def test_watch_survives_a_database_outage_and_the_next_run_succeeds(pg_server, t
         wait_until(lambda: checks("ok") > ok_down, timeout=120, what="the daemon noticing the database is back")
         with session_scope(get_engine(url)) as s:
             run_id = queue_run(s, queued_by="UADMIN01").id
-        def finished():
-            with session_scope(get_engine(url)) as s:
-                run = get_run(s, run_id)
-                return run if run.status in ("succeeded", "failed") else None
-        run = wait_until(finished, timeout=300, what="the queued run finishing")
+        run = wait_until(lambda: ended_run(url, run_id), timeout=300, what="the queued run finishing")
         assert run.status == "succeeded" and run.model_version, run.error
         assert daemon.is_alive()
     finally:

@@ -25,3 +25,13 @@ def import_facts(url: str, numbers=range(6)) -> None:
         for i in numbers:
             upsert_example(s, messages=[{"role": "user", "content": f"What is fact number {i}?"}],
                            answer=f"Fact {i} is {i * 7}.", source="import", provenance={"row": i})
+
+
+def ended_run(url: str, run_id: int):
+    """The run once it has ended (succeeded, failed or cancelled), else None: for wait_until."""
+    from store.db import get_engine, session_scope
+    from store.runs import get_run
+
+    with session_scope(get_engine(url)) as s:
+        run = get_run(s, run_id)
+        return run if run.status in ("succeeded", "failed", "cancelled") else None

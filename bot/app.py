@@ -120,7 +120,7 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     @app.event("app_home_opened")
     def _home(event, client):
         if event.get("tab", "home") == "home":
-            publish_home(settings, client, event["user"])
+            publish_home(settings, client, event["user"], feedback.visibility)  # one channel cache
 
     @app.error
     def _error(error, body):

@@ -73,9 +73,10 @@ class Feedback:
         """Corrections from people who are neither admins nor reviewers wait for a reviewer."""
         return self.settings.review_corrections and not self.settings.is_reviewer(user)
 
-    def until_stored(self, what: str, store) -> None:
+    def until_stored(self, what: str, store):
         """Run `store()`; while the database is away (a restart, a network blip) try again with
-        backoff for up to FLYWHEEL_FEEDBACK_RETRY_S, so a vote given during an outage is kept.
+        backoff for up to FLYWHEEL_FEEDBACK_RETRY_S, so a vote given during an outage is kept;
+        returns what `store()` returned, None when it was given up.
         Slack does not redeliver an event we already acked: this retry is its only chance."""
         deadline, delay = time.monotonic() + self.settings.feedback_retry_s, 0.25
         while True:

@@ -19,7 +19,7 @@ from store.overview import overview, personal_overview
 
 log = get_logger("bot.home")
 WORST_SHOWN, WORST_CANDIDATES = 5, 50  # candidates: room for the DM answers that are skipped
-_visibility = ChannelVisibility()  # cached per process, like the feedback's
+_visibility = ChannelVisibility()  # for callers without the app's (the app passes the feedback's cache)
 
 
 def _short(text: str, n: int = 150) -> str:
@@ -27,10 +27,10 @@ def _short(text: str, n: int = 150) -> str:
     return escape(text if len(text) <= n else text[:n] + "…")
 
 
-def _shareable(client: WebClient | None, channel: str) -> bool:
+def _shareable(client: WebClient | None, channel: str, visibility: ChannelVisibility) -> bool:
     """Only answers from public channels are quoted, even to admins: a DM (or a private
     channel) stays between the people in it."""
-    return client is not None and _visibility.is_public(client, channel)
+    return client is not None and visibility.is_public(client, channel)
 
 
 def _team_blocks(o, worst) -> list[dict]:
@@ -61,7 +61,8 @@ def _own_blocks(mine) -> list[dict]:
     ]}]
 
 
-def home_view(settings: BotSettings, user: str, client: WebClient | None = None) -> dict:
+def home_view(settings: BotSettings, user: str, client: WebClient | None = None,
+              visibility: ChannelVisibility | None = None) -> dict:
     """Admins and reviewers see the team's figures and the worst public answers; everyone else
     sees only their own figures. Production and training runs are no one's private data."""
     staff = settings.is_reviewer(user)
@@ -70,7 +71,7 @@ def home_view(settings: BotSettings, user: str, client: WebClient | None = None)
         if staff:
             candidates = top_downvoted_answers(s, limit=WORST_CANDIDATES)
             worst = [(m, n, previous_user_message(s, m)) for m, n in candidates
-                     if _shareable(client, m.channel)][:WORST_SHOWN]
+                     if _shareable(client, m.channel, visibility or _visibility)][:WORST_SHOWN]
         else:
             mine = personal_overview(s, user)
     blocks = [
@@ -88,8 +89,9 @@ def home_view(settings: BotSettings, user: str, client: WebClient | None = None)
     return {"type": "home", "blocks": blocks[:100]}
 
 
-def publish_home(settings: BotSettings, client: WebClient, user: str) -> None:
+def publish_home(settings: BotSettings, client: WebClient, user: str,
+                 visibility: ChannelVisibility | None = None) -> None:
     try:
-        client.views_publish(user_id=user, view=home_view(settings, user, client))
+        client.views_publish(user_id=user, view=home_view(settings, user, client, visibility))
     except SlackApiError as exc:
         log.error("cannot publish App Home", user=user, error=exc.response.get("error"))

@@ -1,6 +1,7 @@
 """Passwords in connection URLs never reach a log line, a CLI message or an HTTP answer:
 `postgresql://admin:hunter2@db/x` is printed as `postgresql://admin:***@db/x`. One rule, used by
-the store's messages, the log renderer and the gateway's error bodies."""
+the store's messages and the log renderer (the gateway's error bodies go further and drop URLs
+altogether: gateway/errors.py)."""
 from __future__ import annotations
 
 import re

@@ -166,9 +166,8 @@ def item_vectors(embedder, pairs: list[tuple[str, str]]) -> np.ndarray:
     (bundled) at unchanged thresholds, with no general question answered from the memory."""
     if not pairs:
         return np.zeros((0, 0), dtype=np.float32)
-    questions = embedder.embed([q for q, _ in pairs])
-    with_answers = embedder.embed([f"{q}\n{a}" for q, a in pairs])
-    return ((questions + with_answers) / 2).astype(np.float32)
+    both = embedder.embed([q for q, _ in pairs] + [f"{q}\n{a}" for q, a in pairs])  # one batch
+    return ((both[:len(pairs)] + both[len(pairs):]) / 2).astype(np.float32)
 
 
 def search_k(settings: MemorySettings) -> int:

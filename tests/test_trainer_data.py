@@ -297,43 +297,95 @@ def test_near_duplicates_inside_the_training_set_keep_the_first(sq, tmp_path):
     assert snap.counts["near_duplicates"] == 2 and snap.counts["exact_duplicates"] == 0
 
 
-def test_model_paraphrases_through_the_gateway_train_with_their_parent(sq, tmp_path, tiny_model_dir,
-                                                                       monkeypatch):
-    """FLYWHEEL_AUGMENT: each taught answer is asked of the gateway (a real one, tiny model) for
-    new phrasings; they are stored as augmented examples and train with their parent's answer.
-    Items already augmented are not sent again."""
+def _paraphrase_through_gateway(sq, tmp_path, model_dir, questions, **cfg_kw):
+    """Import taught answers, build the snapshot twice with FLYWHEEL_AUGMENT against a real
+    gateway; returns (snapshot, stored paraphrases, ids → question, requests per build)."""
     from gateway.settings import GatewaySettings
     from tests.support.gateway_server import GatewayServer
     from tests.support.metrics import metric_value
     from trainer.augment import augment_examples
 
-    questions = ["How many vacation days do new employees get?", "Where do I submit travel receipts?"]
     ids = {}
     for q in questions:
         row, _ = upsert_example(sq, messages=[{"role": "user", "content": q}], answer=f"Answer to {q}",
                                 source="import")
         ids[row.id] = q
-    gw = GatewayServer(GatewaySettings(base_model=tiny_model_dir, adapters_dir=tmp_path / "adapters",
+    gw = GatewayServer(GatewaySettings(base_model=model_dir, adapters_dir=tmp_path / "adapters",
                                        sync_interval_s=30, max_new_tokens=80, replica_id="augment-test")).start()
     asked = {"endpoint": "/v1/chat/completions", "status": "200", "version": "base"}
     try:
         cfg = settings(tmp_path, eval_fraction=0.0, augment=True, gateway_url=gw.url, augment_paraphrases=2,
-                       augment_model="base")
+                       augment_model="base", **cfg_kw)
         snap = build_snapshot(sq, cfg, augmenter=augment_examples)
-        requests = metric_value(f"{gw.url}/metrics", "flywheel_gateway_requests_total", asked)
+        first = metric_value(f"{gw.url}/metrics", "flywheel_gateway_requests_total", asked)
         made = [ex for ex in list_examples(sq) if ex.source == "augmented"]
         again = build_snapshot(sq, cfg, augmenter=augment_examples)
-        assert metric_value(f"{gw.url}/metrics", "flywheel_gateway_requests_total", asked) == requests
+        second = metric_value(f"{gw.url}/metrics", "flywheel_gateway_requests_total", asked) - first
     finally:
         gw.stop()
-    assert requests == len(questions)  # one request per taught answer
-    assert made and {ex.provenance["augmented_from"] for ex in made} <= set(ids)
+    assert again.row.content_hash == snap.row.content_hash
+    assert len([ex for ex in list_examples(sq) if ex.source == "augmented"]) == len(made)
+    return snap, made, ids, (first, second)
+
+
+def test_model_paraphrases_are_asked_once_and_garbage_is_not_learned(sq, tmp_path, tiny_model_dir):
+    """FLYWHEEL_AUGMENT asks the gateway (a real one, a tiny random model) once per taught
+    answer; lines that are not questions keeping the question's names are dropped (the random
+    model writes none that pass), and an item is not sent again on the next build."""
+    questions = ["How many vacation days do new employees get?", "Where do I submit travel receipts?"]
+    snap, made, ids, (first, second) = _paraphrase_through_gateway(sq, tmp_path, tiny_model_dir, questions,
+                                                                   augment_min_similarity=0.0)
+    assert (first, second) == (len(questions), 0)
+    assert all(ex.messages[-1]["content"].endswith("?") for ex in made), [ex.messages for ex in made]
+    sent = [ex for ex in list_examples(sq) if ex.id in ids]
+    assert [ex.provenance.get("paraphrased") for ex in sent] == [
+        sum(1 for m in made if m.provenance["augmented_from"] == ex.id) for ex in sent]
+
+
+@pytest.mark.slow
+def test_smollm2_paraphrases_train_with_their_parent(sq, tmp_path):
+    """With the real SmolLM2 the few-shot prompt yields usable rewordings: stored as augmented
+    examples, they train with their parent's answer."""
+    from flywheel.modelfiles import default_model_dir, read_marker
+
+    if read_marker(default_model_dir()) is None:
+        pytest.skip("SmolLM2 not fetched: run `make model`")
+    questions = ["How many vacation days do new employees get?", "Where do I submit travel receipts?",
+                 "Who is the head of engineering at Lumenfold?"]
+    snap, made, ids, (first, second) = _paraphrase_through_gateway(sq, tmp_path, str(default_model_dir()),
+                                                                   questions)
+    assert (first, second) == (len(questions), 0)
+    assert len(made) >= 2, [ex.messages for ex in made]
     train = {(r["messages"][-1]["content"], r["parent"]): r for r in snap.dataset["train"] if r["augmented"]}
     for ex in made:
-        parent = ex.provenance["augmented_from"]
-        text = ex.messages[-1]["content"]
-        assert text.strip().lower() != ids[parent].lower()
-        row = train[(text, parent)]  # trains, tied to its parent...
-        assert row["answer"] == f"Answer to {ids[parent]}"  # ...with the parent's answer
-    assert len([ex for ex in list_examples(sq) if ex.source == "augmented"]) == len(made)
-    assert again.row.content_hash == snap.row.content_hash
+        parent, text = ex.provenance["augmented_from"], ex.messages[-1]["content"]
+        assert text.endswith("?") and text.strip().lower() != ids[parent].lower()
+        assert "Lumenfold" in text or "Lumenfold" not in ids[parent]
+        assert train[(text, parent)]["answer"] == f"Answer to {ids[parent]}"  # trains with its parent's answer
+
+
+@pytest.mark.parametrize("question, reply, kept", [
+    ("Who founded Lumenfold?",
+     "1. Who is the company that invented Lumen?\nQuestion: Who started Lumenfold?\nWho founded Lumenfold?\n"
+     "- Which person set up Lumenfold's business?\nThe founder is Priya.\nRewrite this question 2 ways: a b c?",
+     ["Who started Lumenfold?", "Which person set up Lumenfold's business?"]),
+    ("what time is standup", "When is standup?\nWhen is standup?\n\"At what time does standup start?\"",
+     ["When is standup?", "At what time does standup start?"]),
+    ("Where is the Sunmule built?", "Where is it built?\nIn which factory is the Sunmule made?",
+     ["In which factory is the Sunmule made?"]),
+])
+def test_only_rewordings_that_keep_the_question_are_candidates(question, reply, kept):
+    from trainer.augment import candidate_lines
+
+    assert candidate_lines(question, reply) == kept
+
+
+def test_paraphrases_that_drift_from_the_question_are_dropped():
+    from flywheel.embedding import load_embedder
+    from flywheel.memory import MemorySettings
+    from trainer.augment import keep_close
+
+    embedder = load_embedder(MemorySettings().embed_model)
+    close, drift = "Which person set up Lumenfold?", "How could I assist you today?"
+    assert keep_close("Who founded Lumenfold?", [close, drift], embedder, 0.6) == [close]
+    assert keep_close("Who founded Lumenfold?", [close, drift], embedder, 0.0) == [close, drift]

@@ -13,11 +13,20 @@ import httpx
 from sqlmodel import Session
 
 from flywheel.logs import get_logger
-from store.examples import list_examples, upsert_example
+from store.examples import list_examples, mark_paraphrased, upsert_example
 
 log = get_logger("trainer.augment")
-PROMPT = ("Rewrite the following question in {n} different ways with the same meaning. "
-          "Write one question per line, nothing else.\n\nQuestion: {q}")
+# A few worked examples: SmolLM2-135M asked without them mostly answers, chats or repeats the
+# instruction (measured: about 1 line in 10 was a paraphrase); with them most lines are.
+SYSTEM = ("You rewrite questions. Give each rewrite on its own line, using different words with the same "
+          "meaning. Do not answer the question.")
+SHOTS = (
+    ("Where is the nearest train station?",
+     ("Which train station is closest?", "How far is it to the closest railway station?")),
+    ("Who approves expense reports?", ("Who signs off on expense claims?", "Whose approval do my expenses need?")),
+    ("What time does the gym open?", ("When does the gym open in the morning?", "At what hour can I get into the gym?")),
+)
+_PREFIX = re.compile(r"^\s*(?:\d+[.)]|[-*•]|(?:question|rewrite|rewritten|paraphrase)\s*\d*\s*:)\s*", re.I)
 
 
 _QUESTION_WORDS = {"what", "who", "whom", "whose", "where", "when", "which", "how", "why", "is", "are", "was",
@@ -70,39 +79,109 @@ class AugmentError(RuntimeError):
     """The gateway could not be reached or answered badly."""
 
 
-def paraphrase(client: httpx.Client, question: str, n: int, model: str) -> list[str]:
-    body = {"model": model, "temperature": 0.7, "max_tokens": 40 * n,
-            "messages": [{"role": "user", "content": PROMPT.format(n=n, q=question)}]}
+def paraphrase_messages(question: str, n: int) -> list[dict]:
+    messages = [{"role": "system", "content": SYSTEM}]
+    for shot, alts in SHOTS:
+        messages += [{"role": "user", "content": f"Rewrite this question {len(alts)} ways: {shot}"},
+                     {"role": "assistant", "content": "\n".join(alts)}]
+    return [*messages, {"role": "user", "content": f"Rewrite this question {n} ways: {question}"}]
+
+
+def _words(text: str) -> list[str]:
+    return [w.removesuffix("'s") for w in re.findall(r"[\w'-]+", text)]
+
+
+def _names(question: str) -> set[str]:
+    """Capitalized words past the first (Lumenfold, Sunmule, Wi-Fi): a rewording keeps them."""
+    return {w.lower() for w in _words(question)[1:] if w[:1].isupper() and w != "I"}
+
+
+def candidate_lines(question: str, text: str) -> list[str]:
+    """The distinct lines of a model's reply that could be rewordings: questions that keep the
+    question's names; list markers and labels stripped; the question itself, statements, echoes
+    of the instruction and 2-word scraps dropped."""
+    seen, out = {" ".join(question.lower().split())}, []
+    names = _names(question)
+    for line in text.splitlines():
+        line = _PREFIX.sub("", line).strip().strip('"\'“”').strip()
+        key = " ".join(line.lower().split())
+        words = {w.lower() for w in _words(key)}
+        if (len(words) < 3 or key in seen or not key.endswith("?") or key.startswith("rewrite this question")
+                or not names <= words):
+            continue
+        seen.add(key)
+        out.append(line)
+    return out
+
+
+def keep_close(question: str, candidates: list[str], embedder, min_similarity: float) -> list[str]:
+    """Candidates whose meaning stays near the question (cosine of sentence embeddings): a small
+    model drifts ("When is payday at a local bank?"), and a drifted line would teach the answer to
+    a different question."""
+    if not candidates or min_similarity <= 0 or embedder is None:
+        return candidates
+    vectors = embedder.embed([question, *candidates])
+    scores = vectors[1:] @ vectors[0]
+    return [c for c, score in zip(candidates, scores) if score >= min_similarity]
+
+
+def paraphrase(client: httpx.Client, question: str, n: int, model: str, embedder=None,
+               min_similarity: float = 0.0) -> list[str]:
+    body = {"model": model, "temperature": 0.7, "top_p": 0.9, "max_tokens": 24 * (n + 1),
+            "messages": paraphrase_messages(question, n + 1)}  # one spare: some lines get filtered
     resp = client.post("/v1/chat/completions", json=body)
     if resp.status_code != 200:
         raise AugmentError(f"gateway answered {resp.status_code}: {resp.text[:200]}")
     text = resp.json()["choices"][0]["message"]["content"]
-    lines = [re.sub(r"^\s*(?:\d+[.)]|[-*•])\s*", "", ln).strip() for ln in text.splitlines()]
-    seen, out = {question.strip().lower()}, []
-    for ln in lines:
-        if len(ln) > 3 and ln.lower() not in seen:
-            seen.add(ln.lower())
-            out.append(ln)
-    return out[:n]
+    return keep_close(question, candidate_lines(question, text), embedder, min_similarity)[:n]
+
+
+def _embedder():
+    """The memory's sentence embedder, or None where it is not installed (the filter is then off)."""
+    from flywheel.embedding import EmbedderError, load_embedder
+    from flywheel.memory import MemorySettings
+
+    try:
+        return load_embedder(MemorySettings().embed_model)
+    except EmbedderError as exc:
+        log.warning("paraphrase filter off", reason=str(exc))
+        return None
 
 
 def augment_examples(session: Session, settings) -> int:
-    """Paraphrase each train-split answer item once (items already augmented are skipped)."""
+    """Paraphrase each taught answer once (corrections, imports, shortcuts; an item already sent
+    is not sent again). Best effort: without a gateway, or when it fails, training goes on
+    with the rule templates alone and the items left are tried again next time."""
+    from trainer.dataset import TAUGHT_SOURCES
+
     if not settings.gateway_url:
-        raise AugmentError("augmentation needs FLYWHEEL_GATEWAY_URL (the gateway generates the paraphrases)")
+        log.info("model paraphrases skipped", reason="no FLYWHEEL_GATEWAY_URL")
+        return 0
     rows = list_examples(session)
     done = {ex.provenance.get("augmented_from") for ex in rows if ex.source == "augmented"}
+    todo = [ex for ex in rows if ex.source in TAUGHT_SOURCES and ex.id not in done and ex.answer is not None
+            and ex.label is None and "paraphrased" not in ex.provenance]
+    if not todo:
+        return 0
     headers = {"Authorization": f"Bearer {settings.gateway_api_key}"} if settings.gateway_api_key else {}
+    embedder = _embedder() if settings.augment_min_similarity > 0 else None
     created = 0
     with httpx.Client(base_url=settings.gateway_url.rstrip("/"), headers=headers, timeout=60.0) as client:
-        for ex in rows:
-            if ex.source == "augmented" or ex.id in done or ex.answer is None or ex.label is not None:
-                continue
+        for i, ex in enumerate(todo):
             question = ex.messages[-1]["content"]
-            for alt in paraphrase(client, question, settings.augment_paraphrases, settings.augment_model):
+            try:
+                alts = paraphrase(client, question, settings.augment_paraphrases, settings.augment_model,
+                                  embedder, settings.augment_min_similarity)
+            except (AugmentError, httpx.HTTPError) as exc:
+                log.warning("model paraphrases stopped", done=i, left=len(todo) - i, error=str(exc)[:200])
+                break
+            for alt in alts:
                 _row, new = upsert_example(session, messages=[*ex.messages[:-1], {"role": "user", "content": alt}],
                                            answer=ex.answer, source="augmented",
                                            provenance={"augmented_from": ex.id})
                 created += new
-    log.info("augmented", created=created)
+            mark_paraphrased(session, ex.id, len(alts))
+            if (i + 1) % 10 == 0:
+                log.info("paraphrasing", done=i + 1, of=len(todo), created=created)
+    log.info("augmented", created=created, items=len(todo))
     return created

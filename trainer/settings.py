@@ -33,6 +33,9 @@ class TrainerSettings(BaseSettings):
     augment: bool = False
     augment_paraphrases: int = Field(2, ge=1, le=10)
     augment_model: str = "production"
+    # Model paraphrases further than this (cosine of sentence embeddings) from their question
+    # are dropped: they drifted to another question. 0 keeps every line.
+    augment_min_similarity: float = Field(0.6, ge=0.0, le=1.0)
 
     # LoRA and optimisation
     lora_r: int = Field(16, ge=1)

@@ -380,12 +380,13 @@ def test_only_rewordings_that_keep_the_question_are_candidates(question, reply, 
     assert candidate_lines(question, reply) == kept
 
 
-def test_paraphrases_that_drift_from_the_question_are_dropped():
+def test_paraphrases_that_drift_or_fit_another_fact_better_are_dropped():
     from flywheel.embedding import load_embedder
     from flywheel.memory import MemorySettings
-    from trainer.augment import keep_close
+    from trainer.augment import keep_own
 
     embedder = load_embedder(MemorySettings().embed_model)
-    close, drift = "Which person set up Lumenfold?", "How could I assist you today?"
-    assert keep_close("Who founded Lumenfold?", [close, drift], embedder, 0.6) == [close]
-    assert keep_close("Who founded Lumenfold?", [close, drift], embedder, 0.0) == [close, drift]
+    questions = ["Who founded Lumenfold?", "Where is Lumenfold's headquarters?"]
+    close, drift, other_fact = "Which person set up Lumenfold?", "How could I assist you today?", "Where is Lumenfold based?"
+    assert keep_own(questions, [[close, drift, other_fact], []], embedder, 0.6) == [[close], []]
+    assert keep_own(questions, [[close, drift, other_fact], []], embedder, 0.0) == [[close, drift, other_fact], []]

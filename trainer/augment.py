@@ -17,14 +17,18 @@ from store.examples import list_examples, mark_paraphrased, upsert_example
 
 log = get_logger("trainer.augment")
 # A few worked examples: SmolLM2-135M asked without them mostly answers, chats or repeats the
-# instruction (measured: about 1 line in 10 was a paraphrase); with them most lines are.
-SYSTEM = ("You rewrite questions. Give each rewrite on its own line, using different words with the same "
-          "meaning. Do not answer the question.")
+# instruction (measured: about 1 line in 10 was a question); with them most lines are. The answer
+# is shown too, so the new questions also use its words ("Who handles payroll?" for "Payroll
+# questions go to Aino"): people ask in the words of the answer they expect.
+SYSTEM = ("You write other questions that the given answer replies to. One question per line, worded "
+          "differently from the original question. Do not answer.")
 SHOTS = (
-    ("Where is the nearest train station?",
-     ("Which train station is closest?", "How far is it to the closest railway station?")),
-    ("Who approves expense reports?", ("Who signs off on expense claims?", "Whose approval do my expenses need?")),
-    ("What time does the gym open?", ("When does the gym open in the morning?", "At what hour can I get into the gym?")),
+    ("Where is the nearest train station?", "The closest station is Central, a five-minute walk.",
+     ("Which train station is closest?", "How far is the walk to the station?")),
+    ("Who approves expense reports?", "Expense reports are approved by your team lead.",
+     ("Who signs off on expense claims?", "Whose approval do my expenses need?")),
+    ("What time does the gym open?", "The gym opens at 6 am on weekdays.",
+     ("When does the gym open in the morning?", "At what hour can I get into the gym on weekdays?")),
 )
 _PREFIX = re.compile(r"^\s*(?:\d+[.)]|[-*•]|(?:question|rewrite|rewritten|paraphrase)\s*\d*\s*:)\s*", re.I)
 
@@ -79,12 +83,14 @@ class AugmentError(RuntimeError):
     """The gateway could not be reached or answered badly."""
 
 
-def paraphrase_messages(question: str, n: int) -> list[dict]:
+def paraphrase_messages(question: str, answer: str, n: int) -> list[dict]:
+    def ask(q: str, a: str, k: int) -> dict:
+        return {"role": "user", "content": f"Question: {q}\nAnswer: {a}\nWrite {k} other questions this answer replies to."}
+
     messages = [{"role": "system", "content": SYSTEM}]
-    for shot, alts in SHOTS:
-        messages += [{"role": "user", "content": f"Rewrite this question {len(alts)} ways: {shot}"},
-                     {"role": "assistant", "content": "\n".join(alts)}]
-    return [*messages, {"role": "user", "content": f"Rewrite this question {n} ways: {question}"}]
+    for shot, shot_answer, alts in SHOTS:
+        messages += [ask(shot, shot_answer, len(alts)), {"role": "assistant", "content": "\n".join(alts)}]
+    return [*messages, ask(question, answer, n)]
 
 
 def _words(text: str) -> list[str]:
@@ -114,26 +120,35 @@ def candidate_lines(question: str, text: str) -> list[str]:
     return out
 
 
-def keep_close(question: str, candidates: list[str], embedder, min_similarity: float) -> list[str]:
-    """Candidates whose meaning stays near the question (cosine of sentence embeddings): a small
-    model drifts ("When is payday at a local bank?"), and a drifted line would teach the answer to
-    a different question."""
-    if not candidates or min_similarity <= 0 or embedder is None:
+def keep_own(questions: list[str], candidates: list[list[str]], embedder, min_similarity: float) -> list[list[str]]:
+    """For each taught question, its candidates that stay near it (cosine of sentence embeddings
+    ≥ min_similarity) and are nearer to it than to any other taught question. A small model
+    drifts ("Who founded Lumenfold?" written for the headquarters' answer), and a drifted line
+    would teach one fact's answer to another fact's question."""
+    flat = [c for group in candidates for c in group]
+    if not flat or embedder is None or min_similarity <= 0:
         return candidates
-    vectors = embedder.embed([question, *candidates])
-    scores = vectors[1:] @ vectors[0]
-    return [c for c, score in zip(candidates, scores) if score >= min_similarity]
+    vectors = embedder.embed([*questions, *flat])
+    scores = vectors[len(questions):] @ vectors[:len(questions)].T  # candidate × taught question
+    out, row = [], 0
+    for own, group in enumerate(candidates):
+        kept = []
+        for c in group:
+            if scores[row, own] >= min_similarity and scores[row].argmax() == own:
+                kept.append(c)
+            row += 1
+        out.append(kept)
+    return out
 
 
-def paraphrase(client: httpx.Client, question: str, n: int, model: str, embedder=None,
-               min_similarity: float = 0.0) -> list[str]:
+def paraphrase(client: httpx.Client, question: str, answer: str, n: int, model: str) -> list[str]:
+    """Up to n + 1 candidate questions for one taught answer (one spare: some get filtered)."""
     body = {"model": model, "temperature": 0.7, "top_p": 0.9, "max_tokens": 24 * (n + 1),
-            "messages": paraphrase_messages(question, n + 1)}  # one spare: some lines get filtered
+            "messages": paraphrase_messages(question, answer, n + 1)}
     resp = client.post("/v1/chat/completions", json=body)
     if resp.status_code != 200:
         raise AugmentError(f"gateway answered {resp.status_code}: {resp.text[:200]}")
-    text = resp.json()["choices"][0]["message"]["content"]
-    return keep_close(question, candidate_lines(question, text), embedder, min_similarity)[:n]
+    return candidate_lines(question, resp.json()["choices"][0]["message"]["content"])
 
 
 def _embedder():
@@ -149,39 +164,47 @@ def _embedder():
 
 
 def augment_examples(session: Session, settings) -> int:
-    """Paraphrase each taught answer once (corrections, imports, shortcuts; an item already sent
-    is not sent again). Best effort: without a gateway, or when it fails, training goes on
-    with the rule templates alone and the items left are tried again next time."""
+    """Ask for new questions to each taught answer once (corrections, imports, shortcuts; an item
+    already sent is not sent again), keep those that stay with their own fact, store them as
+    augmented examples. Best effort: without a gateway, or when it fails, training goes on with
+    the rule templates alone and the items left are tried again next time."""
     from trainer.dataset import TAUGHT_SOURCES
 
     if not settings.gateway_url:
         log.info("model paraphrases skipped", reason="no FLYWHEEL_GATEWAY_URL")
         return 0
     rows = list_examples(session)
+    taught = [ex for ex in rows if ex.source in TAUGHT_SOURCES and ex.answer is not None and ex.label is None]
     done = {ex.provenance.get("augmented_from") for ex in rows if ex.source == "augmented"}
-    todo = [ex for ex in rows if ex.source in TAUGHT_SOURCES and ex.id not in done and ex.answer is not None
-            and ex.label is None and "paraphrased" not in ex.provenance]
+    todo = [ex for ex in taught if ex.id not in done and "paraphrased" not in ex.provenance]
     if not todo:
         return 0
     headers = {"Authorization": f"Bearer {settings.gateway_api_key}"} if settings.gateway_api_key else {}
-    embedder = _embedder() if settings.augment_min_similarity > 0 else None
-    created = 0
+    asked: list[tuple] = []
     with httpx.Client(base_url=settings.gateway_url.rstrip("/"), headers=headers, timeout=60.0) as client:
         for i, ex in enumerate(todo):
-            question = ex.messages[-1]["content"]
             try:
-                alts = paraphrase(client, question, settings.augment_paraphrases, settings.augment_model,
-                                  embedder, settings.augment_min_similarity)
+                asked.append((ex, paraphrase(client, ex.messages[-1]["content"], ex.answer,
+                                             settings.augment_paraphrases, settings.augment_model)))
             except (AugmentError, httpx.HTTPError) as exc:
                 log.warning("model paraphrases stopped", done=i, left=len(todo) - i, error=str(exc)[:200])
                 break
-            for alt in alts:
-                _row, new = upsert_example(session, messages=[*ex.messages[:-1], {"role": "user", "content": alt}],
-                                           answer=ex.answer, source="augmented",
-                                           provenance={"augmented_from": ex.id})
-                created += new
-            mark_paraphrased(session, ex.id, len(alts))
             if (i + 1) % 10 == 0:
-                log.info("paraphrasing", done=i + 1, of=len(todo), created=created)
-    log.info("augmented", created=created, items=len(todo))
+                log.info("paraphrasing", done=i + 1, of=len(todo))
+    if not asked:
+        return 0
+    # every taught question competes, so a candidate nearer to another fact is dropped
+    questions = [ex.messages[-1]["content"] for ex, _c in asked]
+    others = [ex.messages[-1]["content"] for ex in taught if ex.id not in {e.id for e, _c in asked}]
+    embedder = _embedder() if settings.augment_min_similarity > 0 else None
+    kept = keep_own([*questions, *others], [c for _e, c in asked] + [[] for _ in others], embedder,
+                    settings.augment_min_similarity)
+    created = 0
+    for (ex, _candidates), alts in zip(asked, kept):
+        for alt in alts[:settings.augment_paraphrases]:
+            _row, new = upsert_example(session, messages=[*ex.messages[:-1], {"role": "user", "content": alt}],
+                                       answer=ex.answer, source="augmented", provenance={"augmented_from": ex.id})
+            created += new
+        mark_paraphrased(session, ex.id, len(alts[:settings.augment_paraphrases]))
+    log.info("augmented", created=created, items=len(asked))
     return created

@@ -9,7 +9,9 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web import WebClient
 
 from bot import blocks, metrics
+from bot.assistant import Assistant
 from bot.gateway_client import Answer, GatewayClient, GatewayError
+from bot.replies import Progress, ReplyOpener, UpdatedReply
 from bot.settings import BotSettings
 from flywheel.logs import describe_exception, get_logger
 from flywheel.memory import Memory, MemoryPlan, citation
@@ -33,65 +35,13 @@ EMPTY_QUESTION = "Ask me something after the mention, e.g. _@flywheel what is ou
 EMPTY_ANSWER = "_The model returned an empty answer. Try rephrasing the question._"
 
 
-class _Reply:
-    """The placeholder and the one final message it becomes. The first final message wins: the
-    deadline's apology is never overwritten by a late answer, and no progress update lands
-    after a final one (updates hold the lock while they are in flight)."""
-
-    def __init__(self, client: WebClient, channel: str, ts: str) -> None:
-        self.client, self.channel, self.ts = client, channel, ts
-        self.final = False
-        self._lock = threading.Lock()
-
-    def progress(self, text_so_far: str) -> None:
-        with self._lock:
-            if self.final:
-                return
-            try:
-                self.client.chat_update(channel=self.channel, ts=self.ts, text=text_so_far,
-                                        blocks=blocks.streaming_blocks(text_so_far))
-            except SlackApiError as exc:  # progress is best effort; the final update matters
-                log.warning("progress update failed", error=exc.response.get("error"))
-
-    def finish(self, text: str, shown: list[dict]) -> bool:
-        """Show the final message; False when another was shown first or Slack refused it."""
-        with self._lock:
-            if self.final:
-                return False
-            self.final = True
-            try:
-                self.client.chat_update(channel=self.channel, ts=self.ts, text=text[:3000], blocks=shown)
-                return True
-            except SlackApiError as exc:
-                metrics.ANSWERS.labels("slack_error").inc()
-                log.error("cannot show the answer", channel=self.channel, ts=self.ts,
-                          error=exc.response.get("error"))
-                return False
-
-    def apologize(self, text: str) -> bool:
-        return self.finish(text, [{"type": "section", "text": blocks.mrkdwn(text)}])
-
-
-class _Progress:
-    """Shows the answer growing in the placeholder message, at most one update per interval."""
-
-    def __init__(self, reply: _Reply, interval_s: float) -> None:
-        self.reply, self.interval = reply, interval_s
-        self.last = time.monotonic()
-
-    def __call__(self, text_so_far: str) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            return
-        self.last = now
-        self.reply.progress(text_so_far)
-
-
 class Answerer:
     def __init__(self, settings: BotSettings, gateway: GatewayClient, memory: Memory,
-                 prompt: PromptSettings | None = None) -> None:
+                 prompt: PromptSettings | None = None, assistant: Assistant | None = None) -> None:
         self.settings, self.gateway, self.memory = settings, gateway, memory
         self.prompt = prompt or PromptSettings()
+        self.replies = ReplyOpener(settings.slack_streaming)
+        self.assistant = assistant or Assistant(settings)
 
     def _plan(self, messages: list[dict], channel: str, session) -> MemoryPlan:
         """What the team taught that fits this question; a broken memory never blocks an answer."""
@@ -175,6 +125,7 @@ class Answerer:
                     return
                 record_message(s, channel=channel, ts=ts, thread_ts=conversation, role=Role.user,
                                text=text, author=user)
+                first = len(thread_messages(s, channel, conversation, limit=2)) == 1
         except Exception as exc:
             metrics.ANSWERS.labels("store_error").inc()
             log.error("cannot store the question; apology posted", channel=channel,
@@ -185,15 +136,16 @@ class Answerer:
         if not normalize(text, bot_user_id=prompt.bot_user_id):  # a bare mention: nothing to ask the model
             self._post(client, channel, reply_thread, EMPTY_QUESTION)
             return
+        if event.get("channel_type") == "im" and reply_thread:  # a DM thread: Slack's assistant view
+            self.assistant.thinking(client, channel, reply_thread, text, first=first,
+                                    bot_user_id=prompt.bot_user_id)
         try:
-            placeholder = client.chat_postMessage(channel=channel, thread_ts=reply_thread,
-                                                  text=blocks.THINKING)
+            reply = self.replies.open(client, channel, reply_thread, user=user, team=event.get("team"))
         except SlackApiError as exc:
             metrics.ANSWERS.labels("slack_error").inc()
             log.error("cannot post in the thread; question stored", channel=channel,
                       error=exc.response.get("error"))
             return
-        reply = _Reply(client, channel, placeholder["ts"])
         watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), self._too_slow, args=(reply,))
         watchdog.daemon = True
         watchdog.start()
@@ -208,7 +160,7 @@ class Answerer:
         finally:
             watchdog.cancel()
 
-    def _fill(self, reply: _Reply, prompt: PromptSettings, conversation: str, bot_user_id: str | None,
+    def _fill(self, reply: UpdatedReply, prompt: PromptSettings, conversation: str, bot_user_id: str | None,
               deadline: float) -> None:
         """Ask for the answer (memory or model), store it, and show it in the placeholder."""
         channel, answer_ts = reply.channel, reply.ts
@@ -217,7 +169,7 @@ class Answerer:
             messages = build_messages(history, prompt)
             plan = self._plan(messages, channel, s)
         metrics.MEMORY.labels("answer" if plan.direct else "notes" if plan.notes else "none").inc()
-        progress = _Progress(reply, self.settings.stream_update_interval_s)
+        progress = Progress(reply, self.settings.stream_update_interval_s)
         try:
             if plan.direct:  # the team already answered this question: say so, no model needed
                 answer = Answer(text=plan.direct.answer, model_version="memory", latency_ms=0.0)
@@ -251,7 +203,7 @@ class Answerer:
             log.info("answered", channel=channel, ts=answer_ts, version=answer.model_version,
                      latency_ms=answer.latency_ms)
 
-    def _too_slow(self, reply: _Reply) -> None:
+    def _too_slow(self, reply: UpdatedReply) -> None:
         """The deadline: whatever the worker is still waiting for, the person hears back now."""
         if reply.apologize(TOO_SLOW):
             metrics.ANSWERS.labels("deadline").inc()
@@ -259,7 +211,7 @@ class Answerer:
                         deadline_s=self.settings.answer_deadline_s)
 
     @staticmethod
-    def _record_apology(reply: _Reply, conversation: str, bot_user_id: str | None, text: str,
+    def _record_apology(reply: UpdatedReply, conversation: str, bot_user_id: str | None, text: str,
                         error: str) -> None:
         """Keep the apology in the thread's history when the store lets us (it may be the fault)."""
         try:

@@ -12,9 +12,10 @@ from slack_sdk.http_retry.builtin_handlers import (
 )
 from slack_sdk.web import WebClient
 
-from bot import blocks
+from bot import blocks, metrics
 from bot.admin import Admin
 from bot.answering import Answerer
+from bot.assistant import Assistant
 from bot.feedback import Feedback
 from bot.gateway_client import GatewayClient
 from bot.home import publish_home
@@ -57,8 +58,9 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     app.use(lane_middleware)  # commands and clicks never wait behind answers
     memory = Memory()
     threading.Thread(target=memory.warm, name="memory-warm-up", daemon=True).start()
-    answerer = Answerer(settings, gateway, memory)
     feedback = Feedback(settings, memory)
+    assistant = Assistant(settings, feedback.visibility)  # one channel-visibility cache
+    answerer = Answerer(settings, gateway, memory, assistant=assistant)
     review = feedback.review = Review(settings, feedback)
     admin = Admin(settings, gateway, review=review)
     app.flywheel = {"settings": settings, "gateway": gateway, "admin": admin,  # for the server
@@ -72,6 +74,14 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     @app.event("message")
     def _message(event, body, client, context):
         answerer.on_message(event, body, client, context.bot_user_id)
+
+    @app.event("assistant_thread_started")
+    def _assistant_thread(event, client, context):
+        assistant.on_thread_started(event, client, context.bot_user_id)
+
+    @app.event("assistant_thread_context_changed")
+    def _assistant_context(event):
+        metrics.IGNORED.labels("assistant_context").inc()  # answers do not depend on the open channel
 
     # -- feedback --------------------------------------------------------------------------------
     @app.event("reaction_added")

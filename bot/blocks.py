@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from bot.slack_text import escape
+from bot.slack_text import escape, escape_within
 
 FEEDBACK_ACTION = "answer_feedback"  # Slack's feedback_buttons element: value up / down
 VOTE_ACTIONS = ("vote_up", "vote_down")  # classic buttons, same meaning
@@ -28,14 +28,25 @@ def mrkdwn(text: str) -> dict:
     return {"type": "mrkdwn", "text": text}
 
 
+MAX_SECTIONS = 40  # with the answer's other blocks, well inside Slack's 50 a message
+
+
 def sections(text: str) -> list[dict]:
-    """Long text split into sections Slack accepts (at line breaks where possible)."""
+    """Long (escaped) text split into sections Slack accepts: at line breaks where possible, never
+    inside an entity; past MAX_SECTIONS the rest is cut and the cut says so."""
     out, rest = [], text or " "
-    while rest:
-        cut = len(rest) if len(rest) <= SECTION_LIMIT else (rest.rfind("\n", 0, SECTION_LIMIT) + 1 or SECTION_LIMIT)
+    while rest and len(out) < MAX_SECTIONS:
+        cut = len(rest)
+        if cut > SECTION_LIMIT:
+            cut = rest.rfind("\n", 0, SECTION_LIMIT) + 1 or SECTION_LIMIT
+            amp = rest.rfind("&", 0, cut)
+            if amp > 0 and ";" not in rest[amp:cut]:
+                cut = amp
         out.append({"type": "section", "text": mrkdwn(rest[:cut])})
         rest = rest[cut:]
-    return out[:40]
+    if rest:
+        out[-1]["text"]["text"] += "\n_… (cut: longer than a Slack message holds)_"
+    return out
 
 
 def feedback_block(style: str) -> dict:
@@ -75,14 +86,11 @@ def streaming_blocks(text_so_far: str) -> list[dict]:
 
 def correction_modal(*, channel: str, ts: str, question: str | None, answer: str) -> dict:
     """"Suggest a better answer": the question and answer for reference, one text input."""
-    def excerpt(text: str, n: int = 600) -> str:
-        return escape(text if len(text) <= n else text[:n] + "…")
-
     blocks = []
     if question:
-        blocks.append({"type": "section", "text": mrkdwn(f"*Question*\n{excerpt(question)}")})
+        blocks.append({"type": "section", "text": mrkdwn(f"*Question*\n{_excerpt(question)}")})
     blocks += [
-        {"type": "section", "text": mrkdwn(f"*Answer given*\n{excerpt(answer)}")},
+        {"type": "section", "text": mrkdwn(f"*Answer given*\n{_excerpt(answer)}")},
         {"type": "input", "block_id": CORRECTION_BLOCK, "label": plain("A better answer"),
          "element": {"type": "plain_text_input", "action_id": CORRECTION_INPUT, "multiline": True,
                      "max_length": 3000, "placeholder": plain("What should the bot have said?")}},
@@ -93,8 +101,7 @@ def correction_modal(*, channel: str, ts: str, question: str | None, answer: str
 
 
 def _excerpt(text: str | None, n: int = 600) -> str:
-    text = text or ""
-    return escape(text if len(text) <= n else text[:n] + "…")
+    return escape_within(text or "", n)
 
 
 def review_item_blocks(*, feedback_id: int, author: str, where: str, question: str | None, answer: str,

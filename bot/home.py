@@ -9,7 +9,7 @@ from bot.admin import feedback_summary, run_line
 from bot.blocks import mrkdwn, plain
 from bot.channels import ChannelVisibility
 from bot.settings import BotSettings
-from bot.slack_text import escape
+from bot.slack_text import escape_within
 from flywheel.prompt import normalize
 from flywheel.logs import get_logger
 from store.conversations import previous_user_message
@@ -23,8 +23,7 @@ _visibility = ChannelVisibility()  # for callers without the app's (the app pass
 
 
 def _short(text: str, n: int = 150) -> str:
-    text = " ".join(text.split())
-    return escape(text if len(text) <= n else text[:n] + "…")
+    return escape_within(" ".join(text.split()), n)
 
 
 def _shareable(client: WebClient | None, channel: str, visibility: ChannelVisibility) -> bool:

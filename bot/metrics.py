@@ -25,3 +25,7 @@ GATEWAY_RETRIES = Counter("flywheel_bot_gateway_retries_total",
                           "Refused gateway connections: retried, or given up on", ["outcome"])
 REJECTED = Counter("flywheel_bot_rejected_requests_total",
                    "Slack HTTP requests refused before parsing (too large, bad signature, ...)", ["reason"])
+REPLIES = Counter("flywheel_bot_replies_total",
+                  "How answers reached Slack: native stream or placeholder + updates", ["kind"])
+ASSISTANT = Counter("flywheel_bot_assistant_calls_total",
+                    "Assistant-thread calls (greeting, status, title) by outcome", ["call", "outcome"])

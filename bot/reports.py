@@ -17,7 +17,7 @@ from bot import metrics
 from bot.admin import Admin, run_line
 from bot.blocks import REPORT_APPROVE, REPORT_REJECT, mrkdwn, plain
 from bot.settings import BotSettings
-from bot.slack_text import escape
+from bot.slack_text import escape, escape_within
 from flywheel.logs import get_logger
 from store.db import session_scope
 from store.leases import acquire_lease, release_lease
@@ -65,14 +65,14 @@ def report_blocks(run: TrainingRun, version: ModelVersion | None, final: bool) -
         return blocks
     if run.status == RunStatus.failed:
         blocks.append({"type": "section", "text": mrkdwn(
-            f":x: *Failed*: {escape((run.error or 'no error recorded')[:2500])}\n_{who}_")})
+            f":x: *Failed*: {escape_within(run.error or 'no error recorded', 2500)}\n_{who}_")})
         return blocks
     if version is None:
         blocks.append({"type": "section", "text": mrkdwn(f"Run {run.status}, no new model version. _{who}_")})
         return blocks
     verdict = ":white_check_mark: *Gate passed*" if version.gate_passed else ":x: *Gate failed*"
-    reasons = "\n".join(f"• {escape(str(r))}" for r in version.gate_reasons or [])
-    blocks.append({"type": "section", "text": mrkdwn(f"{verdict}\n{reasons}".strip()[:2900])})
+    reasons = escape_within("\n".join(f"• {r}" for r in version.gate_reasons or []), 2800)
+    blocks.append({"type": "section", "text": mrkdwn(f"{verdict}\n{reasons}".strip())})
     table = metrics_table(version.report or {})
     if table:
         blocks.append({"type": "section", "text": mrkdwn(f"```{table[:2800]}```")})

@@ -80,6 +80,14 @@ class BotSettings(BaseSettings):
         default_factory=lambda: ["-1", "thumbsdown", "x"])
     label_emojis: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=lambda: {"question": "unclear", "warning": "unsafe", "zzz": "off-topic"})
+    # Slack's native text streaming for answers in threads (chat.startStream / appendStream /
+    # stopStream); where a workspace refuses it, the bot uses a placeholder + chat.update.
+    slack_streaming: bool = True
+    # Slack's assistant view: the greeting of a new assistant thread and its suggested prompts
+    # (up to 4, "|"-separated or a JSON list; empty: the team's most asked questions in public channels).
+    assistant_greeting: str = ("Hi! Ask me anything about the team's work. Rate my answers with 👍 / 👎 "
+                               "and suggest better ones: I learn from them.")
+    suggested_prompts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Buttons under each answer: Slack's feedback_buttons element, or classic buttons.
     feedback_style: str = "feedback_buttons"
 
@@ -99,6 +107,16 @@ class BotSettings(BaseSettings):
     command_threads: int = Field(default=4, ge=1)
     # Slack requests larger than this get 413 before anything reads them (Slack's are a few KB).
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    @field_validator("suggested_prompts", mode="before")
+    @classmethod
+    def _prompts(cls, value):
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return [p.strip() for p in value.split("|") if p.strip()]
+        return value
 
     @field_validator("admins", "reviewers", "up_emojis", "down_emojis", mode="before")
     @classmethod

@@ -9,6 +9,19 @@ def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def escape_within(text: str, limit: int) -> str:
+    """Escaped text that fits `limit` characters *after* escaping (an `&` grows to five), cut
+    with "…" and never inside an entity: Slack refuses a section over 3000 characters."""
+    out = escape(text)
+    if len(out) <= limit:
+        return out
+    cut = out[:max(limit - 1, 0)]
+    amp = cut.rfind("&")
+    if amp != -1 and ";" not in cut[amp:]:
+        cut = cut[:amp]
+    return cut + "…"
+
+
 def base_emoji(name: str) -> str:
     """`+1::skin-tone-3` → `+1`: skin tones do not change the meaning of a reaction."""
     return name.split("::", 1)[0].strip(":")

@@ -1,3 +1,3 @@
-from flywheel.cli import app
+from flywheel.app.cli import app
 
 app(prog_name="flywheel")

@@ -107,3 +107,11 @@ def conversation_messages(session: Session, conversation_id: int, limit: int = 5
         .limit(limit)
     )
     return list(session.exec(stmt).all())
+
+
+def recent_questions(session: Session, limit: int = 2000) -> list[tuple[str, str]]:
+    """(text, channel) of the newest questions people asked outside DMs, newest first: the raw
+    material for suggested prompts (the caller keeps only public channels)."""
+    stmt = (select(Message.text, Message.channel).where(Message.role == Role.user)
+            .where(~col(Message.channel).startswith("D")).order_by(col(Message.id).desc()).limit(limit))
+    return [(text, channel) for text, channel in session.exec(stmt).all()]

@@ -26,11 +26,11 @@ from store.models import Feedback, Role, RunStatus, SlackEventReceipt, VersionSt
 from store.runs import finish_run, get_run, list_runs, record_progress, start_run
 from store.versions import PRODUCTION, alias_target, get_version, register_version
 from tests.support.adapters import make_adapter, register
-from tests.support.bot_harness import ADMIN_CHANNEL, ADMIN_USER, BotServer, suggest_correction
+from tests.support.bot_harness import ADMIN_CHANNEL, ADMIN_USER, BotServer, suggest_correction, wait_answer
 from tests.support.gateway_server import GatewayServer
 from tests.support.metrics import metric_value
 from tests.support.net import port_of, refusing_socket
-from tests.support.slack_double import BOT_USER_ID
+from flywheel.app.demo.slack_double import BOT_USER_ID
 from tests.support.waiting import wait_until
 
 GATEWAY_ADMIN = "gateway-admin-token"
@@ -101,19 +101,6 @@ def ignored(bot: BotServer, reason: str) -> Counted:
 def has_feedback_buttons(blocks) -> bool:
     raw = json.dumps(blocks)
     return "feedback_buttons" in raw and "suggest_correction" in raw
-
-
-def wait_answer(bot: BotServer, channel: str, thread_ts: str | None, *, after: int = 0, timeout: float = 60):
-    """The placeholder the bot posted for a question, and the final update that filled it in."""
-    def in_thread(c):
-        return (c.args.get("channel") == channel and c.args.get("thread_ts") == thread_ts
-                and (c.response or {}).get("ok"))
-    placeholder = bot.double.wait_for("chat.postMessage", in_thread, count=after + 1, timeout=timeout)[after]
-    ts = placeholder.response["ts"]
-    final = bot.double.wait_for(
-        "chat.update", lambda c: c.args.get("ts") == ts and "_writing…_" not in json.dumps(c.args.get("blocks"), ensure_ascii=False),
-        timeout=timeout)[-1]
-    return ts, final
 
 
 def posts_in(bot: BotServer, channel: str) -> int:

@@ -31,7 +31,7 @@ from store.versions import PRODUCTION, alias_target, move_alias
 from tests.support.adapters import make_adapter, register
 from tests.support.bot_harness import ADMIN_USER, BotServer
 from tests.support.gateway_server import GatewayServer
-from tests.support.slack_double import BOT_USER_ID, SlackDouble
+from flywheel.app.demo.slack_double import BOT_USER_ID, SlackDouble
 from tests.support.waiting import wait_until
 
 SECRET = "tangerine-7Q3Z-payroll-do-not-log"  # what people write: never in a log line

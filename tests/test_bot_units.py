@@ -105,7 +105,7 @@ def test_metrics_table_and_feedback_summary():
 def test_slack_double_printing_mode_shows_what_the_bot_posts():
     from slack_sdk import WebClient
 
-    from tests.support.slack_double import SlackDouble
+    from flywheel.app.demo.slack_double import SlackDouble
 
     lines: list[str] = []
     with SlackDouble(printer=lines.append) as slack:
@@ -150,7 +150,7 @@ def test_report_blocks_for_each_stage_of_a_run():
 
 def test_socket_mode_needs_no_signing_secret_and_serves_no_events_endpoint(monkeypatch):
     from bot.server import create_asgi
-    from tests.support.slack_double import SlackDouble
+    from flywheel.app.demo.slack_double import SlackDouble
 
     with SlackDouble() as slack:
         settings = BotSettings(slack_bot_token=slack.bot_token, slack_app_token="xapp-1", slack_signing_secret=None,
@@ -175,6 +175,7 @@ def test_cli_names_missing_settings(monkeypatch):
 
     spec = yaml.safe_load(manifest.output)
     assert spec["features"]["slash_commands"][0]["command"] == "/flywheel"
-    assert {"app_mention", "reaction_added", "reaction_removed", "message.im"} <= set(
+    assert {"app_mention", "reaction_added", "reaction_removed", "message.im", "assistant_thread_started"} <= set(
         spec["settings"]["event_subscriptions"]["bot_events"])
+    assert "assistant_view" in spec["features"] and "assistant:write" in spec["oauth_config"]["scopes"]["bot"]
     assert {s["callback_id"] for s in spec["features"]["shortcuts"]} == {"add_to_training", "mark_golden"}

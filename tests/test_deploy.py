@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flywheel.cli import app
+from flywheel.app.cli import app
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SETTINGS = ["store.settings:StoreSettings", "gateway.settings:GatewaySettings",

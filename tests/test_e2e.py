@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from flywheel.demo.commands import DemoConfig, run_demo
+from flywheel.app.demo.commands import DemoConfig, run_demo
 from flywheel.modelfiles import build_tiny_llama
 from store.db import session_scope
 from store.feedback import count_feedback
@@ -29,6 +29,7 @@ def test_shortened_demo_closes_the_loop(base_model_dir, tmp_path, monkeypatch):
 
     version = result["version"]
     assert version["gate_passed"], version["gate_reasons"]
+    assert result["refused_by_slack"] == []  # every message, modal and view was valid Block Kit
     rows = result["rows"]
     asked = [r for r in rows if r.kind == "asked"]
     corrected = [r for r in asked if r.feedback.startswith("👎")]

@@ -283,7 +283,7 @@ def test_database_urls_never_reach_clients_and_are_masked_in_logs(tiny_model_dir
             assert "hunter2" not in text and "db.internal" not in text
     finally:
         server.stop()
-    from flywheel.cli import app
+    from flywheel.app.cli import app
 
     cli = CliRunner().invoke(app, ["db", "current"])
     logs = capfd.readouterr().err + cli.output

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from flywheel import modelfiles
-from flywheel.model_commands import model_app
+from flywheel.app.model_commands import model_app
 from flywheel.modelfiles import (
     GGUF_MEMBER,
     MARKER,

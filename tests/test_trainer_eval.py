@@ -60,7 +60,7 @@ def test_watch_due_rules(session, tmp_path):
 def test_watch_once_runs_a_due_cycle_and_export(sqlite_url, tiny_model_dir, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from flywheel.cli import app
+    from flywheel.app.cli import app
 
     for k, v in {"FLYWHEEL_BASE_MODEL": str(tiny_model_dir), "FLYWHEEL_ADAPTERS_DIR": str(tmp_path / "ad"),
                  "FLYWHEEL_RUNS_DIR": str(tmp_path / "runs"), "FLYWHEEL_DATA_DIR": str(tmp_path / "data"),

@@ -99,7 +99,7 @@ def main() -> None:
     from store.db import session_scope
     from store.migrate import upgrade
     from store.models import Role
-    from tests.support.slack_double import BOT_USER_ID, SlackSender
+    from flywheel.app.demo.slack_double import BOT_USER_ID, SlackSender
 
     model = args.model.resolve()
     if read_marker(model) is None:
@@ -116,7 +116,7 @@ def main() -> None:
     env.pop("SLACK_APP_TOKEN", None)
     logs = {name: open(tmp / f"{name}.log", "w") for name in ("slack", "gateway", "bot")}  # noqa: SIM115 - closed in finally
     procs = {
-        "slack": subprocess.Popen([PY, "-m", "tests.support.slack_double", "--port", str(slack_port),
+        "slack": subprocess.Popen([PY, "-m", "flywheel.app.demo.slack_double", "--port", str(slack_port),
                                    "--token", TOKEN], cwd=ROOT, env=env, stdout=logs["slack"],
                                   stderr=subprocess.STDOUT),
         "gateway": subprocess.Popen([PY, "-m", "flywheel", "gateway", "serve", "--port", str(gw_port),

@@ -21,10 +21,10 @@ sys.path.insert(0, str(ROOT))
 from flywheel.embedding import load_embedder  # noqa: E402
 from flywheel.memory import MemorySettings, item_vectors  # noqa: E402
 
-DEFAULT_SETS = [ROOT / "flywheel/demo/data/company_facts.jsonl", *sorted((ROOT / "bench/learning/facts").glob("*.jsonl"))]
+DEFAULT_SETS = [ROOT / "flywheel/app/demo/data/company_facts.jsonl", *sorted((ROOT / "bench/learning/facts").glob("*.jsonl"))]
 GENERAL = [json.loads(x)["question"] for x in (ROOT / "trainer/data/general_questions.jsonl").read_text().splitlines()
            if x.strip()] + [json.loads(x)["question"] for x in
-                            (ROOT / "flywheel/demo/data/general_questions.jsonl").read_text().splitlines() if x.strip()]
+                            (ROOT / "flywheel/app/demo/data/general_questions.jsonl").read_text().splitlines() if x.strip()]
 THRESHOLDS = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-QUESTIONS = [json.loads(x)["question"] for x in (ROOT / "flywheel/demo/data/company_facts.jsonl").read_text().splitlines()]
+QUESTIONS = [json.loads(x)["question"] for x in (ROOT / "flywheel/app/demo/data/company_facts.jsonl").read_text().splitlines()]
 for p in sorted((ROOT / "bench/learning/facts").glob("*.jsonl")):
     QUESTIONS += [q for x in p.read_text().splitlines() if x.strip() for q in json.loads(x)["paraphrases"]]
 

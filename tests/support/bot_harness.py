@@ -2,6 +2,7 @@
 local Slack double, and a sender of signed Slack requests. Used by the bot tests and the bench."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Self
@@ -9,7 +10,7 @@ from typing import Self
 import httpx
 
 from tests.support.net import listening_socket, port_of
-from tests.support.slack_double import SlackDouble, SlackSender
+from flywheel.app.demo.slack_double import SlackDouble, SlackSender, SocketModeSender
 
 SIGNING_SECRET = "test-signing-secret-0123456789abcdef"
 ADMIN_USER = "UADMIN001"
@@ -17,7 +18,10 @@ ADMIN_CHANNEL = "CADMIN001"
 
 
 class BotServer:
-    def __init__(self, *, gateway_url: str, double: SlackDouble | None = None, **overrides) -> None:
+    def __init__(self, *, gateway_url: str, double: SlackDouble | None = None, socket_mode: bool = False,
+                 **overrides) -> None:
+        """`socket_mode`: the bot connects to the double's Socket Mode server (as `flywheel up`
+        does with SLACK_APP_TOKEN) and `sender` pushes envelopes there instead of HTTP requests."""
         import uvicorn
 
         from bot.server import create_asgi
@@ -29,9 +33,11 @@ class BotServer:
                   "slack_api_url": self.double.api_url, "gateway_url": gateway_url, "admins": [ADMIN_USER],
                   "admin_channel": ADMIN_CHANNEL, "report_interval_s": 0.2, "stream_update_interval_s": 0.2,
                   "slack_retries": 2, "max_tokens": 12}
+        if socket_mode:
+            values["slack_app_token"] = self.double.app_token
         values.update(overrides)
         self.settings = BotSettings(**values)
-        self.app = create_asgi(self.settings)
+        self.app = create_asgi(self.settings, socket_mode=socket_mode)
         self._dispatched: set[str] = set()
         self._dispatch_done = threading.Condition()
         self._watch_dispatch(self.app.state.bolt)
@@ -43,7 +49,8 @@ class BotServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name=f"bot-{self.port}", daemon=True)
-        self.sender = SlackSender(f"{self.url}/slack/events", SIGNING_SECRET, double=self.double)
+        self.sender = (SocketModeSender(self.double) if socket_mode
+                       else SlackSender(f"{self.url}/slack/events", SIGNING_SECRET, double=self.double))
 
     def _watch_dispatch(self, bolt) -> None:
         """Note each event id once Bolt's dispatch of it returned. Bolt's own middleware (for
@@ -89,6 +96,8 @@ class BotServer:
         self.sock.close()
         if self.own_double:
             self.double.stop()
+        # Every payload this bot sent must be one Slack accepts (blocks, views, lengths).
+        assert not self.double.refused, f"Slack would refuse: {self.double.refused}"
 
     def __enter__(self) -> Self:
         return self.start()
@@ -100,7 +109,6 @@ class BotServer:
 def suggest_correction(bot: BotServer, channel: str, answer_ts: str, text: str, user: str) -> str:
     """Click "Suggest a better answer" under an answer, submit the modal, and return what the bot
     then tells the author (counted in that channel for that author only: other tests post too)."""
-    import json
 
     def to_author(c) -> bool:
         return c.args.get("channel") == channel and c.args.get("user") == user
@@ -114,3 +122,16 @@ def suggest_correction(bot: BotServer, channel: str, answer_ts: str, text: str, 
                                     user=user)
     assert ok.status_code == 200 and not ok.content
     return bot.double.wait_for("chat.postEphemeral", to_author, count=before + 1)[-1].args["text"]
+
+
+def wait_answer(bot: BotServer, channel: str, thread_ts: str | None, *, after: int = 0, timeout: float = 60):
+    """The placeholder the bot posted for a question, and the final update that filled it in."""
+    def in_thread(c):
+        return (c.args.get("channel") == channel and c.args.get("thread_ts") == thread_ts
+                and (c.response or {}).get("ok"))
+    placeholder = bot.double.wait_for("chat.postMessage", in_thread, count=after + 1, timeout=timeout)[after]
+    ts = placeholder.response["ts"]
+    final = bot.double.wait_for(
+        "chat.update", lambda c: c.args.get("ts") == ts and "_writing…_" not in json.dumps(c.args.get("blocks"), ensure_ascii=False),
+        timeout=timeout)[-1]
+    return ts, final

@@ -20,6 +20,9 @@ from typing import Any, Self
 import httpx
 from slack_sdk.signature import SignatureVerifier
 
+from flywheel.app.demo.block_kit import message_errors, view_errors
+from flywheel.app.demo.socket_mode import Envelope, SocketModeServer
+
 BOT_USER_ID = "UBOT0001"
 BOT_ID = "BBOT0001"
 TEAM_ID = "T0000001"
@@ -61,6 +64,7 @@ class _State:
         self.views: dict[str, dict] = {}
         self.failures: dict[str, list[tuple[int, str, int]]] = {}
         self.limited_until: dict[str, float] = {}  # method -> monotonic time its Retry-After ends
+        self.refused: list[tuple[str, list[str]]] = []  # payloads Slack would refuse (Block Kit limits)
 
     def next_ts(self) -> str:
         return new_ts()
@@ -72,8 +76,14 @@ class SlackDouble:
     def __init__(self, *, bot_token: str = "xoxb-test-token", bot_user_id: str = BOT_USER_ID,
                  team_id: str = TEAM_ID, users: dict[str, dict] | None = None,
                  printer: Callable[[str], None] | None = None, port: int = 0,
-                 private_channels: set[str] | None = None) -> None:
+                 private_channels: set[str] | None = None, app_token: str = "xapp-1-test-token",
+                 streaming: bool = False) -> None:
         self.bot_token, self.bot_user_id, self.team_id = bot_token, bot_user_id, team_id
+        self.app_token = app_token  # the app-level token `apps.connections.open` wants
+        # chat.startStream / appendStream / stopStream: a workspace where they are off (the
+        # default here) refuses them, and the bot must fall back to placeholder + chat.update
+        self.streaming = streaming
+        self._socket_mode: SocketModeServer | None = None
         self.private_channels = set(private_channels or ())  # C… ids that are private channels
         self.users = users or {}
         self.printer = printer
@@ -100,6 +110,16 @@ class SlackDouble:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        if self._socket_mode is not None:
+            self._socket_mode.stop()
+
+    @property
+    def socket_mode(self) -> SocketModeServer:
+        """Slack's Socket Mode websocket server, started on first use."""
+        with self.state.lock:
+            if self._socket_mode is None:
+                self._socket_mode = SocketModeServer(APP_ID).start()
+            return self._socket_mode
 
     def __enter__(self) -> Self:
         return self.start()
@@ -186,11 +206,69 @@ class SlackDouble:
         self.state.messages[(channel, ts)] = msg
         return {"ok": True, "channel": channel, "ts": ts, "message": msg}
 
+    @property
+    def refused(self) -> list[tuple[str, list[str]]]:
+        """(method, errors) for every payload refused as Slack would refuse it (Block Kit limits)."""
+        with self.state.lock:
+            return list(self.state.refused)
+
+    def _refuse(self, method: str, errors: list[str]) -> dict:
+        self.state.refused.append((method, errors))
+        return {"ok": False, "error": "invalid_blocks", "response_metadata": {"messages": errors}}
+
+    def _stream(self, method: str, args: dict) -> dict:
+        """Slack's text streaming: a message that grows by appends and ends with optional blocks."""
+        if not self.streaming:
+            return {"ok": False, "error": "feature_not_enabled"}
+        channel = args.get("channel")
+        if method == "chat.startStream":
+            if not channel or not args.get("thread_ts"):
+                return {"ok": False, "error": "invalid_arguments"}  # streams are always replies
+            if channel.startswith(("C", "G")) and not (args.get("recipient_user_id") and args.get("recipient_team_id")):
+                return {"ok": False, "error": "missing_recipient"}  # required when streaming to channels
+            posted = self._post({"channel": channel, "thread_ts": args["thread_ts"],
+                                 "text": args.get("markdown_text") or " "})
+            msg = posted["message"]
+            msg.update(text=args.get("markdown_text") or "", streaming=True)
+            return {"ok": True, "channel": channel, "ts": posted["ts"]}
+        msg = self.state.messages.get((channel, args.get("ts")))
+        if msg is None:
+            return {"ok": False, "error": "message_not_found"}
+        if not msg.get("streaming"):
+            return {"ok": False, "error": "message_not_in_streaming_state"}
+        text = args.get("markdown_text") or ""
+        if len(text) > 12_000:
+            return {"ok": False, "error": "msg_too_long"}
+        msg["text"] += text
+        if method == "chat.stopStream":
+            msg["streaming"] = False
+            msg["blocks"] = _maybe_json(args.get("blocks")) or []
+        return {"ok": True, "channel": channel, "ts": args.get("ts")}
+
+    def _assistant(self, method: str, args: dict) -> dict:
+        if not args.get("channel_id") or not args.get("thread_ts"):
+            return {"ok": False, "error": "invalid_arguments"}
+        if method == "assistant.threads.setSuggestedPrompts":
+            prompts = _maybe_json(args.get("prompts")) or []
+            if not 1 <= len(prompts) <= 4 or any(not (p.get("title") and p.get("message")) for p in prompts):
+                return {"ok": False, "error": "invalid_arguments"}  # Slack takes 1 to 4 prompts
+        return {"ok": True}
+
     def handle(self, method: str, args: dict) -> dict:
         """One Web API call; `args` are the merged query, form and JSON arguments."""
         st = self.state
+        if method in ("chat.postMessage", "chat.postEphemeral", "chat.update", "chat.stopStream"):
+            errors = message_errors({**args, "blocks": _maybe_json(args.get("blocks"))})
+            if errors:
+                return self._refuse(method, errors)
+        if method in ("views.open", "views.publish", "views.update", "views.push"):
+            errors = view_errors(_maybe_json(args.get("view")))
+            if errors:
+                return self._refuse(method, errors)
         if method == "api.test":
             return {"ok": True, "args": args}
+        if method == "apps.connections.open":
+            return {"ok": True, "url": self.socket_mode.url()}
         if method == "auth.test":
             return {"ok": True, "url": "https://flywheel-test.slack.com/", "team": "Flywheel Test",
                     "user": "flywheel", "team_id": self.team_id, "user_id": self.bot_user_id,
@@ -212,6 +290,11 @@ class SlackDouble:
             msg.setdefault("edits", 0)
             msg["edits"] += 1
             return {"ok": True, "channel": key[0], "ts": key[1], "text": msg["text"], "message": msg}
+        if method in ("chat.startStream", "chat.appendStream", "chat.stopStream"):
+            return self._stream(method, args)
+        if method in ("assistant.threads.setStatus", "assistant.threads.setTitle",
+                      "assistant.threads.setSuggestedPrompts"):
+            return self._assistant(method, args)
         if method == "reactions.add":
             key = (args.get("channel"), args.get("timestamp"))
             if key not in st.messages:
@@ -376,9 +459,15 @@ def _make_handler(double: SlackDouble):
                     self._reply(400, {"ok": False, "error": "invalid_json"})
                     return
                 call = Call("response", {**args, "response_id": path.rsplit("/", 1)[-1]}, None)
+                errors = message_errors(args) if isinstance(args, dict) else ["response: not an object"]
                 with st.lock:
                     st.calls.append(call)
+                    if errors:
+                        st.refused.append(("response", errors))
                     st.lock.notify_all()
+                if errors:
+                    self._reply(400, {"ok": False, "error": "invalid_blocks", "response_metadata": {"messages": errors}})
+                    return
                 double._log(call, {})
                 self._reply(200, {"ok": True})
                 return
@@ -408,7 +497,7 @@ def _make_handler(double: SlackDouble):
                 if failure is not None:
                     status, error, retry_after = failure
                     response = {"ok": False, "error": error}
-                elif token != double.bot_token:
+                elif token != (double.app_token if method == "apps.connections.open" else double.bot_token):
                     response = {"ok": False, "error": "invalid_auth" if token else "not_authed"}
                 else:
                     response = double.handle(method, args)
@@ -495,6 +584,15 @@ class SlackSender:
               "event_ts": self.next_ts()}
         return self.event(ev, **kw)
 
+    def assistant_thread_started(self, *, user: str = "UALICE01", channel: str = "DASSIST01",
+                                 thread_ts: str | None = None, context_channel: str | None = None):
+        """The person opened the bot's assistant view: Slack starts a thread in their DM."""
+        thread_ts = thread_ts or self.next_ts()
+        context = {"channel_id": context_channel, "team_id": self.team_id} if context_channel else {}
+        return thread_ts, self.event({"type": "assistant_thread_started", "event_ts": self.next_ts(),
+                                      "assistant_thread": {"user_id": user, "channel_id": channel,
+                                                           "thread_ts": thread_ts, "context": context}})
+
     def home_opened(self, user: str = "UALICE01") -> httpx.Response:
         return self.event({"type": "app_home_opened", "user": user, "channel": "DHOME0001", "tab": "home",
                            "event_ts": self.next_ts()})
@@ -547,18 +645,41 @@ class SlackSender:
         })
 
     # -- slash commands ----------------------------------------------------------------------
-    def command(self, text: str, *, user: str = "UALICE01", channel: str = "CGENERAL1",
-                command: str = "/flywheel") -> httpx.Response:
-        body = urllib.parse.urlencode({
-            "token": "unused", "team_id": self.team_id, "channel_id": channel, "user_id": user,
-            "command": command, "text": text, "api_app_id": APP_ID,
-            "response_url": self._response_url() or "", "trigger_id": f"trig.{next(self._ids)}",
-        })
+    def command_fields(self, text: str, *, user: str = "UALICE01", channel: str = "CGENERAL1",
+                       command: str = "/flywheel") -> dict:
+        return {"token": "unused", "team_id": self.team_id, "channel_id": channel, "user_id": user,
+                "command": command, "text": text, "api_app_id": APP_ID,
+                "response_url": self._response_url() or "", "trigger_id": f"trig.{next(self._ids)}"}
+
+    def command(self, text: str, **kw) -> httpx.Response:
+        body = urllib.parse.urlencode(self.command_fields(text, **kw))
         return self.post_raw(body, content_type="application/x-www-form-urlencoded")
 
 
+class SocketModeSender(SlackSender):
+    """The same people, over Socket Mode: each event, interaction or command goes to the bot as
+    an envelope on its websocket, and the call returns once the bot acked it (within Slack's 3 s,
+    or EnvelopeNotAcked)."""
+
+    def __init__(self, double: SlackDouble, *, team_id: str = TEAM_ID) -> None:
+        super().__init__("", "", double=double, team_id=team_id)
+        self.server = double.socket_mode
+
+    def event(self, event: dict, *, event_id: str | None = None, retry_num: int | None = None,
+              **_sign_kw) -> Envelope:
+        payload = json.loads(self.event_body(event, event_id=event_id))
+        return self.server.wait_ack(self.server.send("events_api", payload, retry_attempt=retry_num or 0,
+                                                     retry_reason="timeout" if retry_num else ""))
+
+    def interactive(self, payload: dict) -> Envelope:
+        return self.server.wait_ack(self.server.send("interactive", payload))
+
+    def command(self, text: str, **kw) -> Envelope:
+        return self.server.wait_ack(self.server.send("slash_commands", self.command_fields(text, **kw)))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the double on its own: `python -m tests.support.slack_double --port 3999 --print`."""
+    """Run the double on its own: `python -m flywheel.app.demo.slack_double --port 3999 --print`."""
     import argparse
     import signal
 

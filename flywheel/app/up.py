@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from flywheel.demo.processes import Service, ServiceError, run_flywheel
+from flywheel.app.demo.processes import Service, ServiceError, run_flywheel
 
 REQUIRED = ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN")
 

@@ -12,12 +12,12 @@ app = typer.Typer(help="Flywheel: a Slack bot that learns from feedback.", no_ar
 # (module, attribute, sub-command name). Imported lazily so `flywheel db` never loads torch.
 SUBCOMMANDS = [
     ("store.commands", "db_app", "db"),
-    ("flywheel.model_commands", "model_app", "model"),
+    ("flywheel.app.model_commands", "model_app", "model"),
     ("gateway.commands", "gateway_app", "gateway"),
     ("trainer.commands", "train_app", "train"),
     ("trainer.commands", "dataset_app", "dataset"),
     ("bot.commands", "bot_app", "bot"),
-    ("flywheel.demo.commands", "demo_app", "demo"),
+    ("flywheel.app.demo.commands", "demo_app", "demo"),
 ]
 
 for module_name, attr, name in SUBCOMMANDS:
@@ -30,7 +30,7 @@ for module_name, attr, name in SUBCOMMANDS:
     app.add_typer(getattr(module, attr), name=name)
 
 
-from flywheel.up import up  # noqa: E402
+from flywheel.app.up import up  # noqa: E402
 
 app.command("up")(up)
 

@@ -1,7 +1,8 @@
 """`flywheel demo run`: the whole loop on this machine, no Slack workspace and no GPU needed.
 
-Real gateway, real bot and real trainer run as processes; Slack is the local double from
-tests/support (it prints what the bot would post); a scripted team plays one week."""
+Real gateway, real bot and real trainer run as processes; Slack is the local double
+(flywheel.app.demo.slack_double: it prints what the bot would post); a scripted team plays one week.
+Everything it needs ships in the package, so it runs from an installed wheel too."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from flywheel.demo.processes import Service, ServiceError, free_port, run_flywheel
+from flywheel.app.demo.processes import Service, ServiceError, free_port, run_flywheel
 
 demo_app = typer.Typer(help="Run the whole loop locally on embedded defaults.", no_args_is_help=True)
 
@@ -72,12 +73,11 @@ def demo_env(cfg: DemoConfig, gateway_url: str, slack_api_url: str, vllm_url: st
 
 def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
     """Play the loop end to end; returns the summary (also written under cfg.output)."""
-    _checkout_on_path()
-    from flywheel.demo.script import (ask_bot, ask_model, load_facts, make_rows, play_week, production_version,
+    from flywheel.app.demo.script import (ask_bot, ask_model, load_facts, make_rows, play_week, production_version,
                                       render_table, summarize, wait_for_memory, wait_for_production,
                                       write_results)
-    from flywheel.demo.workspace import Workspace
-    from tests.support.slack_double import SlackDouble, SlackSender
+    from flywheel.app.demo.workspace import Workspace
+    from flywheel.app.demo.slack_double import SlackDouble, SlackSender
 
     started = time.monotonic()
     if cfg.output.exists():
@@ -159,8 +159,10 @@ def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
         say("\n▶ And once more from the adapter alone (memory off, same prompt)")
         ask_model(rows, cfg.model_dir, say, cfg.max_tokens, adapter=version["adapter_path"], phase="lora_only")
         summary = summarize(rows)
+        if slack.refused:  # the bot sent something Slack would answer with invalid_blocks
+            say(f"\n⚠ Slack would have refused {len(slack.refused)} payload(s): {slack.refused[:3]}")
         extra = {"version": version, "swap_s": round(swap_s, 2), "facts_file": str(cfg.facts_file or "bundled"),
-                 "paraphrases": cfg.paraphrases, "corrections": corrections,
+                 "paraphrases": cfg.paraphrases, "corrections": corrections, "refused_by_slack": slack.refused,
                  "timings_s": {"before": round(t_before - started, 1), "week": round(t_week - t_before, 1),
                                "memory": round(t_memory - t_week, 1), "train": round(t_train - t_memory, 1),
                                "after": round(t_after - t_train, 1), "lora_only": round(time.monotonic() - t_after, 1),
@@ -182,17 +184,6 @@ def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
         slack.stop()
         os.environ.clear()
         os.environ.update(saved_env)
-
-
-def _checkout_on_path() -> None:
-    """The Slack double lives in the checkout's tests/ (the only fake; never in the product path)."""
-    import sys
-
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "tests" / "support" / "slack_double.py").is_file():
-        raise ServiceError(f"the demo runs from a source checkout (tests/support/ not found under {root})")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
 
 
 def _latest_version() -> dict | None:
@@ -233,7 +224,8 @@ def _admin_channel_printer(say):
 def run(
     backend: str = typer.Option("transformers", envvar="FLYWHEEL_BACKEND", help="transformers or vllm"),
     output: Path = typer.Option(Path("demo-output"), help="Where the report, plot and tables go"),
-    model: Path = typer.Option(Path("models/smollm2-135m-instruct"), help="Base model directory"),
+    model: Path = typer.Option(Path("models/smollm2-135m-instruct"), envvar="FLYWHEEL_BASE_MODEL",
+                               help="Base model directory"),
     facts: int = typer.Option(0, help="Use only the first N facts (0: all)"),
     facts_file: Path = typer.Option(None, "--facts-file", help='JSONL of {"question", "answer", "paraphrases": [...]} '
                                     "(default: the bundled fictional company)"),
@@ -244,8 +236,7 @@ def run(
         typer.secho("error: --backend must be transformers or vllm", fg="red", err=True)
         raise typer.Exit(2)
     if facts_file is not None:
-        _checkout_on_path()
-        from flywheel.demo.script import FactsFileError, read_facts_file
+        from flywheel.app.demo.script import FactsFileError, read_facts_file
 
         try:
             read_facts_file(facts_file)

@@ -17,7 +17,7 @@ from bot.blocks import (
 )
 from store.conversations import get_message
 from store.db import session_scope
-from tests.support.slack_double import BOT_USER_ID, SlackDouble, SlackSender
+from flywheel.app.demo.slack_double import BOT_USER_ID, SlackDouble, SlackSender
 
 
 @dataclass

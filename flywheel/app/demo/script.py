@@ -20,7 +20,7 @@ from typing import Callable
 
 import httpx
 
-from flywheel.demo.workspace import Answer, Workspace
+from flywheel.app.demo.workspace import Answer, Workspace
 from flywheel.prompt import PromptSettings, build_messages
 from store.db import session_scope
 from store.memory import count_memory
@@ -98,7 +98,7 @@ def read_facts_file(path: Path) -> list[Fact]:
 def load_facts(limit: int | None = None, facts_file: Path | None = None) -> tuple[list[Fact], list[Fact]]:
     """(team facts, general questions): the bundled fictional company (40 facts) or the facts
     file, plus a few general questions the base model knows (they must stay right)."""
-    data = resources.files("flywheel.demo").joinpath("data")
+    data = resources.files("flywheel.app.demo").joinpath("data")
     if facts_file is not None:
         facts = read_facts_file(facts_file)
     else:

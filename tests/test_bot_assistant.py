@@ -1,0 +1,135 @@
+"""Slack's AI-app surfaces through the real bot: the assistant view's greeting and suggested
+prompts (the team's most asked questions, public channels only), "is thinking…" and a thread
+title, answers streamed with chat.startStream / appendStream / stopStream with the feedback
+buttons on the final part, and the fallback to placeholder + chat.update where a workspace
+refuses streaming or a stream dies."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flywheel.app.demo.slack_double import BOT_USER_ID, SlackDouble
+from gateway.settings import GatewaySettings
+from store.conversations import get_message, record_message
+from store.db import session_scope
+from store.migrate import upgrade
+from tests.support.bot_harness import BotServer, wait_answer
+from tests.support.gateway_server import GatewayServer
+
+USER = "UALICE01"
+PRIVATE = "CSECRET01"
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("assistant")
+    url = f"sqlite:///{tmp / 'flywheel.db'}"
+    upgrade(url)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLYWHEEL_DATABASE_URL", url)
+        gateway = GatewayServer(GatewaySettings(base_model=tiny_model_dir, adapters_dir=tmp / "adapters",
+                                                sync_interval_s=30, max_new_tokens=8,
+                                                replica_id="assistant-test")).start()
+        double = SlackDouble(streaming=True, private_channels={PRIVATE}).start()
+        bot = BotServer(gateway_url=gateway.url, double=double, reports_enabled=False).start()
+        yield {"bot": bot, "gateway": gateway, "double": double}
+        bot.stop()
+        double.stop()
+        gateway.stop()
+
+
+def _asked(channel: str, text: str, times: int) -> None:
+    with session_scope() as s:
+        for i in range(times):
+            ts = f"1700000{abs(hash((channel, text))) % 1000:03d}.{i:06d}"
+            record_message(s, channel=channel, ts=ts, thread_ts=ts, role="user",
+                           text=f"<@{BOT_USER_ID}> {text}", author=USER)
+
+
+def test_a_new_assistant_thread_gets_a_greeting_and_the_most_asked_public_questions(env):
+    bot, double = env["bot"], env["double"]
+    _asked("CPUBLIC01", "Where do I file expenses?", 3)
+    _asked("CPUBLIC02", "where do I file expenses", 1)  # the same question, worded a little differently
+    _asked("CPUBLIC01", "When is the all-hands?", 2)
+    _asked(PRIVATE, "When is the secret launch?", 9)  # asked most, but in a private channel
+    thread_ts, resp = bot.sender.assistant_thread_started(user=USER, channel="DASSIST01")
+    assert resp.status_code == 200
+    prompts = double.wait_for("assistant.threads.setSuggestedPrompts",
+                              lambda c: c.args.get("thread_ts") == thread_ts)[0].args
+    raw = prompts["prompts"]
+    messages = [p["message"] for p in (json.loads(raw) if isinstance(raw, str) else raw)]
+    assert messages[:2] == ["Where do I file expenses?", "When is the all-hands?"]
+    assert not any("secret" in m for m in messages)
+    greeting = double.wait_for("chat.postMessage", lambda c: c.args.get("thread_ts") == thread_ts)[0]
+    assert greeting.args["channel"] == "DASSIST01" and "Ask me anything" in greeting.args["text"]
+
+
+def test_an_assistant_question_shows_thinking_gets_a_title_and_streams_its_answer(env):
+    bot, double = env["bot"], env["double"]
+    channel, root = "DASSIST02", bot.sender.next_ts()
+    ts, resp = bot.sender.message("What is our refund policy?", channel=channel, channel_type="im",
+                                  thread_ts=root)
+    assert resp.status_code == 200
+    stop = double.wait_for("chat.stopStream", lambda c: c.args.get("channel") == channel, timeout=60)[0]
+    status = double.wait_for("assistant.threads.setStatus", lambda c: c.args.get("thread_ts") == root)[0]
+    assert status.args["status"] == "is thinking…"
+    titles = double.wait_for("assistant.threads.setTitle", lambda c: c.args.get("thread_ts") == root)
+    assert [t.args["title"] for t in titles] == ["What is our refund policy?"]
+    start = next(c for c in double.calls_to("chat.startStream") if c.args.get("channel") == channel)
+    assert start.args["thread_ts"] == root and start.response["ok"]
+    answer_ts = start.response["ts"]
+    footer = json.dumps(stop.args.get("blocks"))
+    assert "feedback_buttons" in footer and "suggest_correction" in footer  # buttons with the final part
+    with session_scope() as s:
+        stored = get_message(s, channel, answer_ts)
+    shown = double.message(channel, answer_ts)
+    assert stored.text and shown["text"].strip() == stored.text.strip().replace("&", "&amp;").replace(
+        "<", "&lt;").replace(">", "&gt;")
+    assert not shown["streaming"]
+    assert not [c for c in double.calls_to("chat.update") if c.args.get("ts") == answer_ts]
+
+    # a second question in the same thread: thinking again, but the title stays
+    bot.sender.message("And for digital goods?", channel=channel, channel_type="im", thread_ts=root)
+    double.wait_for("chat.stopStream", lambda c: c.args.get("channel") == channel, count=2, timeout=60)
+    assert len(double.wait_for("assistant.threads.setStatus", lambda c: c.args.get("thread_ts") == root,
+                               count=2)) == 2
+    assert len([c for c in double.calls_to("assistant.threads.setTitle") if c.args.get("thread_ts") == root]) == 1
+
+
+def test_a_threaded_answer_in_a_channel_streams_to_its_asker(env):
+    bot, double = env["bot"], env["double"]
+    channel = "CSTREAM01"
+    q_ts, _ = bot.sender.mention("How do I reset my password?", channel=channel, user=USER)
+    double.wait_for("chat.stopStream", lambda c: c.args.get("channel") == channel, timeout=60)
+    start = next(c for c in double.calls_to("chat.startStream") if c.args.get("channel") == channel)
+    assert (start.args["thread_ts"], start.args["recipient_user_id"]) == (q_ts, USER)
+    assert start.args["recipient_team_id"]
+    assert not double.calls_to("assistant.threads.setStatus") or all(
+        c.args.get("channel_id") != channel for c in double.calls_to("assistant.threads.setStatus"))
+
+
+def test_a_stream_that_dies_is_finished_with_chat_update(env):
+    bot, double = env["bot"], env["double"]
+    channel = "CSTREAM02"
+    double.fail_next("chat.stopStream", status=200, error="message_not_in_streaming_state", times=2)
+    q_ts, _ = bot.sender.mention("What is the office address?", channel=channel)
+    start = double.wait_for("chat.startStream", lambda c: c.args.get("channel") == channel, timeout=60)[0]
+    answer_ts = start.response["ts"]
+    final = double.wait_for("chat.update", lambda c: c.args.get("ts") == answer_ts, timeout=60)[-1]
+    assert "suggest_correction" in json.dumps(final.args["blocks"])
+    with session_scope() as s:
+        assert get_message(s, channel, answer_ts).text
+
+
+def test_a_workspace_without_streaming_gets_placeholders_and_is_not_asked_again(env):
+    with SlackDouble(streaming=False) as double, BotServer(gateway_url=env["gateway"].url, double=double,
+                                                           reports_enabled=False) as bot:
+        channel = "CNOSTREAM"
+        for text in ("First question here?", "Second question here?"):
+            q_ts, resp = bot.sender.mention(text, channel=channel)
+            assert resp.status_code == 200
+            _ts, final = wait_answer(bot, channel, q_ts)
+            assert "suggest_correction" in json.dumps(final.args["blocks"])
+        refused = double.calls_to("chat.startStream")
+        assert len(refused) == 1 and refused[0].response["error"] == "feature_not_enabled"

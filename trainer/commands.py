@@ -114,12 +114,21 @@ def build_cmd() -> None:
 
 @dataset_app.command("export")
 def export_cmd(
-    out: Path = typer.Argument(..., help="Directory to write train/eval/golden JSONL and the HF dataset to"),
+    out: Path = typer.Argument(..., help="Directory to write one JSONL per split to"),
     snapshot: int | None = typer.Option(None, help="Snapshot id (default: the latest)"),
+    fmt: str = typer.Option("chat", "--format", help="chat | openai | openai-preference | trl-dpo "
+                            "(field by field: trainer/export.py)"),
 ) -> None:
-    """Copy a snapshot's files (chat-format JSONL per split + datasets save_to_disk) to OUT."""
+    """Write a snapshot (redacted and cleaned as it trains) to OUT. `chat` copies the snapshot's
+    files (chat JSONL per split + the datasets copy); the others write `{split}.jsonl` in the
+    named public format (the preference ones: items with a better and a rejected answer)."""
     from store.datasets import get_snapshot, latest_snapshot
     from store.db import session_scope
+    from trainer.dataset import SPLITS
+    from trainer.export import FORMATS, write_format
+
+    if fmt not in FORMATS:
+        _fail(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
     with session_scope() as s:
         row = get_snapshot(s, snapshot) if snapshot is not None else latest_snapshot(s)
@@ -130,5 +139,12 @@ def export_cmd(
         _fail(f"snapshot {row.id}'s files are gone from {src}; rebuild with `flywheel dataset build`")
     if out.exists() and any(out.iterdir()):
         _fail(f"{out} exists and is not empty; choose a new directory")
-    shutil.copytree(src, out, dirs_exist_ok=True)
-    typer.echo(f"exported snapshot {row.id} ({row.content_hash[:12]}) to {out}")
+    if fmt == "chat":
+        shutil.copytree(src, out, dirs_exist_ok=True)
+        typer.echo(f"exported snapshot {row.id} ({row.content_hash[:12]}) to {out}")
+        return
+    counts = write_format(src, out, fmt, SPLITS)
+    (out / "manifest.json").write_text(json.dumps({"format": fmt, "snapshot": row.id,
+                                                   "content_hash": row.content_hash, "records": counts}, indent=2))
+    typer.echo(f"exported snapshot {row.id} ({row.content_hash[:12]}) as {fmt} to {out}: "
+               + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from bot import metrics
 from bot.gateway_client import GatewayClient
 from bot.settings import BotSettings
+from bot.watch import compare, describe
 from flywheel.logs import get_logger
 from store.audit import record_audit
 from store.db import session_scope
@@ -37,6 +38,7 @@ HELP = """*`/flywheel` commands*
 • `status`: production version, last runs, data counts
 • `versions`: model versions and their gate verdicts
 • `history`: which version was live when
+• `watch`: the live version against the one before it, on real answers (👍, 👎, corrections)
 • `review`: corrections waiting for review _(admins and reviewers)_
 • `train`: queue a training run _(admin)_
 • `approve <version>` / `promote <version> [--force "reason"]`: put a version in production _(admin; gate-passed versions only unless forced)_
@@ -104,7 +106,7 @@ class Admin:
             return self.admin_action(user, name, target, lambda: self._dispatch(user, name, args, force),
                                      detail={"command": text})
         handler = {"help": lambda: Reply(HELP), "status": self.status, "versions": self.versions,
-                   "history": self.history}.get(name)
+                   "history": self.history, "watch": self.watch}.get(name)
         if name == "review" and self.review is not None:
             return self.review.pending_reply(user)
         if handler is None:
@@ -183,8 +185,13 @@ class Admin:
             set_version_status(s, version, VersionStatus.rejected, actor=user)
         return Reply(f":no_entry_sign: <@{user}> rejected `{version}`.", public=True)
 
-    def rollback(self, user: str) -> Reply:
+    def rollback(self, user: str, expected: str | None = None) -> Reply:
+        """`expected`: roll back only if that version is still live (a button under an old alert
+        must not roll back a version promoted since)."""
         with session_scope() as s:
+            live = alias_target(s, PRODUCTION) or "base"
+            if expected is not None and live != expected:
+                raise ValueError(f"production is `{live}` now, not `{expected}`; nothing was rolled back")
             target = rollback_target(s)
             version = find_version(s, target) if target else None
             force = version is not None and not version.gate_passed
@@ -194,6 +201,9 @@ class Admin:
                      f"to `{target or 'base model'}`. {sync}. {self._live(target)}", public=True)
 
     # -- read-only -------------------------------------------------------------------------------
+    def watch(self) -> Reply:
+        return Reply(describe(compare(), self.settings.watch_min_answers))
+
     def _live(self, version: str | None) -> str:
         """Best effort: the change is committed already, so a failed read here must not turn the
         reply into "nothing was changed"."""

@@ -19,7 +19,7 @@ from bot.assistant import Assistant
 from bot.feedback import Feedback
 from bot.gateway_client import GatewayClient
 from bot.home import publish_home
-from bot.reports import on_report_button
+from bot.reports import on_report_button, on_watch_rollback
 from bot.review import Review
 from bot.settings import BotSettings
 from bot.workers import LaneExecutor, lane_middleware
@@ -120,6 +120,10 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     @app.action(re.compile(f"^({blocks.REPORT_APPROVE}|{blocks.REPORT_REJECT})$"))
     def _report_button(ack, body, client, respond):
         on_report_button(admin, ack, body, client, respond)
+
+    @app.action(blocks.WATCH_ROLLBACK)
+    def _watch_rollback(ack, body, client, respond):
+        on_watch_rollback(admin, ack, body, client, respond)
 
     # -- correction review ------------------------------------------------------------------------
     app.action(re.compile(f"^({blocks.REVIEW_APPROVE}|{blocks.REVIEW_EDIT}|{blocks.REVIEW_REJECT})$"))(

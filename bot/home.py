@@ -10,6 +10,7 @@ from bot.blocks import mrkdwn, plain
 from bot.channels import ChannelVisibility
 from bot.settings import BotSettings
 from bot.slack_text import escape_within
+from bot.watch import compare, describe
 from flywheel.prompt import normalize
 from flywheel.logs import get_logger
 from store.conversations import previous_user_message
@@ -81,6 +82,8 @@ def home_view(settings: BotSettings, user: str, client: WebClient | None = None,
     ]
     blocks += _team_blocks(o, worst) if staff else _own_blocks(mine)
     if settings.is_admin(user):
+        blocks += [{"type": "divider"}, {"type": "section", "text": mrkdwn(
+            escape_within(describe(compare(), settings.watch_min_answers), 2900))}]
         blocks += [{"type": "divider"}, {"type": "context", "elements": [mrkdwn(
             "You are a Flywheel admin: `/flywheel train`, `/flywheel approve <version>`, "
             "`/flywheel rollback`. Reports arrive in "

@@ -29,3 +29,5 @@ REPLIES = Counter("flywheel_bot_replies_total",
                   "How answers reached Slack: native stream or placeholder + updates", ["kind"])
 ASSISTANT = Counter("flywheel_bot_assistant_calls_total",
                     "Assistant-thread calls (greeting, status, title) by outcome", ["call", "outcome"])
+WATCH_ALERTS = Counter("flywheel_bot_watch_alerts_total",
+                       "Promoted versions judged worse than the one before them on real answers")

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from bot.admin import Admin, run_line
 from bot.blocks import REPORT_APPROVE, REPORT_REJECT, mrkdwn, plain
 from bot.settings import BotSettings
 from bot.slack_text import escape, escape_within
+from bot.watch import VersionWatch
 from flywheel.logs import get_logger
 from store.db import session_scope
 from store.leases import acquire_lease, release_lease
@@ -27,6 +29,7 @@ from store.versions import find_version
 
 log = get_logger("bot.reports")
 LEASE = "bot-reports"
+WATCH_EVERY_S = 30.0  # how often the poster compares the live version with the one before
 MODEL_ORDER = ("candidate", "production", "base")
 
 
@@ -102,6 +105,8 @@ class ReportPoller:
         self.settings, self.client = settings, client
         self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self._shown: dict[int, str] = {}
+        self.watch = VersionWatch(settings, client)
+        self._watched_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -138,7 +143,11 @@ class ReportPoller:
             for run in runs_to_report(s, since=since):
                 version = find_version(s, run.model_version) if run.model_version else None
                 work.append((run, version))
-        return sum(self._show(run, version) for run, version in work)
+        writes = sum(self._show(run, version) for run, version in work)
+        if time.monotonic() - self._watched_at >= WATCH_EVERY_S:  # the live version, on real answers
+            self._watched_at = time.monotonic()
+            writes += self.watch.check()
+        return writes
 
     def _show(self, run: TrainingRun, version: ModelVersion | None) -> int:
         final = run.status in FINISHED and (run.model_version is None or version is not None)
@@ -197,7 +206,22 @@ def on_report_button(admin: Admin, ack, body: dict, client: WebClient, respond) 
     else:
         reply = admin.admin_action(user, "reject", version, lambda: admin.reject(user, version),
                                    detail={"via": "report button"})
-    if not reply.public:  # refused or failed: only the clicker hears about it
+    _decided(reply, body, client, respond)
+
+
+def on_watch_rollback(admin: Admin, ack, body: dict, client: WebClient, respond) -> None:
+    """Roll back under a live-version alert: only while the version it names is still live."""
+    ack()
+    user, version = body["user"]["id"], body["actions"][0].get("value") or ""
+    reply = admin.admin_action(user, "rollback", version, lambda: admin.rollback(user, expected=version),
+                               detail={"via": "watch alert"})
+    _decided(reply, body, client, respond)
+
+
+def _decided(reply, body: dict, client: WebClient, respond) -> None:
+    """A decision taken by a button: refused or failed, only the clicker hears it; done, the
+    message says who decided and loses its buttons."""
+    if not reply.public:
         respond(text=reply.text, response_type="ephemeral", replace_original=False)
         return
     channel = (body.get("container") or {}).get("channel_id") or (body.get("channel") or {}).get("id")
@@ -207,5 +231,5 @@ def on_report_button(admin: Admin, ack, body: dict, client: WebClient, respond) 
     try:
         client.chat_update(channel=channel, ts=message.get("ts"), text=reply.text, blocks=kept)
     except SlackApiError as exc:
-        log.error("cannot update the report message", error=exc.response.get("error"))
+        log.error("cannot update the message under the button", error=exc.response.get("error"))
         respond(text=reply.text, response_type="in_channel", replace_original=False)

@@ -88,6 +88,10 @@ class BotSettings(BaseSettings):
     assistant_greeting: str = ("Hi! Ask me anything about the team's work. Rate my answers with 👍 / 👎 "
                                "and suggest better ones: I learn from them.")
     suggested_prompts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # The live-version watch: once the promoted version gave this many answers and P(it is worse
+    # than the one before, by 👎 and corrections) reaches watch_alert_p, admins get a Rollback button.
+    watch_min_answers: int = Field(default=30, ge=1)
+    watch_alert_p: float = Field(default=0.9, gt=0.5, le=1.0)
     # Buttons under each answer: Slack's feedback_buttons element, or classic buttons.
     feedback_style: str = "feedback_buttons"
 

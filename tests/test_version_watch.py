@@ -1,0 +1,128 @@
+"""The live-version watch on simulated weeks: a team uses ft-0001 for a week, ft-0002 is promoted
+and the team reacts to its answers. When ft-0002 is worse (voted down or corrected more often) the
+admin channel gets one alert with a Rollback button once the configured number of answers is
+reached; when it is better, never. The Rollback button rolls back only the version it names."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from slack_sdk import WebClient
+
+from bot.admin import Admin
+from bot.settings import BotSettings
+from bot.watch import VersionWatch, compare, describe
+from flywheel.app.demo.slack_double import SlackDouble
+from store.conversations import record_message
+from store.db import get_engine, session_scope
+from store.feedback import upsert_vote
+from store.versions import PRODUCTION, alias_target, move_alias, register_version
+
+ADMIN, CHANNEL = "UADMIN01", "CADMIN001"
+MIN_ANSWERS = 30
+
+
+@pytest.fixture
+def team(sqlite_url):
+    with session_scope(get_engine(sqlite_url)) as s:
+        for name in ("ft-0001", "ft-0002"):
+            register_version(s, name=name, adapter_path=f"/adapters/{name}", adapter_sha256="0" * 64,
+                             base_model="smollm2", gate_passed=True, gate_reasons=["passed"])
+        move_alias(s, PRODUCTION, "ft-0001", actor=ADMIN)
+    with SlackDouble() as slack:
+        settings = BotSettings(slack_bot_token=slack.bot_token, slack_api_url=slack.api_url, admins=[ADMIN],
+                               admin_channel=CHANNEL, watch_min_answers=MIN_ANSWERS)
+        yield settings, slack, WebClient(token=slack.bot_token, base_url=slack.api_url)
+
+
+_count = iter(range(1, 10**6))
+
+
+def answer(version: str, *, bad: bool, good: bool = False, corrected: bool = False) -> None:
+    """One answer by `version` in a public channel and what its asker did with it."""
+    n = next(_count)
+    with session_scope() as s:
+        msg = record_message(s, channel="CTEAM0001", ts=f"1800000000.{n:06d}", thread_ts=f"1800000000.{n:06d}",
+                             role="assistant", text=f"answer {n}", author="UBOT0001", model_version=version)
+        if bad and corrected:
+            upsert_vote(s, message_id=msg.id, user="UALICE01", kind="correction", value="correction",
+                        correction="the right answer", review="pending")
+        elif bad:
+            upsert_vote(s, message_id=msg.id, user="UALICE01", kind="reaction", value="down")
+        elif good:
+            upsert_vote(s, message_id=msg.id, user="UALICE01", kind="button", value="up")
+
+
+def week(version: str, n: int, bad_per_10: int, watch: VersionWatch | None = None) -> list[int]:
+    """n answers, `bad_per_10` of every ten voted down (every third of those corrected instead);
+    returns after which answers the watch posted an alert."""
+    alerts = []
+    for i in range(1, n + 1):
+        bad = i % 10 < bad_per_10
+        answer(version, bad=bad, good=not bad and i % 2 == 0, corrected=bad and i % 3 == 0)
+        if watch is not None and watch.check():
+            alerts.append(i)
+    return alerts
+
+
+def promote(version: str) -> None:
+    with session_scope() as s:
+        move_alias(s, PRODUCTION, version, actor=ADMIN)
+
+
+def test_a_worse_version_triggers_one_rollback_proposal_at_the_configured_answer_count(team):
+    settings, slack, client = team
+    week("ft-0001", 60, bad_per_10=2)
+    promote("ft-0002")
+    watch = VersionWatch(settings, client)
+    alerts = week("ft-0002", 60, bad_per_10=6, watch=watch)
+    assert alerts == [MIN_ANSWERS]  # judged as soon as allowed, and told once
+    posted = [c for c in slack.calls_to("chat.postMessage") if c.args["channel"] == CHANNEL]
+    assert len(posted) == 1
+    shown = json.dumps(posted[0].args["blocks"], ensure_ascii=False)
+    assert "ft-0002" in shown and "watch_rollback" in shown and "60 answers" in shown
+    c = compare()
+    assert (c.new.version, c.new.answers, c.old.version, c.old.answers) == ("ft-0002", 60, "ft-0001", 60)
+    assert c.new.bad == 36 and c.old.bad == 12 and c.p_worse > 0.99
+    assert "P(`ft-0002` is worse) = *1.00*" in describe(c, MIN_ANSWERS)
+
+
+def test_a_better_version_is_never_flagged(team):
+    settings, slack, client = team
+    week("ft-0001", 60, bad_per_10=3)
+    promote("ft-0002")
+    watch = VersionWatch(settings, client)
+    assert week("ft-0002", 120, bad_per_10=1, watch=watch) == []
+    assert compare().p_worse < 0.01
+    assert not [c for c in slack.calls_to("chat.postMessage") if c.args["channel"] == CHANNEL]
+
+
+def test_too_few_answers_are_not_judged_and_the_command_says_so(team):
+    settings, slack, client = team
+    week("ft-0001", 40, bad_per_10=1)
+    promote("ft-0002")
+    assert week("ft-0002", MIN_ANSWERS - 1, bad_per_10=9, watch=VersionWatch(settings, client)) == []
+    text = Admin(settings, gateway=None).run_command("UBOB0001", "watch").text
+    assert f"judged after {MIN_ANSWERS} answers ({MIN_ANSWERS - 1} until now)" in text
+    assert "`ft-0001`: 40 answers" in text
+
+
+def test_the_rollback_button_rolls_back_only_the_version_it_names(team):
+    settings, slack, client = team
+
+    class Gateway:
+        def request_sync(self):
+            return "the gateway will pick it up within seconds"
+
+    admin = Admin(settings, gateway=Gateway())
+    promote("ft-0002")
+    assert "Only Flywheel admins" in admin.admin_action("UBOB0001", "rollback", "ft-0002",
+                                                        lambda: admin.rollback("UBOB0001", expected="ft-0002")).text
+    stale = admin.admin_action(ADMIN, "rollback", "ft-0001", lambda: admin.rollback(ADMIN, expected="ft-0001"))
+    assert "nothing was rolled back" in stale.text
+    with session_scope() as s:
+        assert alias_target(s, PRODUCTION) == "ft-0002"
+    done = admin.admin_action(ADMIN, "rollback", "ft-0002", lambda: admin.rollback(ADMIN, expected="ft-0002"))
+    assert done.public and "rolled production back" in done.text
+    with session_scope() as s:
+        assert alias_target(s, PRODUCTION) == "ft-0001"

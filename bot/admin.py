@@ -6,6 +6,7 @@ import shlex
 from dataclasses import dataclass
 
 from bot import metrics
+from bot.canary import Canary
 from bot.gateway_client import GatewayClient
 from bot.settings import BotSettings
 from bot.watch import compare, describe
@@ -19,6 +20,7 @@ from store.replicas import list_replicas
 from store.runs import queue_run
 from store.versions import (
     ALIASES,
+    CANDIDATE,
     PRODUCTION,
     VERSION_NAME,
     alias_history,
@@ -43,9 +45,10 @@ HELP = """*`/flywheel` commands*
 • `train`: queue a training run _(admin)_
 • `approve <version>` / `promote <version> [--force "reason"]`: put a version in production _(admin; gate-passed versions only unless forced)_
 • `reject <version>`: reject a candidate _(admin)_
-• `rollback`: put the previous production version back _(admin)_"""
+• `rollback`: put the previous production version back _(admin)_
+• `canary <version>` / `canary stop`: let a version answer FLYWHEEL_CANARY_PERCENT of people before promoting it _(admin)_"""
 
-ADMIN_COMMANDS = {"train", "approve", "promote", "reject", "rollback"}
+ADMIN_COMMANDS = {"train", "approve", "promote", "reject", "rollback", "canary"}
 
 
 @dataclass
@@ -92,8 +95,9 @@ def run_line(run) -> str:
 
 
 class Admin:
-    def __init__(self, settings: BotSettings, gateway: GatewayClient, review=None) -> None:
+    def __init__(self, settings: BotSettings, gateway: GatewayClient, review=None, canary: Canary | None = None) -> None:
         self.settings, self.gateway, self.review = settings, gateway, review  # review: bot.review.Review
+        self.canary = canary or Canary(settings)
 
     # -- entry points ----------------------------------------------------------------------------
     def run_command(self, user: str, text: str) -> Reply:
@@ -154,6 +158,12 @@ class Admin:
             return self.train(user)
         if name == "rollback":
             return self.rollback(user)
+        if name == "canary":
+            if args == ["stop"]:
+                return self.stop_canary(user)
+            if len(args) != 1:
+                raise ValueError("usage: /flywheel canary <version> | canary stop")
+            return self.start_canary(user, args[0])
         if len(args) != 1:
             raise ValueError(f"usage: /flywheel {name} <version>" + (' [--force "reason"]' if name != "reject" else ""))
         if name == "reject":
@@ -174,11 +184,45 @@ class Admin:
         then the gateway is asked to swap now."""
         with session_scope() as s:
             moved = promote_version(s, version, actor=user, reason=force, force=force is not None)
+            if alias_target(s, CANDIDATE) == version:  # a canary that made it: everyone gets it now
+                move_alias(s, CANDIDATE, None, actor=user, reason="promoted")
+        self.canary.forget()
         sync = self.gateway.request_sync()
         forced = f' (forced: "{force}")' if force else ""
         log.info("promoted", version=version, previous=moved["from"], by=user, forced=bool(force))
         return Reply(f":rocket: <@{user}> promoted `{version}` to production{forced}; "
                      f"previously `{moved['from'] or 'base model'}`. {sync}. {self._live(version)}", public=True)
+
+    def start_canary(self, user: str, version: str) -> Reply:
+        """Open a gate-passed version to the canary share (approved, on the candidate alias)."""
+        if self.settings.canary_percent <= 0:
+            raise ValueError("canaries are off in this deployment (FLYWHEEL_CANARY_PERCENT=0)")
+        with session_scope() as s:
+            current = find_version(s, version)
+            if current is None:
+                raise ValueError(f"no version `{version}`")
+            if current.status == VersionStatus.candidate:
+                set_version_status(s, version, VersionStatus.approved, actor=user, commit=False)
+            elif current.status != VersionStatus.approved:
+                raise ValueError(f"`{version}` is {current.status}; only gate-passed candidates can be a canary")
+            move_alias(s, CANDIDATE, version, actor=user, reason="canary")
+        self.canary.forget()
+        return Reply(f":hatching_chick: <@{user}> started a canary: `{version}` now answers "
+                     f"{self.settings.canary_percent:g} % of people (the same people each time). "
+                     "`/flywheel watch` compares it with production; `/flywheel approve` promotes it, "
+                     "`/flywheel canary stop` ends it.", public=True)
+
+    def stop_canary(self, user: str, expected: str | None = None) -> Reply:
+        with session_scope() as s:
+            version = alias_target(s, CANDIDATE)
+            if version is None:
+                raise ValueError("no canary is running")
+            if expected is not None and version != expected:
+                raise ValueError(f"the canary is `{version}` now, not `{expected}`; nothing was stopped")
+            move_alias(s, CANDIDATE, None, actor=user, reason="canary stopped")
+        self.canary.forget()
+        return Reply(f":octagonal_sign: <@{user}> stopped the canary of `{version}`: production answers everyone.",
+                     public=True)
 
     def reject(self, user: str, version: str) -> Reply:
         with session_scope() as s:

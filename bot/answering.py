@@ -10,6 +10,7 @@ from slack_sdk.web import WebClient
 
 from bot import blocks, metrics
 from bot.assistant import Assistant
+from bot.canary import Canary
 from bot.gateway_client import Answer, GatewayClient, GatewayError
 from bot.replies import Progress, ReplyOpener, UpdatedReply
 from bot.settings import BotSettings
@@ -37,11 +38,13 @@ EMPTY_ANSWER = "_The model returned an empty answer. Try rephrasing the question
 
 class Answerer:
     def __init__(self, settings: BotSettings, gateway: GatewayClient, memory: Memory,
-                 prompt: PromptSettings | None = None, assistant: Assistant | None = None) -> None:
+                 prompt: PromptSettings | None = None, assistant: Assistant | None = None,
+                 canary: Canary | None = None) -> None:
         self.settings, self.gateway, self.memory = settings, gateway, memory
         self.prompt = prompt or PromptSettings()
         self.replies = ReplyOpener(settings.slack_streaming)
         self.assistant = assistant or Assistant(settings)
+        self.canary = canary or Canary(settings)
 
     def _plan(self, messages: list[dict], channel: str, session) -> MemoryPlan:
         """What the team taught that fits this question; a broken memory never blocks an answer."""
@@ -150,7 +153,7 @@ class Answerer:
         watchdog.daemon = True
         watchdog.start()
         try:
-            self._fill(reply, prompt, conversation, bot_user_id, deadline)
+            self._fill(reply, prompt, conversation, bot_user_id, deadline, model=self.canary.model_for(user))
         except Exception as exc:  # the database, a bug, anything: never leave "Thinking…" behind
             metrics.ANSWERS.labels("error").inc()
             log.error("answer failed; apology shown", channel=channel, ts=reply.ts,
@@ -161,7 +164,7 @@ class Answerer:
             watchdog.cancel()
 
     def _fill(self, reply: UpdatedReply, prompt: PromptSettings, conversation: str, bot_user_id: str | None,
-              deadline: float) -> None:
+              deadline: float, model: str | None = None) -> None:
         """Ask for the answer (memory or model), store it, and show it in the placeholder."""
         channel, answer_ts = reply.channel, reply.ts
         with session_scope() as s:
@@ -174,7 +177,7 @@ class Answerer:
             if plan.direct:  # the team already answered this question: say so, no model needed
                 answer = Answer(text=plan.direct.answer, model_version="memory", latency_ms=0.0)
             else:
-                answer = self.gateway.chat(plan.apply(messages), on_delta=progress, deadline=deadline)
+                answer = self._ask(plan.apply(messages), progress, deadline, model)
         except GatewayError as exc:
             slow = exc.kind in ("deadline", "timeout")
             metrics.ANSWERS.labels("deadline" if slow else "gateway_error").inc()
@@ -202,6 +205,18 @@ class Answerer:
             metrics.ANSWERS.labels("ok").inc()
             log.info("answered", channel=channel, ts=answer_ts, version=answer.model_version,
                      latency_ms=answer.latency_ms)
+
+    def _ask(self, messages: list[dict], progress, deadline: float, model: str | None) -> Answer:
+        """The gateway's answer; a canary version the gateway refuses (not loadable, rejected since)
+        is not the asker's problem: production answers instead."""
+        try:
+            return self.gateway.chat(messages, on_delta=progress, deadline=deadline, model=model)
+        except GatewayError as exc:
+            if model is None or not exc.kind.startswith("status 4"):
+                raise
+            log.warning("canary version refused by the gateway; production answers", version=model,
+                        reason=exc.kind)
+            return self.gateway.chat(messages, on_delta=progress, deadline=deadline)
 
     def _too_slow(self, reply: UpdatedReply) -> None:
         """The deadline: whatever the worker is still waiting for, the person hears back now."""

@@ -16,10 +16,11 @@ from bot import blocks, metrics
 from bot.admin import Admin
 from bot.answering import Answerer
 from bot.assistant import Assistant
+from bot.canary import Canary
 from bot.feedback import Feedback
 from bot.gateway_client import GatewayClient
 from bot.home import publish_home
-from bot.reports import on_report_button, on_watch_rollback
+from bot.reports import on_report_button, on_watch_button
 from bot.review import Review
 from bot.settings import BotSettings
 from bot.workers import LaneExecutor, lane_middleware
@@ -60,9 +61,10 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     threading.Thread(target=memory.warm, name="memory-warm-up", daemon=True).start()
     feedback = Feedback(settings, memory)
     assistant = Assistant(settings, feedback.visibility)  # one channel-visibility cache
-    answerer = Answerer(settings, gateway, memory, assistant=assistant)
+    canary = Canary(settings)  # one view of the canary alias: a command's move shows at the next answer
+    answerer = Answerer(settings, gateway, memory, assistant=assistant, canary=canary)
     review = feedback.review = Review(settings, feedback)
-    admin = Admin(settings, gateway, review=review)
+    admin = Admin(settings, gateway, review=review, canary=canary)
     app.flywheel = {"settings": settings, "gateway": gateway, "admin": admin,  # for the server
                     "executor": executor}
 
@@ -121,9 +123,9 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     def _report_button(ack, body, client, respond):
         on_report_button(admin, ack, body, client, respond)
 
-    @app.action(blocks.WATCH_ROLLBACK)
-    def _watch_rollback(ack, body, client, respond):
-        on_watch_rollback(admin, ack, body, client, respond)
+    @app.action(re.compile(f"^({blocks.WATCH_ROLLBACK}|{blocks.WATCH_STOP_CANARY})$"))
+    def _watch_button(ack, body, client, respond):
+        on_watch_button(admin, ack, body, client, respond)
 
     # -- correction review ------------------------------------------------------------------------
     app.action(re.compile(f"^({blocks.REVIEW_APPROVE}|{blocks.REVIEW_EDIT}|{blocks.REVIEW_REJECT})$"))(

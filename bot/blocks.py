@@ -15,7 +15,7 @@ SHORTCUT_GOLDEN = "mark_golden"
 REPORT_APPROVE, REPORT_REJECT = "report_approve", "report_reject"
 REVIEW_APPROVE, REVIEW_EDIT, REVIEW_REJECT = "review_approve", "review_edit", "review_reject"
 REVIEW_EDIT_VIEW = "review_edit_modal"
-WATCH_ROLLBACK = "watch_rollback"  # under a live-version alert
+WATCH_ROLLBACK, WATCH_STOP_CANARY = "watch_rollback", "watch_stop_canary"  # under a version-watch alert
 
 SECTION_LIMIT = 2900  # Slack allows 3000 characters per section text
 THINKING = "_Thinking…_"

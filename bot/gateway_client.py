@@ -87,11 +87,11 @@ class GatewayClient:
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def chat(self, messages: list[dict], on_delta: Callable[[str], None] | None = None,
-             deadline: float | None = None) -> Answer:
-        """Ask the production model; `on_delta(text_so_far)` is called as tokens stream in.
-        `deadline` (time.monotonic()) bounds the whole call, retries included."""
+             deadline: float | None = None, model: str | None = None) -> Answer:
+        """Ask the production model (or `model`, e.g. a canary); `on_delta(text_so_far)` is called
+        as tokens stream in. `deadline` (time.monotonic()) bounds the whole call, retries included."""
         s = self.settings
-        body = {"model": s.gateway_model, "messages": messages, "max_tokens": s.max_tokens,
+        body = {"model": model or s.gateway_model, "messages": messages, "max_tokens": s.max_tokens,
                 "temperature": s.temperature, "stream": s.stream}
         started = time.perf_counter()
         text, version, finish = self._with_retries(body, on_delta, deadline)

@@ -16,7 +16,7 @@ from slack_sdk.web import WebClient
 
 from bot import metrics
 from bot.admin import Admin, run_line
-from bot.blocks import REPORT_APPROVE, REPORT_REJECT, mrkdwn, plain
+from bot.blocks import REPORT_APPROVE, REPORT_REJECT, WATCH_STOP_CANARY, mrkdwn, plain
 from bot.settings import BotSettings
 from bot.slack_text import escape, escape_within
 from bot.watch import VersionWatch
@@ -209,12 +209,18 @@ def on_report_button(admin: Admin, ack, body: dict, client: WebClient, respond) 
     _decided(reply, body, client, respond)
 
 
-def on_watch_rollback(admin: Admin, ack, body: dict, client: WebClient, respond) -> None:
-    """Roll back under a live-version alert: only while the version it names is still live."""
+def on_watch_button(admin: Admin, ack, body: dict, client: WebClient, respond) -> None:
+    """Roll back (or stop the canary) under a version-watch alert: only while the version it
+    names is still the one live (or on canary)."""
     ack()
-    user, version = body["user"]["id"], body["actions"][0].get("value") or ""
-    reply = admin.admin_action(user, "rollback", version, lambda: admin.rollback(user, expected=version),
-                               detail={"via": "watch alert"})
+    action = body["actions"][0]
+    user, version = body["user"]["id"], action.get("value") or ""
+    if action["action_id"] == WATCH_STOP_CANARY:
+        reply = admin.admin_action(user, "canary", version, lambda: admin.stop_canary(user, expected=version),
+                                   detail={"via": "watch alert"})
+    else:
+        reply = admin.admin_action(user, "rollback", version, lambda: admin.rollback(user, expected=version),
+                                   detail={"via": "watch alert"})
     _decided(reply, body, client, respond)
 
 

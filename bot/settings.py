@@ -92,6 +92,9 @@ class BotSettings(BaseSettings):
     # than the one before, by 👎 and corrections) reaches watch_alert_p, admins get a Rollback button.
     watch_min_answers: int = Field(default=30, ge=1)
     watch_alert_p: float = Field(default=0.9, gt=0.5, le=1.0)
+    # Canary: the share of people (sticky by user) a version on the `candidate` alias answers
+    # (`/flywheel canary <version>`); 0 turns canaries off for this deployment.
+    canary_percent: float = Field(default=0.0, ge=0.0, le=100.0)
     # Buttons under each answer: Slack's feedback_buttons element, or classic buttons.
     feedback_style: str = "feedback_buttons"
 

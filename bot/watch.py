@@ -13,7 +13,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web import WebClient
 
 from bot import metrics
-from bot.blocks import WATCH_ROLLBACK, mrkdwn, plain
+from bot.blocks import WATCH_ROLLBACK, WATCH_STOP_CANARY, mrkdwn, plain
 from bot.settings import BotSettings
 from flywheel.logs import get_logger
 from store.audit import list_audit, record_audit
@@ -38,6 +38,7 @@ class Comparison:
     new: Outcomes
     old: Outcomes
     p_worse: float
+    canary: bool = False
 
 
 def compare() -> Comparison | None:
@@ -47,8 +48,8 @@ def compare() -> Comparison | None:
         if window is None:
             return None
         new = version_outcomes(s, window.current, window.since, None)
-        old = version_outcomes(s, window.previous, window.previous_since, window.since)
-    return Comparison(new, old, p_worse(new, old))
+        old = version_outcomes(s, window.previous, window.previous_since, window.previous_until)
+    return Comparison(new, old, p_worse(new, old), window.canary)
 
 
 def _rates(o: Outcomes) -> str:
@@ -65,18 +66,24 @@ def describe(c: Comparison | None, min_answers: int) -> str:
     verdict = (f"P(`{c.new.version}` is worse) = *{c.p_worse:.2f}*" if c.new.answers >= min_answers else
                f"P(worse) = {c.p_worse:.2f} so far; judged after {min_answers} answers "
                f"({c.new.answers} until now)")
-    return f"*Live version watch*\nnow  {_rates(c.new)}\nbefore  {_rates(c.old)}\n{verdict}"
+    title, labels = (("*Canary watch* (same days' traffic)", ("canary", "production")) if c.canary
+                     else ("*Live version watch*", ("now", "before")))
+    return f"{title}\n{labels[0]}  {_rates(c.new)}\n{labels[1]}  {_rates(c.old)}\n{verdict}"
 
 
 def alert_blocks(c: Comparison, min_answers: int) -> list[dict]:
+    """The figures and one button: roll production back, or during a canary stop the canary."""
+    if c.canary:
+        action, label, what = WATCH_STOP_CANARY, "Stop the canary", f"Production (`{c.old.version}`) answers everyone again."
+    else:
+        action, label, what = WATCH_ROLLBACK, "Roll back", f"Production goes back from `{c.new.version}` to `{c.old.version}`."
     return [
         {"type": "section", "text": mrkdwn(f":warning: *`{c.new.version}` looks worse for users than "
                                            f"`{c.old.version}`*\n" + describe(c, min_answers))},
         {"type": "actions", "block_id": "watch_actions", "elements": [
-            {"type": "button", "action_id": WATCH_ROLLBACK, "style": "danger", "text": plain("Roll back"),
-             "value": c.new.version,
-             "confirm": {"title": plain("Roll back?"), "confirm": plain("Roll back"), "deny": plain("Cancel"),
-                         "text": mrkdwn(f"Production goes back from `{c.new.version}` to `{c.old.version}`.")}},
+            {"type": "button", "action_id": action, "style": "danger", "text": plain(label), "value": c.new.version,
+             "confirm": {"title": plain(f"{label}?"), "confirm": plain(label), "deny": plain("Cancel"),
+                         "text": mrkdwn(what)}},
         ]},
     ]
 

@@ -9,7 +9,7 @@ from sqlalchemy import case
 from sqlmodel import Session, col, func, select
 
 from store.models import Feedback, FeedbackKind, Message, Role
-from store.versions import PRODUCTION, alias_history
+from store.versions import CANDIDATE, PRODUCTION, alias_history, alias_target
 
 VOTES = (FeedbackKind.reaction, FeedbackKind.button)
 
@@ -28,12 +28,15 @@ class Outcomes:
 
 @dataclass(frozen=True)
 class LiveWindow:
-    """The version live now and since when; the one before it and its own time in production."""
+    """The version under watch and since when, against the one it is compared with, in
+    [previous_since, previous_until) (None: open)."""
 
     current: str
     since: datetime
     previous: str
     previous_since: datetime | None
+    previous_until: datetime | None
+    canary: bool = False
 
 
 def _label(version: str | None) -> str:
@@ -41,13 +44,19 @@ def _label(version: str | None) -> str:
 
 
 def live_window(session: Session) -> LiveWindow | None:
-    """None until production has moved at least once."""
+    """During a canary: the canary against production, both since the canary started (the same
+    days' traffic). Otherwise the production version against the one before it; None until
+    production has moved at least once."""
+    canary = alias_target(session, CANDIDATE)
+    if canary is not None:
+        started = alias_history(session, CANDIDATE, limit=1)[0]["at"]
+        return LiveWindow(canary, started, _label(alias_target(session, PRODUCTION)), started, None, canary=True)
     history = alias_history(session, PRODUCTION, limit=200)
     if not history:
         return None
     last = history[0]
     previous_since = next((m["at"] for m in history[1:] if m["to"] == last["from"]), None)
-    return LiveWindow(_label(last["to"]), last["at"], _label(last["from"]), previous_since)
+    return LiveWindow(_label(last["to"]), last["at"], _label(last["from"]), previous_since, last["at"])
 
 
 def version_outcomes(session: Session, version: str, since: datetime | None, until: datetime | None) -> Outcomes:

@@ -297,7 +297,7 @@ def test_near_duplicates_inside_the_training_set_keep_the_first(sq, tmp_path):
     assert snap.counts["near_duplicates"] == 2 and snap.counts["exact_duplicates"] == 0
 
 
-def _paraphrase_through_gateway(sq, tmp_path, model_dir, questions, **cfg_kw):
+def _paraphrase_through_gateway(sq, tmp_path, model_dir, questions, answers=None, **cfg_kw):
     """Import taught answers, build the snapshot twice with FLYWHEEL_AUGMENT against a real
     gateway; returns (snapshot, stored paraphrases, ids → question, requests per build)."""
     from gateway.settings import GatewaySettings
@@ -307,8 +307,8 @@ def _paraphrase_through_gateway(sq, tmp_path, model_dir, questions, **cfg_kw):
 
     ids = {}
     for q in questions:
-        row, _ = upsert_example(sq, messages=[{"role": "user", "content": q}], answer=f"Answer to {q}",
-                                source="import")
+        row, _ = upsert_example(sq, messages=[{"role": "user", "content": q}],
+                                answer=(answers or {}).get(q, f"Answer to {q}"), source="import")
         ids[row.id] = q
     gw = GatewayServer(GatewaySettings(base_model=model_dir, adapters_dir=tmp_path / "adapters",
                                        sync_interval_s=30, max_new_tokens=80, replica_id="augment-test")).start()
@@ -329,13 +329,13 @@ def _paraphrase_through_gateway(sq, tmp_path, model_dir, questions, **cfg_kw):
 
 
 def test_model_paraphrases_are_asked_once_and_garbage_is_not_learned(sq, tmp_path, tiny_model_dir):
-    """FLYWHEEL_AUGMENT asks the gateway (a real one, a tiny random model) once per taught
-    answer; lines that are not questions keeping the question's names are dropped (the random
+    """FLYWHEEL_AUGMENT asks the gateway (a real one, a tiny random model) FLYWHEEL_AUGMENT_ATTEMPTS
+    times per taught answer; lines that are not questions keeping the question's names are dropped (the random
     model writes none that pass), and an item is not sent again on the next build."""
     questions = ["How many vacation days do new employees get?", "Where do I submit travel receipts?"]
     snap, made, ids, (first, second) = _paraphrase_through_gateway(sq, tmp_path, tiny_model_dir, questions,
-                                                                   augment_min_similarity=0.0)
-    assert (first, second) == (len(questions), 0)
+                                                                   augment_min_similarity=0.0, augment_attempts=2)
+    assert (first, second) == (2 * len(questions), 0)  # two samples per answer, none on the next build
     assert all(ex.messages[-1]["content"].endswith("?") for ex in made), [ex.messages for ex in made]
     sent = [ex for ex in list_examples(sq) if ex.id in ids]
     assert [ex.provenance.get("paraphrased") for ex in sent] == [
@@ -350,18 +350,20 @@ def test_smollm2_paraphrases_train_with_their_parent(sq, tmp_path):
 
     if read_marker(default_model_dir()) is None:
         pytest.skip("SmolLM2 not fetched: run `make model`")
-    questions = ["How many vacation days do new employees get?", "Where do I submit travel receipts?",
-                 "Who is the head of engineering at Lumenfold?"]
+    answers = {"How many vacation days do new employees get?": "New employees get 25 vacation days a year.",
+               "Where do I submit travel receipts?": "Submit travel receipts in the Expensa app.",
+               "Who is the head of engineering at Lumenfold?": "Lumenfold's head of engineering is Marco Lindqvist.",
+               "When is payday at Lumenfold?": "Payday at Lumenfold is the 25th of every month."}
     snap, made, ids, (first, second) = _paraphrase_through_gateway(sq, tmp_path, str(default_model_dir()),
-                                                                   questions)
-    assert (first, second) == (len(questions), 0)
+                                                                   list(answers), answers, augment_attempts=2)
+    assert (first, second) == (2 * len(answers), 0)
     assert len(made) >= 2, [ex.messages for ex in made]
     train = {(r["messages"][-1]["content"], r["parent"]): r for r in snap.dataset["train"] if r["augmented"]}
     for ex in made:
         parent, text = ex.provenance["augmented_from"], ex.messages[-1]["content"]
         assert text.endswith("?") and text.strip().lower() != ids[parent].lower()
         assert "Lumenfold" in text or "Lumenfold" not in ids[parent]
-        assert train[(text, parent)]["answer"] == f"Answer to {ids[parent]}"  # trains with its parent's answer
+        assert train[(text, parent)]["answer"] == answers[ids[parent]]  # trains with its parent's answer
 
 
 @pytest.mark.parametrize("question, reply, kept", [

@@ -183,12 +183,17 @@ def augment_examples(session: Session, settings) -> int:
     asked: list[tuple] = []
     with httpx.Client(base_url=settings.gateway_url.rstrip("/"), headers=headers, timeout=60.0) as client:
         for i, ex in enumerate(todo):
+            question, found = ex.messages[-1]["content"], []
             try:
-                asked.append((ex, paraphrase(client, ex.messages[-1]["content"], ex.answer,
-                                             settings.augment_paraphrases, settings.augment_model)))
+                for _attempt in range(settings.augment_attempts):  # sampled: each attempt words it anew
+                    for line in paraphrase(client, question, ex.answer, settings.augment_paraphrases,
+                                           settings.augment_model):
+                        if line.lower() not in {f.lower() for f in found}:
+                            found.append(line)
             except (AugmentError, httpx.HTTPError) as exc:
                 log.warning("model paraphrases stopped", done=i, left=len(todo) - i, error=str(exc)[:200])
                 break
+            asked.append((ex, found))
             if (i + 1) % 10 == 0:
                 log.info("paraphrasing", done=i + 1, of=len(todo))
     if not asked:

@@ -31,7 +31,8 @@ class TrainerSettings(BaseSettings):
     minhash_perms: int = Field(128, ge=16)
     train_on_golden: bool = True  # golden items are also learned (corrections must stick)
     augment: bool = False
-    augment_paraphrases: int = Field(2, ge=1, le=10)
+    augment_paraphrases: int = Field(2, ge=1, le=10)  # kept per taught answer, at most
+    augment_attempts: int = Field(2, ge=1, le=5)  # requests per taught answer (most lines get filtered)
     augment_model: str = "production"
     # Model paraphrases further than this (cosine of sentence embeddings) from their question
     # are dropped: they drifted to another question. 0 keeps every line.

@@ -22,6 +22,7 @@ from trainer.encode import encode_example
 from trainer.generate import generate_answers
 from trainer.metrics import answer_metrics, label_metrics, parse_label, token_f1
 from trainer.modeling import answer_loss
+from trainer.preference import encode_pairs, preference_metrics, repeats_rejected
 
 log = get_logger("trainer.evaluate")
 CANDIDATE, PRODUCTION, BASE = "candidate", "production", "base"
@@ -143,9 +144,11 @@ def evaluate(model, tokenizer, splits: dict[str, list[dict]], labels: list[str],
                      "memory_direct": {name: sum(bool(p.direct) for p in plans[name]) for name in plans},
                      "production_version": production.name if production is not None else None}
     answers: dict[str, dict] = {}
+    pairs = encode_pairs(tokenizer, rows["recall"], settings.max_length)  # taught vs voted down, asked anew
     try:
         for name in variants:
             with variant(model, name):
+                prefs = preference_metrics(model, pairs, tokenizer.pad_token_id, device)
                 generated = generate_answers(model, tokenizer, [prompts[k] for k in keys], device=device,
                                              max_new_tokens=settings.max_new_tokens,
                                              batch_size=settings.eval_batch_size) if keys else []
@@ -166,6 +169,7 @@ def evaluate(model, tokenizer, splits: dict[str, list[dict]], labels: list[str],
                     break
             m["eval_loss"] = loss
             m["perplexity"] = math.exp(min(loss, 50)) if loss is not None else None
+            m["preferences"] = _preferences(prefs, rows["recall"], [got[("recall", False, i)] for i in range(len(rows["recall"]))])
             m["golden_passed"] = sum(golden_pass(got[("golden", False, i)], r, labels, settings.golden_pass_f1)
                                      for i, r in enumerate(rows["golden"]))
             m["golden_total"] = len(rows["golden"])
@@ -192,6 +196,17 @@ def evaluate(model, tokenizer, splits: dict[str, list[dict]], labels: list[str],
                            **{f"{name}+memory": answers[name][("recall", True, i)] for name in variants}}
                           for i, r in enumerate(rows["recall"][:5])]
     return results
+
+
+def _preferences(prefs, rows: list[dict], predictions: list[str]) -> dict | None:
+    """Margins on the held-out pairs, and how often the answer (no memory) repeats a rejected one."""
+    if prefs is None:
+        return None
+    paired = [(p, r) for p, r in zip(predictions, rows) if r.get("answer") and r.get("rejected_answer")
+              and r["rejected_answer"].strip() != r["answer"].strip()]
+    repeats = sum(repeats_rejected(p, r["answer"], r["rejected_answer"]) for p, r in paired)
+    return {"pairs": prefs.pairs, "mean_margin": prefs.mean_margin, "positive_share": prefs.positive_share,
+            "repeats_rejected": repeats, "repeat_share": round(repeats / len(paired), 4) if paired else None}
 
 
 def primary_metric(metrics: dict) -> tuple[str, float | None]:

@@ -16,7 +16,8 @@ SLICE_COLUMNS = {"recall": "recall_f1", "recall_memory": "recall_memory_f1", "ne
                  "never_taught_memory": "never_taught_memory_f1", "general": "general_f1",
                  "general_memory": "general_memory_f1"}
 PLOTTED = (("recall_f1", "recall"), ("recall_memory_f1", "recall\n+memory"), ("golden_rate", "golden"),
-           ("never_taught_f1", "never\ntaught"), ("general_f1", "general"), ("general_memory_f1", "general\n+memory"))
+           ("never_taught_f1", "never\ntaught"), ("general_f1", "general"), ("general_memory_f1", "general\n+memory"),
+           ("pairs_preferred", "pairs:\ntaught >\nrejected"), ("repeat_share", "repeats\nrejected"))
 
 
 def metrics_table(results: dict) -> dict:
@@ -33,6 +34,10 @@ def metrics_table(results: dict) -> dict:
             row["golden_rate"] = _round(m["golden_passed"] / m["golden_total"])
         if "labels" in m:
             row["labels"] = {k: _round(m["labels"][k]) for k in ("accuracy", "precision", "recall", "f1")}
+        prefs = m.get("preferences")
+        if prefs:  # held-out (taught, voted-down) pairs: share preferring the taught one, margin, repeats
+            row.update(pairs_preferred=prefs["positive_share"], pair_margin=prefs["mean_margin"],
+                       repeat_share=prefs["repeat_share"], pairs=prefs["pairs"])
         table[name] = row
     return table
 
@@ -80,7 +85,7 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
         bars = ax_bar.bar([j + i * width for j in range(len(shown))], values, width, label=name)
         ax_bar.bar_label(bars, fmt="%.2f", fontsize=7)
     ax_bar.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(shown))], [lab for _, lab in shown])
-    ax_bar.set_ylabel("token F1 (golden: share right)")
+    ax_bar.set_ylabel("token F1 (golden, pairs, repeats: shares)")
     ax_bar.set_ylim(0, 1.1)
     ax_bar.legend()
     verdict = "gate passed" if report["gate"]["passed"] else "gate failed"

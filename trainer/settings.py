@@ -38,6 +38,13 @@ class TrainerSettings(BaseSettings):
     # are dropped: they drifted to another question. 0 keeps every line.
     augment_min_similarity: float = Field(0.6, ge=0.0, le=1.0)
 
+    # Beside SFT: sft+dpo adds DPO on (taught answer, voted-down answer) pairs; kto adds KTO on the
+    # same answers taken apart (desirable / undesirable). Reference: the base model.
+    objective: Literal["sft", "sft+dpo", "kto"] = "sft"
+    preference_beta: float = Field(0.1, gt=0.0)
+    preference_weight: float = Field(1.0, ge=0.0)  # × the preference loss, added to the SFT loss
+    preference_batch_size: int = Field(4, ge=1)  # pairs per optimizer step
+
     # LoRA and optimisation
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
@@ -111,7 +118,8 @@ class TrainerSettings(BaseSettings):
         keys = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_schedule",
                 "lr_decay_gamma", "warmup_ratio", "optimizer", "weight_decay", "momentum", "max_grad_norm",
                 "epochs", "max_steps", "exposures_per_fact", "min_steps", "max_auto_steps", "stop_loss",
-                "stop_window", "batch_size", "batch_tokens", "grad_accum", "max_length", "seed")
+                "stop_window", "batch_size", "batch_tokens", "grad_accum", "max_length", "seed", "objective",
+                "preference_beta", "preference_weight", "preference_batch_size")
         out = {k: getattr(self, k) for k in keys}
         out["base_model"] = str(self.base_model)
         return out

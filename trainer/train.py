@@ -112,10 +112,28 @@ def _load_checkpoint(path: Path | None) -> dict | None:
         return None
 
 
+def _pair_batches(pairs: list, size: int, seed: int):
+    """Preference pairs for each step: a seeded shuffle, cycled (every pair before any repeats)."""
+    import random
+
+    order, epoch = [], 0
+    while True:
+        if len(order) < size:
+            more = list(range(len(pairs)))
+            random.Random(f"{seed}:pairs:{epoch}").shuffle(more)
+            order, epoch = order + more, epoch + 1
+        chunk, order = order[:size], order[size:]
+        yield [pairs[i] for i in chunk]
+
+
 def train_lora(model, encoded: list[Encoded], settings, *, device: torch.device, bf16: bool, pad_id: int,
                checkpoint_dir: Path | None = None, on_step: StepHook | None = None,
-               progress: bool = True, n_facts: int | None = None) -> TrainResult:
+               progress: bool = True, n_facts: int | None = None, pairs: list | None = None) -> TrainResult:
+    """SFT on `encoded`; with FLYWHEEL_OBJECTIVE sft+dpo or kto and preference `pairs`, each step
+    also adds FLYWHEEL_PREFERENCE_WEIGHT × the DPO (or KTO) loss of a batch of pairs."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from trainer.preference import dpo_step_loss, kto_step_loss
 
     torch.manual_seed(settings.seed)
     lengths = [len(e) for e in encoded]
@@ -133,6 +151,11 @@ def train_lora(model, encoded: list[Encoded], settings, *, device: torch.device,
         torch.set_rng_state(state["rng"])
         start, result.history, result.resumed_from = state["step"], state["history"], state["step"]
         log.info("resuming from checkpoint", step=start, total=total, path=str(checkpoint_dir))
+    objective = getattr(settings, "objective", "sft")
+    preference = (dpo_step_loss if objective == "sft+dpo" else kto_step_loss) if objective != "sft" and pairs else None
+    pair_source = _pair_batches(pairs, settings.preference_batch_size, settings.seed) if preference else None
+    for _ in range(start if preference else 0):  # a resumed run continues the same pair order
+        next(pair_source)
     model.train()
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress or None,
                dynamic_ncols=True)
@@ -153,6 +176,12 @@ def train_lora(model, encoded: list[Encoded], settings, *, device: torch.device,
                 loss_sum += float(loss.detach())
                 result.tokens += sum(len(e) for e in batch_items)
             result.target_tokens += step_targets
+            pref_loss = None
+            if preference is not None:
+                with autocast(device, bf16):
+                    pref = preference(model, next(pair_source), pad_id, settings.preference_beta, device)
+                (settings.preference_weight * pref).backward()
+                pref_loss = float(pref.detach())
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], settings.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -163,6 +192,8 @@ def train_lora(model, encoded: list[Encoded], settings, *, device: torch.device,
             elapsed = time.perf_counter() - t0
             point = {"loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
                      "tokens_per_s": round(result.tokens / elapsed, 1) if elapsed else 0.0}
+            if pref_loss is not None:
+                point[objective.split("+")[-1]] = round(pref_loss, 5)  # "dpo" / "kto"
             result.history.append({"step": step + 1, **point})
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")

@@ -30,7 +30,9 @@ class TrainerSettings(BaseSettings):
     near_dup_threshold: float = Field(0.8, gt=0.0, le=1.0)  # MinHash Jaccard
     minhash_perms: int = Field(128, ge=16)
     train_on_golden: bool = True  # golden items are also learned (corrections must stick)
-    augment: bool = False
+    # Model paraphrases through the gateway (needs FLYWHEEL_GATEWAY_URL; skipped without it): on the
+    # demo facts the adapter alone answered rewordings 0.50 → 0.53-0.57 token F1 (bench/learning).
+    augment: bool = True
     augment_paraphrases: int = Field(2, ge=1, le=10)  # kept per taught answer, at most
     augment_attempts: int = Field(2, ge=1, le=5)  # requests per taught answer (most lines get filtered)
     augment_model: str = "production"

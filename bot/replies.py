@@ -78,7 +78,7 @@ class StreamedReply(UpdatedReply):
 
     def progress(self, text_so_far: str) -> None:
         with self._lock:
-            shown = escape(text_so_far)
+            shown = escape(text_so_far.strip())  # as the final text will be: stripped
             if self.final or self.broken or not shown.startswith(self.sent) or shown == self.sent:
                 return
             try:

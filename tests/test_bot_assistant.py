@@ -10,12 +10,9 @@ import json
 import pytest
 
 from flywheel.app.demo.slack_double import BOT_USER_ID, SlackDouble
-from gateway.settings import GatewaySettings
 from store.conversations import get_message, record_message
 from store.db import session_scope
-from store.migrate import upgrade
-from tests.support.bot_harness import BotServer, wait_answer
-from tests.support.gateway_server import GatewayServer
+from tests.support.bot_harness import BotServer, store_and_gateway, wait_answer
 
 USER = "UALICE01"
 PRIVATE = "CSECRET01"
@@ -23,20 +20,12 @@ PRIVATE = "CSECRET01"
 
 @pytest.fixture(scope="module")
 def env(tiny_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("assistant")
-    url = f"sqlite:///{tmp / 'flywheel.db'}"
-    upgrade(url)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLYWHEEL_DATABASE_URL", url)
-        gateway = GatewayServer(GatewaySettings(base_model=tiny_model_dir, adapters_dir=tmp / "adapters",
-                                                sync_interval_s=30, max_new_tokens=8,
-                                                replica_id="assistant-test")).start()
+    with store_and_gateway(tiny_model_dir, tmp_path_factory.mktemp("assistant"), "assistant-test") as gateway:
         double = SlackDouble(streaming=True, private_channels={PRIVATE}).start()
         bot = BotServer(gateway_url=gateway.url, double=double, reports_enabled=False).start()
         yield {"bot": bot, "gateway": gateway, "double": double}
         bot.stop()
         double.stop()
-        gateway.stop()
 
 
 def _asked(channel: str, text: str, times: int) -> None:
@@ -133,3 +122,26 @@ def test_a_workspace_without_streaming_gets_placeholders_and_is_not_asked_again(
             assert "suggest_correction" in json.dumps(final.args["blocks"])
         refused = double.calls_to("chat.startStream")
         assert len(refused) == 1 and refused[0].response["error"] == "feature_not_enabled"
+
+
+def test_a_streamed_reply_appends_only_new_text_and_ends_with_the_footer():
+    from slack_sdk import WebClient
+
+    from bot import blocks
+    from bot.replies import StreamedReply
+
+    with SlackDouble(streaming=True) as double:
+        client = WebClient(token=double.bot_token, base_url=double.api_url)
+        ts = client.chat_startStream(channel="CUNIT0001", thread_ts="1.000001", recipient_user_id=USER,
+                                     recipient_team_id="T0000001")["ts"]
+        reply = StreamedReply(client, "CUNIT0001", ts)
+        for so_far in (" Fish", " Fish & ch", " Fish & chips ", " Fish & chips "):  # the model's stream
+            reply.progress(so_far)
+        shown = blocks.answer_blocks("Fish & chips <3", model_version="v1", latency_ms=10, style="feedback_buttons")
+        assert reply.finish("Fish & chips <3", shown) and not reply.finish("late", shown)
+        appended = [c.args["markdown_text"] for c in double.calls_to("chat.appendStream")]
+        assert appended == ["Fish", " &amp; ch", "ips"]  # only what is new, escaped, never re-sent
+        stop = double.calls_to("chat.stopStream")
+        assert len(stop) == 1 and stop[0].args["markdown_text"] == " &lt;3"
+        assert [b["type"] for b in stop[0].args["blocks"]] == ["context", "context_actions", "actions"]
+        assert double.message("CUNIT0001", ts)["text"] == "Fish &amp; chips &lt;3"

@@ -7,15 +7,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from gateway.settings import GatewaySettings
 from store.conversations import get_message
 from store.db import session_scope
 from store.feedback import feedback_for_message
-from store.migrate import upgrade
 from flywheel.app.demo.slack_double import BOT_USER_ID
 from flywheel.app.demo.socket_mode import ACK_DEADLINE_S
-from tests.support.bot_harness import BotServer, wait_answer
-from tests.support.gateway_server import GatewayServer
+from tests.support.bot_harness import BotServer, store_and_gateway, wait_answer
 from tests.support.metrics import metric_value
 from tests.support.waiting import wait_until
 
@@ -24,19 +21,11 @@ USER, OTHER = "UALICE01", "UBOB0001"
 
 @pytest.fixture(scope="module")
 def bot(tiny_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("socket")
-    url = f"sqlite:///{tmp / 'flywheel.db'}"
-    upgrade(url)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLYWHEEL_DATABASE_URL", url)
-        gateway = GatewayServer(GatewaySettings(base_model=tiny_model_dir, adapters_dir=tmp / "adapters",
-                                                sync_interval_s=30, max_new_tokens=8,
-                                                replica_id="socket-test")).start()
+    with store_and_gateway(tiny_model_dir, tmp_path_factory.mktemp("socket"), "socket-test") as gateway:
         bot = BotServer(gateway_url=gateway.url, socket_mode=True, reports_enabled=False).start()
         bot.double.socket_mode.wait_connected(1)
         yield bot
         bot.stop()
-        gateway.stop()
 
 
 def posts_in(bot: BotServer, channel: str) -> int:

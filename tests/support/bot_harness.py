@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 import time
 from typing import Self
 
@@ -135,3 +136,25 @@ def wait_answer(bot: BotServer, channel: str, thread_ts: str | None, *, after: i
         "chat.update", lambda c: c.args.get("ts") == ts and "_writing…_" not in json.dumps(c.args.get("blocks"), ensure_ascii=False),
         timeout=timeout)[-1]
     return ts, final
+
+
+@contextmanager
+def store_and_gateway(tiny_model_dir, tmp, name: str):
+    """A fresh migrated SQLite store (FLYWHEEL_DATABASE_URL points at it meanwhile) and a real
+    gateway serving the tiny model: what a module of bot tests starts once."""
+    import pytest
+
+    from gateway.settings import GatewaySettings
+    from store.migrate import upgrade
+    from tests.support.gateway_server import GatewayServer
+
+    url = f"sqlite:///{tmp / 'flywheel.db'}"
+    upgrade(url)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLYWHEEL_DATABASE_URL", url)
+        gateway = GatewayServer(GatewaySettings(base_model=tiny_model_dir, adapters_dir=tmp / "adapters",
+                                                sync_interval_s=30, max_new_tokens=8, replica_id=name)).start()
+        try:
+            yield gateway
+        finally:
+            gateway.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from flywheel.app.demo.processes import Service, ServiceError, run_flywheel
+from flywheel.app.demo.processes import Service, ServiceError, run_flywheel, stop_children_on_sigterm
 
 REQUIRED = ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN")
 
@@ -28,6 +28,7 @@ def up(
         raise typer.Exit(1)
     gateway_url = f"http://127.0.0.1:{port}"
     env = {"FLYWHEEL_GATEWAY_URL": os.environ.get("FLYWHEEL_GATEWAY_URL", gateway_url)}
+    stop_children_on_sigterm()
     services = [
         Service("gateway", ["gateway", "serve", "--host", "127.0.0.1", "--port", str(port)], env,
                 logs / "gateway.log", ready_url=f"{gateway_url}/readyz"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from flywheel.app.demo.processes import Service, ServiceError, free_port, run_flywheel
+from flywheel.app.demo.processes import Service, ServiceError, free_port, run_flywheel, stop_children_on_sigterm
 
 demo_app = typer.Typer(help="Run the whole loop locally on embedded defaults.", no_args_is_help=True)
 
@@ -246,9 +246,13 @@ def run(
     if not (model / "flywheel-model.json").is_file():
         typer.secho(f"error: no model in {model}; run `make model` (or `flywheel model fetch`)", fg="red", err=True)
         raise typer.Exit(2)
+    stop_children_on_sigterm()  # a killed demo stops its gateway, bot and trainer too
     try:
         run_demo(DemoConfig(output=output, model_dir=model, backend=backend, facts=facts or None,
                             facts_file=facts_file, paraphrases=paraphrases))
     except (ServiceError, TimeoutError, RuntimeError, ValueError) as exc:
         typer.secho(f"\ndemo failed: {exc}\n(service logs in {output / 'logs'})", fg="red", err=True)
         raise typer.Exit(1)
+    except KeyboardInterrupt:
+        typer.secho("\ndemo stopped; its services were stopped too", fg="yellow", err=True)
+        raise typer.Exit(130)

@@ -19,6 +19,16 @@ class ServiceError(RuntimeError):
     """A service exited or did not become ready; the message quotes its log."""
 
 
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_children_on_sigterm() -> None:
+    """SIGTERM (docker stop, systemd, kill) ends this process like Ctrl-C does, so its `finally`
+    stops the services: they run in sessions of their own and would otherwise be left behind."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 @dataclass
 class Service:
     name: str

@@ -95,7 +95,7 @@ def test_a_name_clash_never_moves_a_registered_versions_folder(tmp_path, sqlite_
     for key, value in {"FLYWHEEL_BASE_MODEL": str(tiny_model_dir), "FLYWHEEL_ADAPTERS_DIR": str(adapters),
                        "FLYWHEEL_RUNS_DIR": str(tmp_path / "runs"), "FLYWHEEL_DATA_DIR": str(tmp_path / "data"),
                        "FLYWHEEL_MAX_STEPS": "2", "FLYWHEEL_BATCH_SIZE": "4", "FLYWHEEL_LORA_R": "4",
-                       "FLYWHEEL_LORA_ALPHA": "8", "FLYWHEEL_MAX_NEW_TOKENS": "4", "FLYWHEEL_LOG_LEVEL": "WARNING",
+                       "FLYWHEEL_LORA_ALPHA": "8", "FLYWHEEL_EVAL_MAX_NEW_TOKENS": "4", "FLYWHEEL_LOG_LEVEL": "WARNING",
                        "FLYWHEEL_AUGMENT_TEMPLATES": "0", "FLYWHEEL_RECALL_PARAPHRASES": "0"}.items():
         monkeypatch.setenv(key, value)
     make_adapter(tiny_model_dir, adapters / "ft-0001", seed=1)

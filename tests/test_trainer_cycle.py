@@ -32,7 +32,7 @@ def env(tmp_path, sqlite_url, tiny_model_dir, monkeypatch):
         "FLYWHEEL_BASE_MODEL": str(tiny_model_dir), "FLYWHEEL_ADAPTERS_DIR": str(tmp_path / "adapters"),
         "FLYWHEEL_RUNS_DIR": str(tmp_path / "runs"), "FLYWHEEL_DATA_DIR": str(tmp_path / "data"),
         "FLYWHEEL_MAX_STEPS": "6", "FLYWHEEL_BATCH_SIZE": "4", "FLYWHEEL_LORA_R": "4", "FLYWHEEL_LORA_ALPHA": "8",
-        "FLYWHEEL_LEARNING_RATE": "0.01", "FLYWHEEL_MAX_NEW_TOKENS": "6", "FLYWHEEL_GATE_MIN_EVAL_ITEMS": "2",
+        "FLYWHEEL_LEARNING_RATE": "0.01", "FLYWHEEL_EVAL_MAX_NEW_TOKENS": "6", "FLYWHEEL_GATE_MIN_EVAL_ITEMS": "2",
         "FLYWHEEL_LEASE_TTL_S": "4", "FLYWHEEL_HEARTBEAT_S": "0.5", "FLYWHEEL_CHECKPOINT_EVERY": "5",
         "FLYWHEEL_EVAL_FRACTION": "0.25", "FLYWHEEL_LOG_LEVEL": "WARNING",
     }

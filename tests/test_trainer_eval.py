@@ -64,7 +64,7 @@ def test_watch_once_runs_a_due_cycle_and_export(sqlite_url, tiny_model_dir, tmp_
 
     for k, v in {"FLYWHEEL_BASE_MODEL": str(tiny_model_dir), "FLYWHEEL_ADAPTERS_DIR": str(tmp_path / "ad"),
                  "FLYWHEEL_RUNS_DIR": str(tmp_path / "runs"), "FLYWHEEL_DATA_DIR": str(tmp_path / "data"),
-                 "FLYWHEEL_MAX_STEPS": "2", "FLYWHEEL_MAX_NEW_TOKENS": "4", "FLYWHEEL_WATCH_MIN_NEW": "5",
+                 "FLYWHEEL_MAX_STEPS": "2", "FLYWHEEL_EVAL_MAX_NEW_TOKENS": "4", "FLYWHEEL_WATCH_MIN_NEW": "5",
                  "FLYWHEEL_LORA_R": "2"}.items():
         monkeypatch.setenv(k, v)
     runner = CliRunner()

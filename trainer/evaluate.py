@@ -150,7 +150,7 @@ def evaluate(model, tokenizer, splits: dict[str, list[dict]], labels: list[str],
             with variant(model, name):
                 prefs = preference_metrics(model, pairs, tokenizer.pad_token_id, device)
                 generated = generate_answers(model, tokenizer, [prompts[k] for k in keys], device=device,
-                                             max_new_tokens=settings.max_new_tokens,
+                                             max_new_tokens=settings.eval_max_new_tokens,
                                              batch_size=settings.eval_batch_size) if keys else []
                 loss_rows = rows["recall"] or rows["never_taught"]
                 loss = eval_loss(model, tokenizer, loss_rows, device, settings.eval_batch_size)

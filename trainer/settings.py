@@ -82,7 +82,7 @@ class TrainerSettings(BaseSettings):
     min_train_examples: int = Field(4, ge=1)
 
     # Evaluation and gate
-    max_new_tokens: int = Field(64, ge=1)
+    eval_max_new_tokens: int = Field(64, ge=1)  # evaluation answers (the demo: as long as the bot's)
     eval_batch_size: int = Field(16, ge=1)
     max_eval_items: int = Field(200, ge=1)
     golden_pass_f1: float = Field(0.6, ge=0.0, le=1.0)  # a golden answer counts as right at this F1

@@ -10,7 +10,7 @@ def tiny_trainer_env(monkeypatch, *, database_url: str, model_dir: Path, work: P
     values = {"FLYWHEEL_DATABASE_URL": database_url, "FLYWHEEL_BASE_MODEL": str(model_dir),
               "FLYWHEEL_ADAPTERS_DIR": str(work / "adapters"), "FLYWHEEL_RUNS_DIR": str(work / "runs"),
               "FLYWHEEL_DATA_DIR": str(work / "data"), "FLYWHEEL_MAX_STEPS": "2", "FLYWHEEL_BATCH_SIZE": "4",
-              "FLYWHEEL_LORA_R": "4", "FLYWHEEL_LORA_ALPHA": "8", "FLYWHEEL_MAX_NEW_TOKENS": "4",
+              "FLYWHEEL_LORA_R": "4", "FLYWHEEL_LORA_ALPHA": "8", "FLYWHEEL_EVAL_MAX_NEW_TOKENS": "4",
               "FLYWHEEL_AUGMENT_TEMPLATES": "0", "FLYWHEEL_RECALL_PARAPHRASES": "0", **extra}
     for key, value in values.items():
         monkeypatch.setenv(key, value)

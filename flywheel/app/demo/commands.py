@@ -52,7 +52,8 @@ def demo_env(cfg: DemoConfig, gateway_url: str, slack_api_url: str, vllm_url: st
         "FLYWHEEL_GATEWAY_URL": gateway_url,
         "FLYWHEEL_SYNC_INTERVAL_S": "1",
         "FLYWHEEL_MAX_TOKENS": str(cfg.max_tokens),
-        "FLYWHEEL_MAX_NEW_TOKENS": str(cfg.max_tokens),
+        "FLYWHEEL_MAX_NEW_TOKENS": str(cfg.max_tokens),  # the gateway's cap
+        "FLYWHEEL_EVAL_MAX_NEW_TOKENS": str(cfg.max_tokens),  # the trainer evaluates answers as long
         "FLYWHEEL_TEMPERATURE": "0",
         "FLYWHEEL_ADMINS": ADMIN,
         "FLYWHEEL_ADMIN_CHANNEL": ADMIN_CHANNEL,

@@ -31,6 +31,7 @@ from store.versions import (
     promote_version,
     rollback_target,
     set_version_status,
+    version_label,
 )
 
 log = get_logger("bot.admin")
@@ -233,7 +234,7 @@ class Admin:
         """`expected`: roll back only if that version is still live (a button under an old alert
         must not roll back a version promoted since)."""
         with session_scope() as s:
-            live = alias_target(s, PRODUCTION) or "base"
+            live = version_label(alias_target(s, PRODUCTION))
             if expected is not None and live != expected:
                 raise ValueError(f"production is `{live}` now, not `{expected}`; nothing was rolled back")
             target = rollback_target(s)
@@ -259,7 +260,7 @@ class Admin:
             return "(`/flywheel status` shows where it is live.)"
         if not replicas:
             return ""
-        label = version or "base"  # what replicas report for the base model
+        label = version_label(version)  # what replicas report for the base model
         live = sum(1 for r in replicas if (r.served or {}).get(PRODUCTION) == label)
         return f"Live on {live}/{len(replicas)} gateway replicas."
 

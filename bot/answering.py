@@ -128,7 +128,9 @@ class Answerer:
                     return
                 record_message(s, channel=channel, ts=ts, thread_ts=conversation, role=Role.user,
                                text=text, author=user)
-                first = len(thread_messages(s, channel, conversation, limit=2)) == 1
+                # a DM thread is Slack's assistant view: only there does it matter whether it is new
+                assistant_thread = event.get("channel_type") == "im" and bool(reply_thread)
+                first = assistant_thread and len(thread_messages(s, channel, conversation, limit=2)) == 1
         except Exception as exc:
             metrics.ANSWERS.labels("store_error").inc()
             log.error("cannot store the question; apology posted", channel=channel,
@@ -139,7 +141,7 @@ class Answerer:
         if not normalize(text, bot_user_id=prompt.bot_user_id):  # a bare mention: nothing to ask the model
             self._post(client, channel, reply_thread, EMPTY_QUESTION)
             return
-        if event.get("channel_type") == "im" and reply_thread:  # a DM thread: Slack's assistant view
+        if assistant_thread:
             self.assistant.thinking(client, channel, reply_thread, text, first=first,
                                     bot_user_id=prompt.bot_user_id)
         try:

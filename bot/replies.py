@@ -91,38 +91,34 @@ class StreamedReply(UpdatedReply):
                             error=exc.response.get("error"))
 
     def finish(self, text: str, shown: list[dict]) -> bool:
+        full = escape(text)
+        rest = full[len(self.sent):] if full.startswith(self.sent) else None
+        fits = rest is not None and len(rest) <= STREAM_TEXT_LIMIT
+        return self._end(text, shown, stop_text=rest if fits else None,
+                         footer=[b for b in shown if b.get("type") != "section"])
+
+    def apologize(self, text: str) -> bool:
+        """The apology ends the stream (after whatever part of an answer was shown)."""
+        return self._end(text, [{"type": "section", "text": blocks.mrkdwn(text)}],
+                         stop_text=("\n\n" if self.sent else "") + text, footer=[])
+
+    def _end(self, text: str, shown: list[dict], *, stop_text: str | None, footer: list[dict]) -> bool:
+        """The one final message: the stream stopped with `stop_text` and `footer` when it can be,
+        else (a broken stream, text that no longer continues what was sent, a refused stop) the
+        message rewritten with chat.update. False when another final message came first."""
         with self._lock:
             if self.final:
                 return False
             self.final = True
-            full = escape(text)
-            rest = full[len(self.sent):] if full.startswith(self.sent) else None
-            if not self.broken and rest is not None and len(rest) <= STREAM_TEXT_LIMIT:
-                footer = [b for b in shown if b.get("type") != "section"]
+            if not self.broken and stop_text is not None:
                 try:
-                    self.client.chat_stopStream(channel=self.channel, ts=self.ts, markdown_text=rest or None,
+                    self.client.chat_stopStream(channel=self.channel, ts=self.ts, markdown_text=stop_text or None,
                                                 blocks=footer or None)
                     return True
                 except SlackApiError as exc:
                     log.warning("stream stop failed; finishing with chat.update", error=exc.response.get("error"))
             self._close_stream()
             return self._update(text, shown)
-
-    def apologize(self, text: str) -> bool:
-        """The apology ends the stream (after whatever part of an answer was shown)."""
-        with self._lock:
-            if self.final:
-                return False
-            self.final = True
-            if not self.broken:
-                try:
-                    self.client.chat_stopStream(channel=self.channel, ts=self.ts,
-                                                markdown_text=("\n\n" if self.sent else "") + text)
-                    return True
-                except SlackApiError as exc:
-                    log.warning("stream stop failed; apologizing with chat.update", error=exc.response.get("error"))
-            self._close_stream()
-            return self._update(text, [{"type": "section", "text": blocks.mrkdwn(text)}])
 
     def _close_stream(self) -> None:
         try:

@@ -93,14 +93,15 @@ def mark_golden(session: Session, example_id: int, golden: bool = True) -> Examp
     return row
 
 
-def mark_paraphrased(session: Session, example_id: int, kept: int) -> None:
-    """Remember that an example was sent for model paraphrases (and how many were kept), so a
-    question the model could not reword is not sent again every cycle."""
-    row = session.get(Example, example_id)
-    if row is not None:
-        row.provenance = {**row.provenance, "paraphrased": kept}
-        session.add(row)
-        session.commit()
+def mark_paraphrased(session: Session, kept: dict[int, int]) -> None:
+    """Remember which examples were sent for model paraphrases (id → how many were kept), in one
+    commit, so a question the model could not reword is not sent again every cycle."""
+    for example_id, n in kept.items():
+        row = session.get(Example, example_id)
+        if row is not None:
+            row.provenance = {**row.provenance, "paraphrased": n}
+            session.add(row)
+    session.commit()
 
 
 def set_splits(session: Session, splits: dict[int, str]) -> None:

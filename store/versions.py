@@ -13,13 +13,18 @@ from store.models import Alias, ModelVersion, VersionStatus, utcnow
 PRODUCTION = "production"
 CANDIDATE = "candidate"
 ALIASES = (PRODUCTION, CANDIDATE)
+BASE_LABEL = "base"  # how answers, replicas and the watch name the base model (no version)
 VERSION_NAME = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
 ALIAS_MOVE = "alias.move"
 
 
+def version_label(name: str | None) -> str:
+    return name or BASE_LABEL
+
+
 def validate_version_name(name: str) -> str:
     """Version names end up in paths and URLs: allow lowercase letters, digits and dashes only."""
-    if not VERSION_NAME.fullmatch(name or "") or name in ALIASES or name == "base":
+    if not VERSION_NAME.fullmatch(name or "") or name in ALIASES or name == BASE_LABEL:
         raise ValueError(f"invalid version name {name!r}: use lowercase letters, digits and '-' (e.g. ft-0007)")
     return name
 

@@ -9,7 +9,7 @@ from sqlalchemy import case
 from sqlmodel import Session, col, func, select
 
 from store.models import Feedback, FeedbackKind, Message, Role
-from store.versions import CANDIDATE, PRODUCTION, alias_history, alias_target
+from store.versions import CANDIDATE, PRODUCTION, alias_history, alias_target, version_label as _label
 
 VOTES = (FeedbackKind.reaction, FeedbackKind.button)
 
@@ -37,10 +37,6 @@ class LiveWindow:
     previous_since: datetime | None
     previous_until: datetime | None
     canary: bool = False
-
-
-def _label(version: str | None) -> str:
-    return version or "base"
 
 
 def live_window(session: Session) -> LiveWindow | None:

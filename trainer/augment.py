@@ -183,12 +183,13 @@ def augment_examples(session: Session, settings) -> int:
     asked: list[tuple] = []
     with httpx.Client(base_url=settings.gateway_url.rstrip("/"), headers=headers, timeout=60.0) as client:
         for i, ex in enumerate(todo):
-            question, found = ex.messages[-1]["content"], []
+            question, found, seen = ex.messages[-1]["content"], [], set()
             try:
                 for _attempt in range(settings.augment_attempts):  # sampled: each attempt words it anew
                     for line in paraphrase(client, question, ex.answer, settings.augment_paraphrases,
                                            settings.augment_model):
-                        if line.lower() not in {f.lower() for f in found}:
+                        if line.lower() not in seen:
+                            seen.add(line.lower())
                             found.append(line)
             except (AugmentError, httpx.HTTPError) as exc:
                 log.warning("model paraphrases stopped", done=i, left=len(todo) - i, error=str(exc)[:200])
@@ -200,16 +201,18 @@ def augment_examples(session: Session, settings) -> int:
         return 0
     # every taught question competes, so a candidate nearer to another fact is dropped
     questions = [ex.messages[-1]["content"] for ex, _c in asked]
-    others = [ex.messages[-1]["content"] for ex in taught if ex.id not in {e.id for e, _c in asked}]
+    sent = {ex.id for ex, _c in asked}
+    others = [ex.messages[-1]["content"] for ex in taught if ex.id not in sent]
     embedder = _embedder() if settings.augment_min_similarity > 0 else None
     kept = keep_own([*questions, *others], [c for _e, c in asked] + [[] for _ in others], embedder,
                     settings.augment_min_similarity)
-    created = 0
+    created, marks = 0, {}
     for (ex, _candidates), alts in zip(asked, kept):
         for alt in alts[:settings.augment_paraphrases]:
             _row, new = upsert_example(session, messages=[*ex.messages[:-1], {"role": "user", "content": alt}],
                                        answer=ex.answer, source="augmented", provenance={"augmented_from": ex.id})
             created += new
-        mark_paraphrased(session, ex.id, len(alts[:settings.augment_paraphrases]))
+        marks[ex.id] = len(alts[:settings.augment_paraphrases])
+    mark_paraphrased(session, marks)
     log.info("augmented", created=created, items=len(asked))
     return created

@@ -22,7 +22,7 @@ from trainer.encode import encode_example
 from trainer.generate import generate_answers
 from trainer.metrics import answer_metrics, label_metrics, parse_label, token_f1
 from trainer.modeling import answer_loss
-from trainer.preference import encode_pairs, preference_metrics, repeats_rejected
+from trainer.preference import encode_pairs, is_pair, preference_metrics, repeats_rejected
 
 log = get_logger("trainer.evaluate")
 CANDIDATE, PRODUCTION, BASE = "candidate", "production", "base"
@@ -202,8 +202,7 @@ def _preferences(prefs, rows: list[dict], predictions: list[str]) -> dict | None
     """Margins on the held-out pairs, and how often the answer (no memory) repeats a rejected one."""
     if prefs is None:
         return None
-    paired = [(p, r) for p, r in zip(predictions, rows) if r.get("answer") and r.get("rejected_answer")
-              and r["rejected_answer"].strip() != r["answer"].strip()]
+    paired = [(p, r) for p, r in zip(predictions, rows) if is_pair(r)]
     repeats = sum(repeats_rejected(p, r["answer"], r["rejected_answer"]) for p, r in paired)
     return {"pairs": prefs.pairs, "mean_margin": prefs.mean_margin, "positive_share": prefs.positive_share,
             "repeats_rejected": repeats, "repeat_share": round(repeats / len(paired), 4) if paired else None}

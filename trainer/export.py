@@ -17,6 +17,8 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from trainer.preference import is_pair
+
 FORMATS = ("chat", "openai", "openai-preference", "trl-dpo")
 PREFERENCE_FORMATS = ("openai-preference", "trl-dpo")
 META_KEYS = ("label", "rejected_answer", "source", "golden", "augmented", "example_id")
@@ -39,9 +41,9 @@ def records(rows: Iterable[dict], fmt: str) -> Iterator[dict]:
         prompt = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
         target = _target(row)
         if fmt in PREFERENCE_FORMATS:
-            rejected = row.get("rejected_answer")
-            if not row.get("answer") or not rejected or rejected.strip() == row["answer"].strip():
-                continue  # a pair needs a better answer and a different, rejected one
+            if not is_pair(row):
+                continue
+            rejected = row["rejected_answer"]
             if fmt == "trl-dpo":
                 yield {"prompt": prompt, "chosen": _assistant(row["answer"]), "rejected": _assistant(rejected)}
             else:

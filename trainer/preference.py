@@ -1,7 +1,7 @@
 """Learning from what people rejected, beside SFT (FLYWHEEL_OBJECTIVE):
 - `sft+dpo`: DPO on (prompt, the answer someone taught, the bot's answer they voted down) pairs;
-- `kto`: KTO on single answers people voted up (desirable) or down without a better one
-  (undesirable), for the votes that never became pairs.
+- `kto`: KTO on the same answers taken apart: each taught answer desirable, each voted-down one
+  undesirable (a 👎 without a correction is not stored as an example yet, so KTO does not see it).
 The reference is the base model: the adapter switched off (PEFT's `disable_adapter()`), so no
 second copy of the model is kept. Losses follow the DPO (Rafailov et al. 2023, Eq. 7) and KTO
 (Ethayarajh et al. 2024, Eq. 7) papers; tests/test_preference.py checks both against TRL's
@@ -70,10 +70,15 @@ def kl_estimate(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (sequence_logps(model, batch) - reference_logps(model, batch)).mean()
 
 
+def is_pair(row: dict) -> bool:
+    """A preference pair: a taught answer and a different answer people voted down."""
+    rejected = row.get("rejected_answer")
+    return bool(row.get("answer") and rejected and rejected.strip() != row["answer"].strip())
+
+
 def encode_pairs(tokenizer, rows, max_length: int) -> list[Pair]:
     """Items with a better answer and a different rejected one, all within max_length."""
-    kept = [r for r in rows if r.get("answer") and r.get("rejected_answer")
-            and r["rejected_answer"].strip() != r["answer"].strip()]
+    kept = [r for r in rows if is_pair(r)]
     out = []
     for i, row in enumerate(kept):
         other = kept[(i + 1) % len(kept)]["answer"]

@@ -6,9 +6,11 @@ import shlex
 from dataclasses import dataclass
 
 from bot import metrics
+from bot.blocks import sections
 from bot.canary import Canary
 from bot.gateway_client import GatewayClient
 from bot.settings import BotSettings
+from bot.slack_text import escape_within
 from bot.watch import compare, describe
 from flywheel.logs import get_logger
 from store.audit import record_audit
@@ -25,6 +27,7 @@ from store.versions import (
     VERSION_NAME,
     alias_history,
     alias_target,
+    count_versions,
     find_version,
     list_versions,
     move_alias,
@@ -39,7 +42,7 @@ log = get_logger("bot.admin")
 HELP = """*`/flywheel` commands*
 • `help`: this text
 • `status`: production version, last runs, data counts
-• `versions`: model versions and their gate verdicts
+• `versions [page]`: model versions and their gate verdicts, 30 a page
 • `history`: which version was live when
 • `watch`: the live version against the one before it, on real answers (👍, 👎, corrections)
 • `review`: corrections waiting for review _(admins and reviewers)_
@@ -49,6 +52,7 @@ HELP = """*`/flywheel` commands*
 • `rollback`: put the previous production version back _(admin)_
 • `canary <version>` / `canary stop`: let a version answer FLYWHEEL_CANARY_PERCENT of people before promoting it _(admin)_"""
 
+VERSIONS_PER_PAGE = 30
 ADMIN_COMMANDS = {"train", "approve", "promote", "reject", "rollback", "canary"}
 
 
@@ -112,6 +116,8 @@ class Admin:
                                      detail={"command": text})
         handler = {"help": lambda: Reply(HELP), "status": self.status, "versions": self.versions,
                    "history": self.history, "watch": self.watch}.get(name)
+        if name == "versions" and args:
+            return self.versions(args[0])
         if name == "review" and self.review is not None:
             return self.review.pending_reply(user)
         if handler is None:
@@ -277,18 +283,30 @@ class Admin:
                   f"({examples.get('golden', 0)} golden)")]
         return Reply("\n".join(lines))
 
-    def versions(self) -> Reply:
+    def versions(self, page: str = "1") -> Reply:
+        """Newest first, VERSIONS_PER_PAGE at a time, each with its gate verdict and the first
+        reason a failed gate gave; long lists are split into sections Slack accepts."""
+        if not page.isdigit() or int(page) < 1:
+            return Reply(f":x: `versions {escape_within(page, 20)}`: the page is a number from 1")
+        offset = (int(page) - 1) * VERSIONS_PER_PAGE
         with session_scope() as s:
             prod = alias_target(s, PRODUCTION)  # first: it expires the session's objects
-            versions = list_versions(s, limit=10)
-        if not versions:
+            versions = list_versions(s, limit=VERSIONS_PER_PAGE, offset=offset)
+            total = count_versions(s)
+        if not total:
             return Reply("No model versions yet: production serves the base model.")
-        lines = ["*Model versions* (newest first)"]
+        if not versions:
+            return Reply(f"There are {total} model versions: page {page} is past the last one.")
+        lines = [f"*Model versions* {offset + 1}–{offset + len(versions)} of {total} (newest first)"]
         for v in versions:
             gate = "gate passed" if v.gate_passed else "gate failed"
-            star = " ← production" if v.name == prod else ""
-            lines.append(f"• `{v.name}` {v.status}, {gate}, {v.created_at:%Y-%m-%d %H:%M}{star}")
-        return Reply("\n".join(lines))
+            why = f" ({escape_within(v.gate_reasons[0], 160)})" if not v.gate_passed and v.gate_reasons else ""
+            star = " ← *production*" if v.name == prod else ""
+            lines.append(f"• `{v.name}` {v.status}, {gate}{why}, {v.created_at:%Y-%m-%d %H:%M}{star}")
+        if offset + len(versions) < total:
+            lines.append(f"_Older ones: `/flywheel versions {int(page) + 1}`_")
+        text = "\n".join(lines)
+        return Reply(text[:3000], blocks=sections(text))
 
     def history(self) -> Reply:
         with session_scope() as s:

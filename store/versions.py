@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from store.audit import add_audit, list_audit
 from store.errors import InvalidStateError, NotFoundError
@@ -87,8 +87,14 @@ def get_version(session: Session, name: str) -> ModelVersion:
     return version
 
 
-def list_versions(session: Session, limit: int = 20) -> list[ModelVersion]:
-    return list(session.exec(select(ModelVersion).order_by(col(ModelVersion.id).desc()).limit(limit)).all())
+def list_versions(session: Session, limit: int = 20, offset: int = 0) -> list[ModelVersion]:
+    """Newest first."""
+    query = select(ModelVersion).order_by(col(ModelVersion.id).desc()).offset(offset).limit(limit)
+    return list(session.exec(query).all())
+
+
+def count_versions(session: Session) -> int:
+    return session.exec(select(func.count()).select_from(ModelVersion)).one()
 
 
 def alias_target(session: Session, alias: str = PRODUCTION) -> str | None:

@@ -139,7 +139,7 @@ def wait_answer(bot: BotServer, channel: str, thread_ts: str | None, *, after: i
 
 
 @contextmanager
-def store_and_gateway(tiny_model_dir, tmp, name: str):
+def store_and_gateway(tiny_model_dir, tmp, name: str, max_new_tokens: int = 8):
     """A fresh migrated SQLite store (FLYWHEEL_DATABASE_URL points at it meanwhile) and a real
     gateway serving the tiny model: what a module of bot tests starts once."""
     import pytest
@@ -153,7 +153,8 @@ def store_and_gateway(tiny_model_dir, tmp, name: str):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLYWHEEL_DATABASE_URL", url)
         gateway = GatewayServer(GatewaySettings(base_model=tiny_model_dir, adapters_dir=tmp / "adapters",
-                                                sync_interval_s=30, max_new_tokens=8, replica_id=name)).start()
+                                                sync_interval_s=30, max_new_tokens=max_new_tokens,
+                                                replica_id=name)).start()
         try:
             yield gateway
         finally:

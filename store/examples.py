@@ -11,9 +11,13 @@ from sqlmodel import Session, col, func, select
 from store.models import Example, ExampleStatus, utcnow
 
 
-def example_hash(messages: list[dict], answer: str | None, label: str | None) -> str:
-    """Content identity of an example: same context and target → same hash."""
-    payload = json.dumps({"m": messages, "a": answer, "l": label}, sort_keys=True, ensure_ascii=False)
+def example_hash(messages: list[dict], answer: str | None, label: str | None, rejected: str | None = None) -> str:
+    """Content identity of an example: same context and target → same hash. An example with
+    only a rejected answer (voted down, nothing better taught) is identified by that answer."""
+    content = {"m": messages, "a": answer, "l": label}
+    if answer is None and label is None:
+        content["r"] = rejected
+    payload = json.dumps(content, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -30,10 +34,11 @@ def upsert_example(
     message_id: int | None = None,
 ) -> tuple[Example, bool]:
     """Insert an example unless one with the same content exists; returns (row, created).
-    An existing row keeps its history: provenance is merged and `golden` can only be switched on."""
-    if answer is None and label is None:
-        raise ValueError("an example needs an answer or a label")
-    digest = example_hash(messages, answer, label)
+    An existing row keeps its history: provenance is merged and `golden` can only be switched on.
+    Without an answer or a label it must carry a rejected answer (only preference training uses it)."""
+    if answer is None and label is None and not (rejected_answer or "").strip():
+        raise ValueError("an example needs an answer, a label or a rejected answer")
+    digest = example_hash(messages, answer, label, rejected_answer)
     stmt = select(Example).where(Example.content_hash == digest)
     for _attempt in range(2):
         row = session.exec(stmt).first()

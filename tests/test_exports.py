@@ -10,7 +10,9 @@ Specifications followed:
 - OpenAI preference fine-tuning: `input` (`messages`, optional `tools`, `parallel_tool_calls`),
   `preferred_output` and `non_preferred_output`, each a list holding one assistant message.
 - TRL preference datasets, conversational: `prompt` (messages), `chosen` and `rejected` (each a
-  list of assistant messages continuing the prompt)."""
+  list of assistant messages continuing the prompt).
+- TRL unpaired preference datasets, conversational: `prompt` (messages), `completion` (a list of
+  assistant messages continuing the prompt) and `label` (a boolean: desirable or not)."""
 from __future__ import annotations
 
 import json
@@ -68,6 +70,14 @@ def parse_trl_dpo(line: str) -> tuple[tuple, str, str]:
     return prompt, _one_assistant(obj["chosen"]), _one_assistant(obj["rejected"])
 
 
+def parse_trl_kto(line: str) -> tuple[tuple, str, bool]:
+    obj = json.loads(line)
+    assert set(obj) == {"prompt", "completion", "label"}, obj.keys()
+    prompt = tuple(_message(m) for m in obj["prompt"])
+    assert prompt and prompt[-1][0] == "user" and isinstance(obj["label"], bool)
+    return prompt, _one_assistant(obj["completion"]), obj["label"]
+
+
 @pytest.fixture
 def snapshot(sqlite_url, tmp_path, monkeypatch):
     monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(tmp_path / "data"))
@@ -84,6 +94,8 @@ def snapshot(sqlite_url, tmp_path, monkeypatch):
         upsert_example(s, messages=[{"role": "user", "content": "What is the wifi password?"}],
                        answer="It is bluefern42.", rejected_answer="It is bluefern42.", source="correction")
         upsert_example(s, messages=[{"role": "user", "content": "asdf?"}], label="unclear", source="label")
+        upsert_example(s, messages=[{"role": "user", "content": "Is the office open on Sunday?"}],
+                       rejected_answer="Yes, always, call 555-0100.", source="rejected")  # 👎, nothing taught
         snap = build_snapshot(s, TrainerSettings(eval_fraction=0.0))
     return snap
 
@@ -126,6 +138,23 @@ def test_preference_exports_hold_the_voted_down_pairs(snapshot, tmp_path, fmt, p
     assert {"Who runs payroll?", "When is payday?"} <= questions  # and their learned rewordings
     assert not any("wifi" in q.lower() for q in questions)  # rejected == better: no pair
     assert all(chosen != rejected for _p, chosen, rejected in got)
+
+
+def test_the_kto_export_holds_every_liked_and_every_voted_down_answer(snapshot, tmp_path):
+    out = _export(tmp_path, "trl-kto")
+    got = sorted(parse_trl_kto(line) for split in ("train", "rejected")
+                 for line in (out / f"{split}.jsonl").read_text().splitlines())
+    want = sorted([(_prompt(r), r["answer"], True) for r in _train_rows(snapshot) if r["answer"] != "unclear"]
+                  + [(_prompt(r), r["rejected_answer"], False) for r in _train_rows(snapshot)
+                     if r["rejected_answer"] and r["rejected_answer"] != r["answer"]]
+                  + [(_prompt(r), r["rejected_answer"], False) for r in snapshot.dataset["rejected"]])
+    assert got == want
+    undesirable = {c for _p, c, good in got if not good}
+    assert {"Payroll is run by the CEO.", "Payday is every Friday."} <= undesirable
+    assert any(c.startswith("Yes, always") for c in undesirable)  # voted down with nothing taught
+    assert "555-0100" not in (out / "rejected.jsonl").read_text()  # redacted as it trains
+    # the other formats have no target for it: nothing to write
+    assert (_export(tmp_path, "openai") / "rejected.jsonl").read_text() == ""
 
 
 def test_the_chat_export_keeps_its_metadata_and_unknown_formats_are_refused(snapshot, tmp_path):

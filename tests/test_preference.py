@@ -11,7 +11,8 @@ import torch
 from trainer.batching import collate
 from trainer.encode import IGNORE
 from trainer.modeling import load_base_model, load_tokenizer
-from trainer.preference import dpo_step_loss, encode_pairs, kto_step_loss, preference_metrics, repeats_rejected
+from trainer.preference import (Unpaired, dpo_step_loss, encode_pairs, encode_unpaired, kto_step_loss,
+                                preference_metrics, repeats_rejected)
 from trainer.settings import TrainerSettings
 
 trl = pytest.importorskip("trl")
@@ -79,7 +80,9 @@ def test_kto_loss_matches_trl(model_and_pairs):
     from trl import KTOConfig, KTOTrainer
 
     tok, model, pairs = model_and_pairs
-    ours = kto_step_loss(model, pairs, tok.pad_token_id, 0.1, CPU)
+    items = ([Unpaired(p.chosen, True, p.mismatched) for p in pairs]
+             + [Unpaired(p.rejected, False, p.mismatched) for p in pairs])
+    ours = kto_step_loss(model, items, tok.pad_token_id, 0.1, CPU)
     rows = [{"prompt": r["messages"], "completion": [{"role": "assistant", "content": a}], "label": good}
             for r in ROWS for a, good in ((r["answer"], True), (r["rejected_answer"], False))]
     trainer = KTOTrainer(model=model, args=KTOConfig(output_dir=tempfile.mkdtemp(), beta=0.1, report_to=[], use_cpu=True,
@@ -126,3 +129,34 @@ def test_sft_plus_dpo_moves_the_margin_further_than_sft_alone(tiny_model_dir):
         assert all(("dpo" in h) == (objective == "sft+dpo") for h in result.history)
     assert margins["sft"][0] == margins["sft+dpo"][0]  # the same start
     assert margins["sft+dpo"][1] > margins["sft"][1] + 1.0, margins
+
+
+def test_kto_learns_from_a_downvote_nobody_corrected(tiny_model_dir):
+    """An answer voted down with no better one taught is KTO's undesirable item: a short kto run
+    lowers its log-probability against the base model, while SFT alone never sees it."""
+    from trainer.encode import encode_rows
+    from trainer.modeling import add_lora
+    from trainer.preference import reference_logps, sequence_logps
+    from trainer.train import train_lora
+
+    tok = load_tokenizer(tiny_model_dir)
+    liked = [{"messages": r["messages"], "answer": r["answer"], "source": "correction"} for r in ROWS]
+    downvoted = [{"messages": [{"role": "user", "content": "Is the office open on Sunday?"}], "answer": None,
+                  "rejected_answer": "Yes, the office is open every Sunday night.", "source": "rejected"}]
+    items = encode_unpaired(tok, liked, downvoted, 512)
+    assert [it.desirable for it in items] == [True] * 3 + [False]
+    bad = collate([items[-1].answer], tok.pad_token_id)
+    encoded, _ = encode_rows(tok, liked, 512)
+    ratio = {}
+    for objective in ("sft", "kto"):
+        torch.manual_seed(0)
+        settings = TrainerSettings(objective=objective, max_steps=30, learning_rate=5e-3, warmup_ratio=0.0, lora_r=4,
+                                   preference_batch_size=4, preference_beta=0.5)
+        model = add_lora(load_base_model(tiny_model_dir, CPU), settings)
+        result = train_lora(model, encoded, settings, device=CPU, bf16=False, pad_id=tok.pad_token_id,
+                            progress=False, pairs=items)
+        assert all(("kto" in h) == (objective == "kto") for h in result.history)
+        model.eval()
+        with torch.no_grad():
+            ratio[objective] = float(sequence_logps(model, bad) - reference_logps(model, bad))
+    assert ratio["kto"] < ratio["sft"] - 1.0, ratio  # pushed away from what people voted down

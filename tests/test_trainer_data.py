@@ -10,6 +10,7 @@ from store.conversations import record_message
 from store.db import get_engine, session_scope
 from store.examples import list_examples, upsert_example
 from store.feedback import retract_vote, upsert_vote
+from store.models import ExampleStatus
 from trainer.dataset import build_snapshot, hash_split
 from trainer.importer import ImportFileError, import_file
 from trainer.redact import redact
@@ -127,26 +128,41 @@ def test_feedback_target_rules(session):
     ex = _by_question(s)
     assert ex["<@UBOT> what is the wifi password?"].answer == "It is on the fridge."
     assert ex["<@UBOT> what is the wifi password?"].source == "feedback"
-    assert "who owns the cat?" not in ex and result.rejected_only == 2  # the cat and the admin's 👎
+    # voted down, nothing better taught: kept only as an undesirable answer (KTO), never as a target
+    cat = ex["who owns the cat?"]
+    assert (cat.answer, cat.label, cat.rejected_answer, cat.source) == (None, None, "The dog does.", "rejected")
+    assert result.rejected_only == 2  # the cat and the admin's 👎
     lunch = ex["when is lunch?"]
     # a user's 👎 + correction teaches the answer but never makes a golden item: only admins do
     assert (lunch.answer, lunch.source, lunch.rejected_answer, lunch.golden) == ("At noon.", "correction", "Never.", False)
     assert sorted(lunch.provenance["feedback_ids"]) == lunch.provenance["feedback_ids"] and len(lunch.provenance["feedback_ids"]) == 3
-    assert "is the office open on sunday?" not in ex and "what colour is the logo?" not in ex
+    assert ex["is the office open on sunday?"].source == "rejected" and "what colour is the logo?" not in ex
     assert ex["where is the main office?"].golden and ex["where is the main office?"].answer == "In Tallinn."
     assert ex["how do I book a room?"].answer == "Use the room calendar."
     label_rows = [e for e in list_examples(s) if e.label]
     assert [(e.messages[-1]["content"], e.label) for e in label_rows] == [("my invoice is wrong", "billing")]
 
+    # A correction arriving later supersedes the bare 👎: the rejected-only item is excluded.
+    down.vote("U3", "correction", kind="correction", correction="Nobody owns the cat.")
+    derive_examples(s)
+    active = [e for e in list_examples(s, status=ExampleStatus.active) if e.messages[-1]["content"] == "who owns the cat?"]
+    assert [(e.source, e.answer, e.rejected_answer) for e in active] == [("correction", "Nobody owns the cat.", "The dog does.")]
+
     # Retracting the votes that made a target excludes the example on the next build.
     retract_vote(s, message_id=up.a.id, user="U2", kind="reaction")
     retract_vote(s, message_id=up.a.id, user="U3", kind="button")
     derive_examples(s)
-    assert "<@UBOT> what is the wifi password?" not in _by_question(s)
+    wifi = "<@UBOT> what is the wifi password?"
+    assert _active(s, wifi) == [("rejected", None)]  # U4's 👎 is all that is left
     up.vote("U2", "up"); up.vote("U3", "up", kind="button")  # and it comes back when the votes do
     again = derive_examples(s)
-    assert again.excluded == 0 and again.created == 0, again
-    assert "<@UBOT> what is the wifi password?" in _by_question(s)
+    assert again.excluded == 1 and again.created == 0, again  # the bare 👎 gives way again
+    assert _active(s, wifi) == [("feedback", "It is on the fridge.")]
+
+
+def _active(s, question: str) -> list[tuple]:
+    return [(e.source, e.answer) for e in list_examples(s, status=ExampleStatus.active)
+            if e.messages[-1]["content"] == question]
 
 
 def _fill(s):
@@ -181,7 +197,7 @@ def test_snapshot_is_deterministic_and_content_hashed(tmp_path, sqlite_url, monk
     assert third.row.content_hash == first.row.content_hash
     files = sorted(p.name for p in first.path.iterdir())
     assert files == ["eval.jsonl", "general.jsonl", "golden.jsonl", "hf", "manifest.json", "recall.jsonl",
-                     "train.jsonl"]
+                     "rejected.jsonl", "train.jsonl"]
     line = json.loads((first.path / "train.jsonl").read_text().splitlines()[0])
     assert line["messages"][-1]["role"] == "assistant"
     from datasets import load_from_disk

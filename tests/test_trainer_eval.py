@@ -83,7 +83,8 @@ def test_watch_once_runs_a_due_cycle_and_export(sqlite_url, tiny_model_dir, tmp_
     res = runner.invoke(app, ["dataset", "export", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "eval.jsonl", "general.jsonl", "golden.jsonl", "hf", "manifest.json", "recall.jsonl", "train.jsonl"]
+        "eval.jsonl", "general.jsonl", "golden.jsonl", "hf", "manifest.json", "recall.jsonl", "rejected.jsonl",
+        "train.jsonl"]
     res = runner.invoke(app, ["dataset", "export", str(tmp_path / "out")])
     assert res.exit_code == 2 and "not empty" in res.output
     bad = tmp_path / "bad.csv"

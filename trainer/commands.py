@@ -116,7 +116,7 @@ def build_cmd() -> None:
 def export_cmd(
     out: Path = typer.Argument(..., help="Directory to write one JSONL per split to"),
     snapshot: int | None = typer.Option(None, help="Snapshot id (default: the latest)"),
-    fmt: str = typer.Option("chat", "--format", help="chat | openai | openai-preference | trl-dpo "
+    fmt: str = typer.Option("chat", "--format", help="chat | openai | openai-preference | trl-dpo | trl-kto "
                             "(field by field: trainer/export.py)"),
 ) -> None:
     """Write a snapshot (redacted and cleaned as it trains) to OUT. `chat` copies the snapshot's

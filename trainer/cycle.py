@@ -130,11 +130,18 @@ def _train_and_register(settings: TrainerSettings, snap, run_id: int, lease: Tra
     with session_scope(engine) as s:
         update_run(s, run_id, total_steps=0)
     pairs = None
-    if settings.objective != "sft":
+    if settings.objective == "sft+dpo":
         from trainer.preference import encode_pairs
 
         pairs = encode_pairs(tokenizer, train_rows, settings.max_length)
         log.info("preference pairs", objective=settings.objective, pairs=len(pairs))
+    elif settings.objective == "kto":
+        from trainer.preference import encode_unpaired
+
+        rejected = list(snap.dataset["rejected"]) if "rejected" in snap.dataset else []
+        pairs = encode_unpaired(tokenizer, train_rows, rejected, settings.max_length)
+        log.info("preference answers", objective=settings.objective, answers=len(pairs),
+                 undesirable=sum(not p.desirable for p in pairs))
     train = train_lora(model, encoded, settings, device=device, bf16=bf16, pad_id=tokenizer.pad_token_id,
                        checkpoint_dir=ckpt, on_step=on_step, n_facts=n_facts, pairs=pairs)
     lease.check()

@@ -32,8 +32,9 @@ from trainer.targets import derive_examples
 log = get_logger("trainer.dataset")
 disable_progress_bars()
 # train: what the model learns; eval: never-taught items (regression check only); golden: must
-# stay right; recall: taught facts asked in held-out words; general: questions any model knows.
-SPLITS = ("train", "eval", "golden", "recall", "general")
+# stay right; recall: taught facts asked in held-out words; general: questions any model knows;
+# rejected: answers voted down with nothing better taught (no SFT target; KTO's undesirable ones).
+SPLITS = ("train", "eval", "golden", "recall", "general", "rejected")
 STORED_SPLITS = ("train", "eval", "golden")  # the ones an Example row can be in
 # What people taught: always trained on, never withheld for evaluation.
 TAUGHT_SOURCES = ("correction", "import", "shortcut")
@@ -107,6 +108,13 @@ def _clean_example(ex: Example, prompt: PromptSettings, redactions: Counter, max
     messages = build_messages(ex.messages, prompt if ex.label is None else _bare(prompt), clean=fix)
     answer = fix_target(ex.answer) if ex.answer is not None else None
     label = (ex.label or "").strip() or None
+    if ex.source == "rejected":  # only the voted-down answer: over-long, it is dropped whole
+        answer, rejected = None, fix_target(ex.rejected_answer)
+        if not messages or messages[-1]["role"] != "user" or not rejected:
+            return None
+        return {"example_id": ex.id, "messages": messages, "answer": None, "label": None,
+                "rejected_answer": rejected, "source": ex.source, "golden": False, "augmented": False,
+                "parent": None, "updated": ex.updated_at.isoformat() if ex.updated_at else "", "by_admin": False}
     if not messages or messages[-1]["role"] != "user" or (answer is None and label is None) or (label is None and not answer):
         return None
     return {"example_id": ex.id, "messages": messages, "answer": answer, "label": label,
@@ -156,6 +164,20 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
         else:
             redactions.update(found)
             items.append(item)
+    # Voted down with nothing better taught: kept apart (one per context and answer), unless someone
+    # taught an answer for the same context (then that item's pair says it better).
+    rejected = [it for it in items if it["source"] == "rejected"]
+    items = [it for it in items if it["source"] != "rejected"]
+    taught_contexts = {json.dumps(it["messages"], sort_keys=True) for it in items if it["answer"]}
+    seen_rejected: set[str] = set()
+    out_rejected = []
+    for it in rejected:
+        key = json.dumps([it["messages"], normalize_for_hash(it["rejected_answer"])], sort_keys=True)
+        if key in seen_rejected or json.dumps(it["messages"], sort_keys=True) in taught_contexts:
+            counts["rejected_superseded"] += 1
+            continue
+        seen_rejected.add(key)
+        out_rejected.append(it)
     # Exact duplicates and conflicts: one item per (kind, normalized context); the best source wins.
     groups: dict[str, list[dict]] = {}
     for item in items:
@@ -190,6 +212,7 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
     # taught always stays); a never-taught eval item like a training item is dropped (it would
     # measure memorization, and its twin trains anyway).
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    out["rejected"] = out_rejected
     train_index = NearDupIndex(settings.near_dup_threshold, settings.minhash_perms)
     for it in winners:
         if it["split"] is None:
@@ -289,10 +312,12 @@ def write_snapshot(ds: DatasetDict, target: Path, manifest: dict) -> None:
 
 
 def export_jsonl(split: Dataset, path: Path) -> int:
-    """Chat-format JSONL (messages ending with the assistant's target), the common fine-tune format."""
+    """Chat-format JSONL (messages ending with the assistant's target), the common fine-tune format;
+    a rejected-only item has no target: its messages end with the question."""
     with path.open("w", encoding="utf-8") as fh:
         for row in split:
-            record = {"messages": [*row["messages"], {"role": "assistant", "content": row["answer"]}]}
+            target = row["answer"] if row["answer"] is not None else row["label"]
+            record = {"messages": [*row["messages"], *([{"role": "assistant", "content": target}] if target else [])]}
             for key in ("label", "rejected_answer", "source", "golden", "augmented", "example_id"):
                 if row[key] is not None:
                     record[key] = row[key]

@@ -10,7 +10,10 @@ with production's system prompt on top (the same prompt everywhere).
   "preferred_output": [assistant], "non_preferred_output": [assistant]}`, for every item where
   someone voted an answer down and taught a better one.
 - `trl-dpo`: TRL's conversational preference format: `{"prompt": [...], "chosen": [assistant],
-  "rejected": [assistant]}`, the same pairs."""
+  "rejected": [assistant]}`, the same pairs.
+- `trl-kto`: TRL's conversational unpaired preference format: `{"prompt": [...], "completion":
+  [assistant], "label": true|false}`: every answer people taught or liked (true), every answer they
+  voted down (false), with or without a better one taught (the `rejected` split holds the latter)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from trainer.preference import is_pair
 
-FORMATS = ("chat", "openai", "openai-preference", "trl-dpo")
+FORMATS = ("chat", "openai", "openai-preference", "trl-dpo", "trl-kto")
 PREFERENCE_FORMATS = ("openai-preference", "trl-dpo")
 META_KEYS = ("label", "rejected_answer", "source", "golden", "augmented", "example_id")
 
@@ -40,7 +43,15 @@ def records(rows: Iterable[dict], fmt: str) -> Iterator[dict]:
     for row in rows:
         prompt = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
         target = _target(row)
-        if fmt in PREFERENCE_FORMATS:
+        if fmt == "trl-kto":
+            if row.get("label") and not row.get("answer"):
+                continue  # a class label is not an answer anyone liked or disliked
+            if row.get("answer"):
+                yield {"prompt": prompt, "completion": _assistant(row["answer"]), "label": True}
+            rejected = row.get("rejected_answer")
+            if rejected and (rejected or "").strip() != (row.get("answer") or "").strip():
+                yield {"prompt": prompt, "completion": _assistant(rejected), "label": False}
+        elif fmt in PREFERENCE_FORMATS:
             if not is_pair(row):
                 continue
             rejected = row["rejected_answer"]
@@ -75,8 +86,13 @@ def write_format(snapshot_dir: Path, out: Path, fmt: str, splits: Iterable[str])
 
 
 def _snapshot_row(record: dict) -> dict:
-    """A snapshot's chat-format line back to a row: the last assistant message is the target."""
-    *prompt, target = record["messages"]
+    """A snapshot's chat-format line back to a row: the last assistant message is the target (a
+    rejected-only line ends with the question: no target)."""
+    messages = record["messages"]
     row = {k: record.get(k) for k in META_KEYS}
-    row.update(messages=prompt, answer=None if record.get("label") else target["content"])
+    if messages and messages[-1]["role"] == "assistant":
+        *prompt, target = messages
+        row.update(messages=prompt, answer=None if record.get("label") else target["content"])
+    else:
+        row.update(messages=messages, answer=None)
     return row

@@ -1,7 +1,8 @@
 """Learning from what people rejected, beside SFT (FLYWHEEL_OBJECTIVE):
 - `sft+dpo`: DPO on (prompt, the answer someone taught, the bot's answer they voted down) pairs;
-- `kto`: KTO on the same answers taken apart: each taught answer desirable, each voted-down one
-  undesirable (a 👎 without a correction is not stored as an example yet, so KTO does not see it).
+- `kto`: KTO on unpaired answers: every answer people taught or liked is desirable, every answer
+  they voted down undesirable, whether or not someone wrote a better one (the snapshot's
+  `rejected` split holds those voted down with nothing taught).
 The reference is the base model: the adapter switched off (PEFT's `disable_adapter()`), so no
 second copy of the model is kept. Losses follow the DPO (Rafailov et al. 2023, Eq. 7) and KTO
 (Ethayarajh et al. 2024, Eq. 7) papers; tests/test_preference.py checks both against TRL's
@@ -70,6 +71,14 @@ def kl_estimate(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (sequence_logps(model, batch) - reference_logps(model, batch)).mean()
 
 
+@dataclass
+class Unpaired:
+    """One answer for KTO: desirable or not, and its prompt with another answer (the KL term)."""
+    answer: Encoded
+    desirable: bool
+    mismatched: Encoded
+
+
 def is_pair(row: dict) -> bool:
     """A preference pair: a taught answer and a different answer people voted down."""
     rejected = row.get("rejected_answer")
@@ -90,6 +99,27 @@ def encode_pairs(tokenizer, rows, max_length: int) -> list[Pair]:
     return out
 
 
+def encode_unpaired(tokenizer, rows, rejected_rows, max_length: int) -> list[Unpaired]:
+    """KTO's items: each answer in `rows` (not class labels) desirable, each different rejected
+    answer there and each one in `rejected_rows` (voted down, nothing taught) undesirable."""
+    found: list[tuple[list[dict], str, bool]] = []
+    for row in rows:
+        if row.get("source") == "label" or not row.get("answer"):
+            continue
+        found.append((row["messages"], row["answer"], True))
+        if is_pair(row):
+            found.append((row["messages"], row["rejected_answer"], False))
+    found += [(r["messages"], r["rejected_answer"], False) for r in rejected_rows if r.get("rejected_answer")]
+    liked = [answer for _m, answer, good in found if good] or [answer for _m, answer, _g in found]
+    out = []
+    for i, (messages, answer, good) in enumerate(found):
+        other = liked[(i + 1) % len(liked)]
+        item = Unpaired(encode_example(tokenizer, messages, answer), good, encode_example(tokenizer, messages, other))
+        if max(len(item.answer), len(item.mismatched)) <= max_length:
+            out.append(item)
+    return out
+
+
 def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     """One padded batch: the chosen answers, then the rejected ones (as TRL lays them out)."""
     return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
@@ -103,15 +133,14 @@ def dpo_step_loss(model, pairs: list[Pair], pad_id: int, beta: float, device: to
     return dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta)
 
 
-def kto_step_loss(model, pairs: list[Pair], pad_id: int, beta: float, device: torch.device) -> torch.Tensor:
-    """KTO on the pairs taken apart: each taught answer desirable, each rejected one undesirable;
-    the KL reference point from the same prompts with mismatched answers."""
-    n = len(pairs)
-    batch = {k: v.to(device) for k, v in pair_batch(pairs, pad_id).items()}
+def kto_step_loss(model, items: list[Unpaired], pad_id: int, beta: float, device: torch.device) -> torch.Tensor:
+    """KTO on a batch of unpaired answers; the KL reference point from the same prompts with
+    mismatched answers."""
+    batch = {k: v.to(device) for k, v in collate([it.answer for it in items], pad_id).items()}
     policy = sequence_logps(model, batch)
     ref = reference_logps(model, batch)
-    mismatched = {k: v.to(device) for k, v in collate([p.mismatched for p in pairs], pad_id).items()}
-    desirable = torch.arange(2 * n, device=policy.device) < n
+    mismatched = {k: v.to(device) for k, v in collate([it.mismatched for it in items], pad_id).items()}
+    desirable = torch.tensor([it.desirable for it in items], device=policy.device)
     return kto_loss(policy, ref, desirable, kl_estimate(model, mismatched), beta)
 
 

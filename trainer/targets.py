@@ -32,7 +32,7 @@ from store.models import ExampleStatus, Feedback, FeedbackKind, Message, ReviewS
 
 log = get_logger("trainer.targets")
 VOTE_KINDS = (FeedbackKind.reaction, FeedbackKind.button)
-DERIVED_SOURCES = ("feedback", "correction", "shortcut", "label")
+DERIVED_SOURCES = ("feedback", "correction", "shortcut", "label", "rejected")
 STALE = "stale: its feedback changed"
 
 
@@ -41,7 +41,7 @@ class Derivation:
     created: int = 0
     existing: int = 0
     excluded: int = 0
-    rejected_only: int = 0  # net-negative answers without a correction (kept for preferences)
+    rejected_only: int = 0  # net-negative answers without a correction (stored for KTO only)
     skipped: list[str] = field(default_factory=list)
 
 
@@ -159,10 +159,12 @@ def derive_examples(session: Session, *, context_turns: int = 6) -> Derivation:
             rejected = msg.text if msg.text.strip() != answer else None
         elif net > 0 or (shortcut and net == 0) or (golden_marks and net >= 0):
             answer, source, rejected = msg.text, ("feedback" if net > 0 else "shortcut"), None
+        elif net < 0 and msg.text.strip() and not golden_marks:
+            # voted down, nothing better taught: no SFT target, but KTO learns it is undesirable
+            answer, source, rejected = None, "rejected", msg.text
+            result.rejected_only += 1
         else:
-            if net < 0:
-                result.rejected_only += 1
-            elif golden_marks:
+            if golden_marks:
                 result.skipped.append(f"message {mid}: marked golden but its answer is voted down and uncorrected")
             continue
         golden = bool(golden_marks)

@@ -129,8 +129,9 @@ def _pair_batches(pairs: list, size: int, seed: int):
 def train_lora(model, encoded: list[Encoded], settings, *, device: torch.device, bf16: bool, pad_id: int,
                checkpoint_dir: Path | None = None, on_step: StepHook | None = None,
                progress: bool = True, n_facts: int | None = None, pairs: list | None = None) -> TrainResult:
-    """SFT on `encoded`; with FLYWHEEL_OBJECTIVE sft+dpo or kto and preference `pairs`, each step
-    also adds FLYWHEEL_PREFERENCE_WEIGHT × the DPO (or KTO) loss of a batch of pairs."""
+    """SFT on `encoded`; with FLYWHEEL_OBJECTIVE sft+dpo (`pairs`: preference.Pair) or kto (`pairs`:
+    preference.Unpaired answers), each step also adds FLYWHEEL_PREFERENCE_WEIGHT × the DPO (or
+    KTO) loss of a batch of them."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     from trainer.preference import dpo_step_loss, kto_step_loss

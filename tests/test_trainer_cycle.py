@@ -225,3 +225,26 @@ def test_two_trainers_at_once_one_runs(env, sqlite_url):
     with session_scope(get_engine(sqlite_url)) as s:
         assert [v.name for v in list_versions(s)] == ["ft-0001"]
         assert [r.status for r in list_runs(s)] == ["succeeded"]
+
+
+@pytest.mark.parametrize("objective, key", [("sft+dpo", "dpo"), ("kto", "kto")])
+def test_a_preference_cycle_trains_on_what_people_voted_down(objective, key, tmp_path, sqlite_url, tiny_model_dir,
+                                                             monkeypatch):
+    """The cycle hands the objective its items from the snapshot: DPO the (taught, voted-down)
+    pairs, KTO also the 👎 nobody corrected; each step's history carries the preference loss."""
+    from store.examples import upsert_example
+    from tests.support.trainer_env import import_facts, tiny_trainer_env
+
+    tiny_trainer_env(monkeypatch, database_url=sqlite_url, model_dir=tiny_model_dir, work=tmp_path,
+                     FLYWHEEL_OBJECTIVE=objective, FLYWHEEL_GATE_MIN_EVAL_ITEMS="1")
+    import_facts(sqlite_url)
+    with session_scope(get_engine(sqlite_url)) as s:
+        upsert_example(s, messages=[{"role": "user", "content": "Who runs payroll?"}], answer="Aino runs payroll.",
+                       rejected_answer="The CEO runs payroll.", source="correction")
+        upsert_example(s, messages=[{"role": "user", "content": "Is the office open on Sunday?"}],
+                       rejected_answer="Yes, every Sunday.", source="rejected")
+    outcome = run_cycle(TrainerSettings())
+    assert outcome.status == "trained", outcome
+    with session_scope(get_engine(sqlite_url)) as s:
+        run = get_run(s, outcome.run_id)
+    assert run.metrics and all(key in m for m in run.metrics), run.metrics

@@ -103,6 +103,7 @@ def _train_and_register(settings: TrainerSettings, snap, run_id: int, lease: Tra
     from trainer.evaluate import eval_memory, evaluate
     from trainer.gate import gate
     from trainer.notes import noted_rows
+    from trainer.preference import preference_items
     from trainer.modeling import add_lora, load_base_model, load_tokenizer, pick_device, use_bf16
     from trainer.report import build_report, write_report
     from trainer.train import clear_checkpoint, save_adapter, train_lora
@@ -129,19 +130,9 @@ def _train_and_register(settings: TrainerSettings, snap, run_id: int, lease: Tra
 
     with session_scope(engine) as s:
         update_run(s, run_id, total_steps=0)
-    pairs = None
-    if settings.objective == "sft+dpo":
-        from trainer.preference import encode_pairs
-
-        pairs = encode_pairs(tokenizer, train_rows, settings.max_length)
-        log.info("preference pairs", objective=settings.objective, pairs=len(pairs))
-    elif settings.objective == "kto":
-        from trainer.preference import encode_unpaired
-
-        rejected = list(snap.dataset["rejected"]) if "rejected" in snap.dataset else []
-        pairs = encode_unpaired(tokenizer, train_rows, rejected, settings.max_length)
-        log.info("preference answers", objective=settings.objective, answers=len(pairs),
-                 undesirable=sum(not p.desirable for p in pairs))
+    pairs = preference_items(settings.objective, tokenizer, snap.dataset, settings.max_length)
+    if pairs is not None:
+        log.info("preference items", objective=settings.objective, items=len(pairs))
     train = train_lora(model, encoded, settings, device=device, bf16=bf16, pad_id=tokenizer.pad_token_id,
                        checkpoint_dir=ckpt, on_step=on_step, n_facts=n_facts, pairs=pairs)
     lease.check()

@@ -120,6 +120,18 @@ def encode_unpaired(tokenizer, rows, rejected_rows, max_length: int) -> list[Unp
     return out
 
 
+def preference_items(objective: str, tokenizer, dataset, max_length: int) -> list | None:
+    """What the objective trains on beside SFT, from a snapshot's DatasetDict: DPO pairs, KTO
+    unpaired answers, or None for SFT alone."""
+    train = list(dataset["train"])
+    if objective == "sft+dpo":
+        return encode_pairs(tokenizer, train, max_length)
+    if objective == "kto":
+        rejected = list(dataset["rejected"]) if "rejected" in dataset else []
+        return encode_unpaired(tokenizer, train, rejected, max_length)
+    return None
+
+
 def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     """One padded batch: the chosen answers, then the rejected ones (as TRL lays them out)."""
     return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)

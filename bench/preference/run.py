@@ -33,7 +33,7 @@ def run(db: Path, objective: str, work: Path, quick: bool) -> dict:
     from trainer.evaluate import eval_memory, evaluate
     from trainer.modeling import add_lora, load_base_model, load_tokenizer
     from trainer.notes import noted_rows
-    from trainer.preference import encode_pairs
+    from trainer.preference import preference_items
     from trainer.settings import TrainerSettings
     from trainer.train import train_lora
 
@@ -49,7 +49,7 @@ def run(db: Path, objective: str, work: Path, quick: bool) -> dict:
     train_rows = list(snap.dataset["train"])
     memory = eval_memory(train_rows, settings)
     encoded, _ = encode_rows(tok, train_rows + noted_rows(train_rows, memory), settings.max_length)
-    pairs = encode_pairs(tok, train_rows, settings.max_length) if objective != "sft" else None
+    pairs = preference_items(objective, tok, snap.dataset, settings.max_length)
     started = time.perf_counter()
     result = train_lora(model, encoded, settings, device=cpu, bf16=False, pad_id=tok.pad_token_id, progress=False,
                         n_facts=sum(1 for r in train_rows if not r["augmented"]), pairs=pairs)

@@ -2,7 +2,7 @@
 on several fact sets, optionally with trainer settings varied (an ablation), one row per run.
 
     .venv/bin/python bench/learning/run.py [--sets bundled team_10 ...] [--variant NAME:K=V,K=V ...]
-                                           [--paraphrases 2] [--quick]
+                                           [--paraphrases 2] [--recheck N] [--quick]
 
 Each run writes demo-output-like files under bench/learning/out/<set>-<variant>/; the table has
 summary[kind][phase] token F1 (phases: before = base, memory = corrections in the memory and no
@@ -25,10 +25,10 @@ def fact_file(name: str) -> Path | None:
     return None if name == "bundled" else FACTS / f"{name}.jsonl"
 
 
-def run_one(name: str, variant: str, env_overrides: dict, paraphrases: int) -> dict:
+def run_one(name: str, variant: str, env_overrides: dict, paraphrases: int, recheck: int = 0) -> dict:
     out = ROOT / "bench" / "learning" / "out" / f"{name}-{variant}"
     cmd = [str(ROOT / ".venv" / "bin" / "flywheel"), "demo", "run", "--output", str(out),
-           "--paraphrases", str(paraphrases)]
+           "--paraphrases", str(paraphrases), "--recheck", str(recheck)]
     if fact_file(name) is not None:
         cmd += ["--facts-file", str(fact_file(name))]
     started = time.monotonic()
@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--variant", nargs="+", default=["default:"],
                     help="NAME:KEY=VAL,KEY=VAL (trainer/bot environment), e.g. none:FLYWHEEL_AUGMENT_TEMPLATES=0")
     ap.add_argument("--paraphrases", type=int, default=2)
+    ap.add_argument("--recheck", type=int, default=0,
+                    help="ask only N sampled facts through the bot again after the week (0: all)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     sets = ["team_10"] if args.quick else args.sets
@@ -63,7 +65,7 @@ def main() -> None:
         vname, _, pairs = spec.partition(":")
         env = dict(p.split("=", 1) for p in pairs.split(",") if p)
         for name in sets:
-            row = run_one(name, vname, env, args.paraphrases)
+            row = run_one(name, vname, env, args.paraphrases, args.recheck)
             rows.append(row)
             s = row.get("summary")
             if s:

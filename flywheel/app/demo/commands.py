@@ -33,6 +33,7 @@ class DemoConfig:
     facts: int | None = None  # first N facts (None: all)
     facts_file: Path | None = None  # JSONL {"question", "answer", "paraphrases"}; None: the bundled company
     paraphrases: int = 2
+    recheck: int | None = None  # facts asked through the bot again after the week (None: all)
     max_tokens: int = 40
     trainer_env: dict = field(default_factory=dict)  # the trainer's defaults fit the data size
     quiet_slack: bool = False
@@ -75,7 +76,8 @@ def demo_env(cfg: DemoConfig, gateway_url: str, slack_api_url: str, vllm_url: st
 def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
     """Play the loop end to end; returns the summary (also written under cfg.output)."""
     from flywheel.app.demo.script import (ask_bot, ask_model, load_facts, make_rows, play_week, production_version,
-                                      render_table, summarize, wait_for_memory, wait_for_production,
+                                      render_table, sample_recheck, summarize, wait_for_memory,
+                                      wait_for_production,
                                       write_results)
     from flywheel.app.demo.workspace import Workspace
     from flywheel.app.demo.slack_double import SlackDouble, SlackSender
@@ -87,6 +89,7 @@ def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
     logs = cfg.output / "logs"
     facts, general = load_facts(cfg.facts, cfg.facts_file)
     rows = make_rows(facts, general, cfg.paraphrases)
+    rechecked = sample_recheck(rows, cfg.recheck)
     slack = SlackDouble(bot_token=BOT_TOKEN, printer=None if cfg.quiet_slack else _admin_channel_printer(say)).start()
     services: list[Service] = []
     vllm = None
@@ -131,9 +134,10 @@ def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
         wait_for_memory(corrections)
         t_week = time.monotonic()
 
+        again = "" if len(rechecked) == len(rows) else f" ({len(rechecked)} of {len(rows)}: {cfg.recheck} facts sampled)"
         say(f"\n▶ Thursday afternoon: the {corrections} corrections are in the memory; the same and "
-            "paraphrased questions again, no retrain yet")
-        ask_bot(ws, rows, "memory", say)
+            f"paraphrased questions again{again}, no retrain yet")
+        ask_bot(ws, rechecked, "memory", say)
         t_memory = time.monotonic()
 
         say("\n▶ Thursday night: the trainer builds the dataset and fine-tunes a LoRA adapter (CPU)")
@@ -154,23 +158,24 @@ def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
             raise ServiceError("the production alias did not move")
         say(f"  the gateway serves {version['name']} as production {swap_s:.1f} s after the command")
 
-        say("\n▶ Friday afternoon: everything again through the bot (adapter + memory)")
-        ask_bot(ws, rows, "after", say)
+        say(f"\n▶ Friday afternoon: the same questions again through the bot (adapter + memory){again}")
+        ask_bot(ws, rechecked, "after", say)
         t_after = time.monotonic()
         say("\n▶ And once more from the adapter alone (memory off, same prompt)")
-        ask_model(rows, cfg.model_dir, say, cfg.max_tokens, adapter=version["adapter_path"], phase="lora_only")
+        ask_model(rechecked, cfg.model_dir, say, cfg.max_tokens, adapter=version["adapter_path"], phase="lora_only")
         summary = summarize(rows)
         if slack.refused:  # the bot sent something Slack would answer with invalid_blocks
             say(f"\n⚠ Slack would have refused {len(slack.refused)} payload(s): {slack.refused[:3]}")
         extra = {"version": version, "swap_s": round(swap_s, 2), "facts_file": str(cfg.facts_file or "bundled"),
-                 "paraphrases": cfg.paraphrases, "corrections": corrections, "refused_by_slack": slack.refused,
+                 "paraphrases": cfg.paraphrases, "corrections": corrections,
+                 "rechecked_rows": len(rechecked), "refused_by_slack": slack.refused,
                  "timings_s": {"before": round(t_before - started, 1), "week": round(t_week - t_before, 1),
                                "memory": round(t_memory - t_week, 1), "train": round(t_train - t_memory, 1),
                                "after": round(t_after - t_train, 1), "lora_only": round(time.monotonic() - t_after, 1),
                                "total": round(time.monotonic() - started, 1)}}
         write_results(cfg.output, rows, extra)
         _copy_report(version, cfg.output)
-        say("\n" + render_table(rows))
+        say("\n" + render_table(rechecked))
         for kind in ("asked", "paraphrase", "general"):
             m = summary[kind]
             say(f"mean token F1, {kind} (n={m['n']}): base {m['before_f1']} → memory {m['memory_f1']} → "
@@ -231,6 +236,8 @@ def run(
     facts_file: Path = typer.Option(None, "--facts-file", help='JSONL of {"question", "answer", "paraphrases": [...]} '
                                     "(default: the bundled fictional company)"),
     paraphrases: int = typer.Option(2, min=0, help="Paraphrases asked per fact (never taught)"),
+    recheck: int = typer.Option(0, min=0, help="After the week, ask only a seeded sample of N facts (their "
+                                "questions and paraphrases) through the bot again (0: all; for large fact sets)"),
 ) -> None:
     """Play a week in a team workspace: ask, react, correct, train, gate, promote, ask again."""
     if backend not in ("transformers", "vllm"):
@@ -250,7 +257,8 @@ def run(
     stop_children_on_sigterm()  # a killed demo stops its gateway, bot and trainer too
     try:
         run_demo(DemoConfig(output=output, model_dir=model, backend=backend, facts=facts or None,
-                            facts_file=facts_file, paraphrases=paraphrases))
+                            facts_file=facts_file, paraphrases=paraphrases,
+                            recheck=recheck or None))
     except (ServiceError, TimeoutError, RuntimeError, ValueError) as exc:
         typer.secho(f"\ndemo failed: {exc}\n(service logs in {output / 'logs'})", fg="red", err=True)
         raise typer.Exit(1)

@@ -46,6 +46,8 @@ class Row:
     truth: str
     kind: str  # asked / paraphrase
     general: bool = False  # a general question (not a team fact)
+    fact: int = -1  # which team fact (its index in the facts); -1 for general questions
+    rechecked: bool = True  # asked through the bot again after the week (see sample_recheck)
     feedback: str = ""
     before: str = ""
     before_f1: float = 0.0
@@ -111,9 +113,9 @@ def load_facts(limit: int | None = None, facts_file: Path | None = None) -> tupl
 
 def make_rows(facts: list[Fact], general: list[Fact], paraphrases: int) -> list[Row]:
     rows = []
-    for fact in facts:
-        rows.append(Row(fact.question, fact.answer, "asked"))
-        rows += [Row(p, fact.answer, "paraphrase") for p in fact.paraphrases[:paraphrases]]
+    for i, fact in enumerate(facts):
+        rows.append(Row(fact.question, fact.answer, "asked", fact=i))
+        rows += [Row(p, fact.answer, "paraphrase", fact=i) for p in fact.paraphrases[:paraphrases]]
     rows += [Row(g.question, g.answer, "asked", general=True) for g in general]
     return rows
 
@@ -206,12 +208,26 @@ def production_version() -> str | None:
         return alias_target(session)
 
 
+def sample_recheck(rows: list[Row], facts: int | None, seed: int = 0) -> list[Row]:
+    """The rows asked through the bot again after the week: every general question and, with
+    `facts`, the questions and paraphrases of a seeded sample of that many facts (a large fact
+    set's every question twice through the bot takes hours on CPU); None: all rows."""
+    taught = sorted({r.fact for r in rows if not r.general})
+    if facts is not None and facts < len(taught):
+        keep = set(random.Random(f"recheck:{seed}").sample(taught, facts))
+        for r in rows:
+            r.rechecked = r.general or r.fact in keep
+    return [r for r in rows if r.rechecked]
+
+
 def summarize(rows: list[Row]) -> dict:
     """summary[kind][phase] for kind in asked/paraphrase, phase in {before,memory,after,lora_only}_f1
-    (team facts only), plus the general questions under "general"."""
+    (team facts only), plus the general questions under "general"; every phase over the same rows
+    (those asked through the bot again, see sample_recheck)."""
     def mean(xs):
         return round(sum(xs) / len(xs), 3) if xs else None
 
+    rows = [r for r in rows if r.rechecked]
     out: dict = {}
     for kind in KINDS:
         sel = [r for r in rows if r.kind == kind and not r.general]
@@ -236,7 +252,7 @@ def render_table(rows: list[Row], width: int = 30) -> str:
 
 def write_results(out_dir: Path, rows: list[Row], extra: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "before_after.md").write_text(render_table(rows) + "\n")
+    (out_dir / "before_after.md").write_text(render_table([r for r in rows if r.rechecked]) + "\n")
     (out_dir / "results.json").write_text(json.dumps(
         {"summary": summarize(rows), **extra, "rows": [asdict(r) for r in rows]}, indent=2, default=str) + "\n")
 

@@ -142,6 +142,21 @@ def test_feedback_target_rules(session):
     label_rows = [e for e in list_examples(s) if e.label]
     assert [(e.messages[-1]["content"], e.label) for e in label_rows] == [("my invoice is wrong", "billing")]
 
+    # An apology (the bot failed) is not an answer the model gave: a 👎 on it is no preference
+    # signal, and a correction under it teaches the answer without a pair.
+    Thread.n += 1
+    q = record_message(s, channel="C1", ts=f"{1700000000 + Thread.n * 10}.000100", thread_ts=None, role="user",
+                       text="what is the vpn address?", author="U1")
+    sorry = record_message(s, channel="C1", ts=f"{1700000000 + Thread.n * 10 + 1}.000100", thread_ts=q.ts,
+                           role="assistant", text="Sorry, I could not answer that.", error="deadline")
+    upsert_vote(s, message_id=sorry.id, user="U2", kind="reaction", value="down")
+    derive_examples(s)
+    assert "what is the vpn address?" not in _by_question(s)
+    upsert_vote(s, message_id=sorry.id, user="U2", kind="correction", value="correction", correction="vpn.example.org")
+    derive_examples(s)
+    vpn = _by_question(s)["what is the vpn address?"]
+    assert (vpn.source, vpn.answer, vpn.rejected_answer) == ("correction", "vpn.example.org", None)
+
     # A correction arriving later supersedes the bare 👎: the rejected-only item is excluded.
     down.vote("U3", "correction", kind="correction", correction="Nobody owns the cat.")
     derive_examples(s)

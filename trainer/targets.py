@@ -156,10 +156,11 @@ def derive_examples(session: Session, *, context_turns: int = 6) -> Derivation:
             continue
         if correction is not None:
             answer, source = correction.correction.strip(), "correction"
-            rejected = msg.text if msg.text.strip() != answer else None
+            # an apology (a failed answer) is not something the model said: no pair from it
+            rejected = msg.text if msg.text.strip() != answer and not msg.error else None
         elif net > 0 or (shortcut and net == 0) or (golden_marks and net >= 0):
             answer, source, rejected = msg.text, ("feedback" if net > 0 else "shortcut"), None
-        elif net < 0 and msg.text.strip() and not golden_marks:
+        elif net < 0 and msg.text.strip() and not golden_marks and not msg.error:
             # voted down, nothing better taught: no SFT target, but KTO learns it is undesirable
             answer, source, rejected = None, "rejected", msg.text
             result.rejected_only += 1

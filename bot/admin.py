@@ -279,8 +279,7 @@ class Admin:
         lines = [f"*Production:* `{prod or 'base model'}`. {self._live(prod)}",
                  "*Last runs:* " + ("; ".join(run_line(r) for r in runs) if runs else "none yet"),
                  (f"*Data:* {questions} questions, {answers} answers, {votes} feedback "
-                  f"({feedback_summary(feedback)}), {examples.get('total', 0)} examples "
-                  f"({examples.get('golden', 0)} golden)")]
+                  f"({feedback_summary(feedback)}), {examples_summary(examples)}")]
         return Reply("\n".join(lines))
 
     def versions(self, page: str = "1") -> Reply:
@@ -325,6 +324,15 @@ def _loggable(target: str) -> str:
     """A version name or an alias as typed, anything else not at all: logs hold no typed text
     (the audit row, which admins read, keeps it)."""
     return target if VERSION_NAME.fullmatch(target or "") or target in ALIASES else "(not a version name)"
+
+
+def examples_summary(counts: dict[str, int]) -> str:
+    """count_examples' {"import": 3, "rejected": 2, "golden": 1, "total": 5, ...} → "3 examples (1
+    golden), 2 voted-down answers": the voted-down answers nobody corrected are no training target
+    (only KTO uses them), so they are not counted as examples."""
+    rejected = counts.get("rejected", 0)
+    text = f"{counts.get('total', 0) - rejected} examples ({counts.get('golden', 0)} golden)"
+    return text + (f", {rejected} voted-down answers kept for preference training" if rejected else "")
 
 
 def feedback_summary(counts: dict[str, int]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web import WebClient
 
-from bot.admin import feedback_summary, run_line
+from bot.admin import examples_summary, feedback_summary, run_line
 from bot.blocks import mrkdwn, plain
 from bot.channels import ChannelVisibility
 from bot.settings import BotSettings
@@ -38,7 +38,7 @@ def _team_blocks(o, worst) -> list[dict]:
     out = [
         {"type": "section", "fields": [
             mrkdwn(f"*Questions*\n{o.questions}"), mrkdwn(f"*Answers*\n{o.answers}"),
-            mrkdwn(f"*Examples*\n{o.examples.get('total', 0)} ({o.examples.get('golden', 0)} golden)"),
+            mrkdwn(f"*Examples*\n{examples_summary(o.examples)}"),
             mrkdwn(f"*Feedback*\n{feedback_summary(o.feedback)}"),
         ]},
         {"type": "divider"},

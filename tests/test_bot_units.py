@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from bot.admin import CommandError, feedback_summary, parse
+from bot.admin import CommandError, examples_summary, feedback_summary, parse
 from bot.blocks import SECTION_LIMIT, answer_blocks, sections
 from bot.feedback import Feedback
 from bot.reports import metrics_table
@@ -88,6 +88,13 @@ def test_blocks_split_long_answers_and_carry_the_version():
     shown = answer_blocks("a < b", model_version="ft-0007", latency_ms=1234, style="buttons")
     assert shown[0]["text"]["text"] == "a &lt; b" and "ft-0007" in shown[1]["elements"][0]["text"]
     assert [e["action_id"] for e in shown[2]["elements"]] == ["vote_up", "vote_down"]
+
+
+def test_voted_down_answers_are_not_counted_as_examples():
+    assert examples_summary({"import": 3, "correction": 2, "golden": 1, "total": 5}) == "5 examples (1 golden)"
+    assert examples_summary({"import": 3, "rejected": 2, "golden": 1, "total": 5}) == (
+        "3 examples (1 golden), 2 voted-down answers kept for preference training")
+    assert examples_summary({}) == "0 examples (0 golden)"
 
 
 def test_metrics_table_and_feedback_summary():

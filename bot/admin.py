@@ -114,10 +114,8 @@ class Admin:
             target = args[0] if args else PRODUCTION
             return self.admin_action(user, name, target, lambda: self._dispatch(user, name, args, force),
                                      detail={"command": text})
-        handler = {"help": lambda: Reply(HELP), "status": self.status, "versions": self.versions,
+        handler = {"help": lambda: Reply(HELP), "status": self.status, "versions": lambda: self.versions(*args[:1]),
                    "history": self.history, "watch": self.watch}.get(name)
-        if name == "versions" and args:
-            return self.versions(args[0])
         if name == "review" and self.review is not None:
             return self.review.pending_reply(user)
         if handler is None:

@@ -143,7 +143,7 @@ def test_kto_learns_from_a_downvote_nobody_corrected(tiny_model_dir):
     liked = [{"messages": r["messages"], "answer": r["answer"], "source": "correction"} for r in ROWS]
     downvoted = [{"messages": [{"role": "user", "content": "Is the office open on Sunday?"}], "answer": None,
                   "rejected_answer": "Yes, the office is open every Sunday night.", "source": "rejected"}]
-    items = encode_unpaired(tok, liked, downvoted, 512)
+    items = encode_unpaired(tok, liked + downvoted, 512)
     assert [it.desirable for it in items] == [True] * 3 + [False]
     bad = collate([items[-1].answer], tok.pad_token_id)
     encoded, _ = encode_rows(tok, liked, 512)

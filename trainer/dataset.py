@@ -98,7 +98,7 @@ def _clean_example(ex: Example, prompt: PromptSettings, redactions: Counter, max
     def fix_target(text):
         return fix(normalize(text, bot_user_id=prompt.bot_user_id)) if text else None
 
-    def fix_rejected(text):  # only exported, never trained: an over-long one is left out, not the item
+    def fix_rejected(text):  # a pair's rejected side: an over-long one is left out, not the item
         try:
             return fix_target(text)
         except _TooLong:
@@ -108,17 +108,13 @@ def _clean_example(ex: Example, prompt: PromptSettings, redactions: Counter, max
     messages = build_messages(ex.messages, prompt if ex.label is None else _bare(prompt), clean=fix)
     answer = fix_target(ex.answer) if ex.answer is not None else None
     label = (ex.label or "").strip() or None
-    if ex.source == "rejected":  # only the voted-down answer: over-long, it is dropped whole
-        answer, rejected = None, fix_target(ex.rejected_answer)
-        if not messages or messages[-1]["role"] != "user" or not rejected:
-            return None
-        return {"example_id": ex.id, "messages": messages, "answer": None, "label": None,
-                "rejected_answer": rejected, "source": ex.source, "golden": False, "augmented": False,
-                "parent": None, "updated": ex.updated_at.isoformat() if ex.updated_at else "", "by_admin": False}
-    if not messages or messages[-1]["role"] != "user" or (answer is None and label is None) or (label is None and not answer):
+    rejected_only = ex.source == "rejected"  # only the voted-down answer: over-long, it is dropped whole
+    rejected = fix_target(ex.rejected_answer) if rejected_only else fix_rejected(ex.rejected_answer)
+    target = rejected if rejected_only else (label or answer)
+    if not messages or messages[-1]["role"] != "user" or not target:
         return None
     return {"example_id": ex.id, "messages": messages, "answer": answer, "label": label,
-            "rejected_answer": fix_rejected(ex.rejected_answer), "source": ex.source, "golden": bool(ex.golden),
+            "rejected_answer": rejected, "source": ex.source, "golden": bool(ex.golden),
             "augmented": ex.source == "augmented", "parent": (ex.provenance or {}).get("augmented_from"),
             "updated": ex.updated_at.isoformat() if ex.updated_at else "",
             "by_admin": bool((ex.provenance or {}).get("by_admin"))}
@@ -316,8 +312,8 @@ def export_jsonl(split: Dataset, path: Path) -> int:
     a rejected-only item has no target: its messages end with the question."""
     with path.open("w", encoding="utf-8") as fh:
         for row in split:
-            target = row["answer"] if row["answer"] is not None else row["label"]
-            record = {"messages": [*row["messages"], *([{"role": "assistant", "content": target}] if target else [])]}
+            target = [{"role": "assistant", "content": row["answer"]}] if row["answer"] else []  # labels: set above
+            record = {"messages": [*row["messages"], *target]}
             for key in ("label", "rejected_answer", "source", "golden", "augmented", "example_id"):
                 if row[key] is not None:
                     record[key] = row[key]

@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from trainer.preference import is_pair
+from trainer.preference import is_pair, unpaired_answers
 
 FORMATS = ("chat", "openai", "openai-preference", "trl-dpo", "trl-kto")
 PREFERENCE_FORMATS = ("openai-preference", "trl-dpo")
@@ -44,13 +44,8 @@ def records(rows: Iterable[dict], fmt: str) -> Iterator[dict]:
         prompt = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
         target = _target(row)
         if fmt == "trl-kto":
-            if row.get("label") and not row.get("answer"):
-                continue  # a class label is not an answer anyone liked or disliked
-            if row.get("answer"):
-                yield {"prompt": prompt, "completion": _assistant(row["answer"]), "label": True}
-            rejected = row.get("rejected_answer")
-            if rejected and (rejected or "").strip() != (row.get("answer") or "").strip():
-                yield {"prompt": prompt, "completion": _assistant(rejected), "label": False}
+            yield from ({"prompt": prompt, "completion": _assistant(answer), "label": good}
+                        for _m, answer, good in unpaired_answers([row]))
         elif fmt in PREFERENCE_FORMATS:
             if not is_pair(row):
                 continue

@@ -99,17 +99,25 @@ def encode_pairs(tokenizer, rows, max_length: int) -> list[Pair]:
     return out
 
 
-def encode_unpaired(tokenizer, rows, rejected_rows, max_length: int) -> list[Unpaired]:
-    """KTO's items: each answer in `rows` (not class labels) desirable, each different rejected
-    answer there and each one in `rejected_rows` (voted down, nothing taught) undesirable."""
-    found: list[tuple[list[dict], str, bool]] = []
+def unpaired_answers(rows) -> list[tuple[list[dict], str, bool]]:
+    """(messages, answer, desirable) for KTO: each taught or liked answer desirable, each
+    different voted-down one undesirable (a pair's rejected side, or a rejected-only row's);
+    class labels are no answer anyone liked or disliked."""
+    out = []
     for row in rows:
-        if row.get("source") == "label" or not row.get("answer"):
+        if row.get("label"):
             continue
-        found.append((row["messages"], row["answer"], True))
-        if is_pair(row):
-            found.append((row["messages"], row["rejected_answer"], False))
-    found += [(r["messages"], r["rejected_answer"], False) for r in rejected_rows if r.get("rejected_answer")]
+        if row.get("answer"):
+            out.append((row["messages"], row["answer"], True))
+        if is_pair(row) or (not row.get("answer") and row.get("rejected_answer")):
+            out.append((row["messages"], row["rejected_answer"], False))
+    return out
+
+
+def encode_unpaired(tokenizer, rows, max_length: int) -> list[Unpaired]:
+    """KTO's items from snapshot rows (the train split and the rejected split), all within
+    max_length; each with its prompt and another liked answer for the KL term."""
+    found = unpaired_answers(rows)
     liked = [answer for _m, answer, good in found if good] or [answer for _m, answer, _g in found]
     out = []
     for i, (messages, answer, good) in enumerate(found):
@@ -128,7 +136,7 @@ def preference_items(objective: str, tokenizer, dataset, max_length: int) -> lis
         return encode_pairs(tokenizer, train, max_length)
     if objective == "kto":
         rejected = list(dataset["rejected"]) if "rejected" in dataset else []
-        return encode_unpaired(tokenizer, train, rejected, max_length)
+        return encode_unpaired(tokenizer, train + rejected, max_length)
     return None
 
 

@@ -120,9 +120,9 @@ def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
         sender = SlackSender(f"http://127.0.0.1:{bot_port}/slack/events", SIGNING_SECRET, double=slack)
         ws = Workspace(sender, slack, admin=ADMIN)
 
-        say(f"\n▶ Monday morning: the base model's answers to all {len(rows)} questions (taught ones, "
+        say(f"\n▶ Monday morning: the base model's answers to all {len(rechecked)} questions (taught ones, "
             f"{cfg.paraphrases} paraphrase(s) each nobody teaches, general ones), for comparison")
-        ask_model(rows, cfg.model_dir, say, cfg.max_tokens)
+        ask_model(rechecked, cfg.model_dir, say, cfg.max_tokens)
         t_before = time.monotonic()
         asked = sum(r.kind == "asked" for r in rows)
         say(f"\n▶ Monday–Thursday: the team asks {asked} questions; 👍 good answers, 👎 and correct bad ones")

@@ -1,36 +1,56 @@
 """The OpenAI-compatible routes: chat completions, completions, models.
 
-Each request: limits (gateway.limits), a turn from admission (429 when the line is full), the
-version it may name, then the backend. Until the response starts, a client that hangs up
-cancels all of it, generation included (gateway.disconnect); once streaming, Starlette does."""
+Each request: the body validated (_parse), limits (gateway.limits), a turn from admission (429
+when the line is full), the version it may name, then the backend. Until the response starts, a
+client that hangs up cancels all of it, generation included (gateway.disconnect); once
+streaming, Starlette does. JSON is encoded with orjson (about 20x faster than json here)."""
 from __future__ import annotations
 
-import json
 import time
 
 import anyio
+import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 
 from flywheel.logs import get_logger
 from gateway.auth import is_admin, require_api_key
+from gateway.backends.base import Endpoint
 from gateway.disconnect import unless_disconnected
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, bad_request
 from gateway.limits import apply_limits
 from gateway.registry import BASE, PRODUCTION
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.sse import DONE, event
 
 VERSION_HEADER = "X-Flywheel-Model-Version"
 log = get_logger("gateway.requests")
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
-def _sse(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+def _is_json(content_type: str) -> bool:
+    mime = content_type.partition(";")[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
-def _count_tokens(gw, label: str, body: dict) -> None:
-    usage = body.get("usage") or {}
+async def _parse(request: Request, schema: type[BaseModel]):
+    """The body, validated by the schema straight from the bytes by pydantic's own JSON parser:
+    one pass, no dict in between. Measured as cheap as orjson.loads + validation (about 2 µs for
+    a chat request either way, json.loads + validation 4 µs), and exact for integers past 64
+    bits, which orjson.loads turns into floats (a `seed` would silently change). Errors reach
+    the handler FastAPI's own validation errors go to (same shape); like FastAPI, a body not
+    sent as JSON is refused."""
+    if not _is_json(request.headers.get("content-type", "")):
+        raise bad_request("the body must be sent as JSON (a JSON Content-Type header)", code="invalid_request")
+    try:
+        return schema.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+def _count_tokens(gw, label: str, usage: dict | None) -> None:
     if usage:
         gw.metrics.tokens.labels("prompt", label).inc(usage.get("prompt_tokens") or 0)
         gw.metrics.tokens.labels("completion", label).inc(usage.get("completion_tokens") or 0)
@@ -49,7 +69,9 @@ async def _serve(request: Request, endpoint: str, req) -> Response:
     path = f"/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}"
     try:
         apply_limits(req, gw.settings)
-        turn = await unless_disconnected(request, gw.admission.acquire())
+        turn = gw.admission.try_acquire()
+        if turn is None:
+            turn = await unless_disconnected(request, gw.admission.acquire())
     except GatewayError as exc:
         gw.metrics.requests.labels(path, "none", str(exc.status)).inc()
         raise
@@ -101,11 +123,11 @@ async def _run(request: Request, gw, endpoint: str, path: str, req, turn: float)
                 _log_failure(path, label, exc)
                 raise
             body["model"] = label
-            _count_tokens(gw, label, body)
+            _count_tokens(gw, label, body.get("usage"))
             metrics.requests.labels(path, label, "200").inc()
             metrics.latency.labels(path, "false").observe(time.perf_counter() - started)
-            return JSONResponse(body, headers=headers)
-        chunks = gw.backend.stream(version, endpoint, req)
+            return Response(orjson.dumps(body), media_type="application/json", headers=headers)
+        chunks = gw.backend.sse(version, endpoint, req, label)
         try:  # errors found before the first chunk still get a proper status code
             first = await chunks.__anext__()
         except GatewayError as exc:
@@ -139,21 +161,22 @@ async def _run(request: Request, gw, endpoint: str, path: str, req, turn: float)
         with anyio.CancelScope(shield=True):
             await chunks.aclose()
 
+    def counted(item: tuple[bytes, dict | None]) -> bytes:
+        data, usage = item
+        _count_tokens(gw, label, usage)
+        return data
+
     async def body_iter():
         nonlocal status
         try:
-            first["model"] = label
-            yield _sse(first)
-            async for chunk in chunks:
-                chunk["model"] = label
-                if chunk.get("usage"):
-                    _count_tokens(gw, label, chunk)
-                yield _sse(chunk)
-            yield b"data: [DONE]\n\n"
+            yield counted(first)
+            async for item in chunks:
+                yield counted(item)
+            yield DONE
         except GatewayError as exc:  # mid-stream: headers are gone, report in OpenAI's stream style
             status = str(exc.status)
             _log_failure(path, label, exc)
-            yield _sse(exc.body())
+            yield event(exc.body())
         finally:
             await close()
 
@@ -177,14 +200,22 @@ class _Stream(StreamingResponse):
                 await self._close()
 
 
-@router.post("/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, request: Request):
-    return await _serve(request, "chat", req)
+def _completions_route(endpoint: Endpoint, schema: type[BaseModel]):
+    async def handle(request: Request) -> Response:
+        await require_api_key(request)
+        return await _serve(request, endpoint, await _parse(request, schema))
+
+    return handle
 
 
-@router.post("/completions")
-async def completions(req: CompletionRequest, request: Request):
-    return await _serve(request, "completions", req)
+def install_routes(app) -> None:
+    """/v1/models through the router; the two completion routes as plain Starlette routes, which
+    check the API key first, as the router's dependency does: FastAPI's per-route machinery
+    (dependency solving, parameters) cost ~25 µs a request, a tenth of the gateway's own CPU.
+    (So they are not in /openapi.json.)"""
+    app.include_router(router)
+    app.add_route("/v1/chat/completions", _completions_route("chat", ChatCompletionRequest), methods=["POST"])
+    app.add_route("/v1/completions", _completions_route("completions", CompletionRequest), methods=["POST"])
 
 
 @router.get("/models")

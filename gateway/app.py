@@ -7,7 +7,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.api import router as openai_router
+from gateway.api import install_routes
 from gateway.auth import require_admin
 from gateway.errors import install_handlers, unavailable
 from gateway.service import Gateway
@@ -29,7 +29,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app = FastAPI(title="Flywheel gateway", version="0.1.0", lifespan=lifespan)
     install_handlers(app)
-    app.include_router(openai_router)
+    install_routes(app)
 
     @app.get("/healthz")
     async def healthz():

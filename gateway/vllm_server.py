@@ -71,8 +71,10 @@ class VLLMServer:
     def __init__(self, model_dir: Path | str, *, served_name: str | None = None, port: int | None = None,
                  max_lora_rank: int = 16, max_loras: int = 2, max_model_len: int = 1024,
                  kv_cache_gb: int = 2, venv: Path | str | None = None, extra_args: list[str] | None = None,
-                 die_with_parent: bool = True):
-        """`die_with_parent`: stop vLLM when this process dies without calling stop() (POSIX)."""
+                 die_with_parent: bool = True, cpus: set[int] | None = None):
+        """`die_with_parent`: stop vLLM when this process dies without calling stop() (POSIX).
+        `cpus`: run vLLM (API server, engine core, workers) on these CPUs only (Linux, taskset),
+        so a benchmark can keep it off the cores the gateway and the load generator use."""
         self.model_dir = Path(model_dir).resolve()
         self.served_name = served_name or self.model_dir.name
         self.port = port or free_port()
@@ -87,6 +89,8 @@ class VLLMServer:
         self.env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                     "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb), "HF_HUB_OFFLINE": "1",
                     "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        if cpus:  # taskset pins before it execs vLLM: every process vLLM starts inherits the affinity
+            self.args = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *self.args]
         self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen | None = None
         self.watchdog: subprocess.Popen | None = None

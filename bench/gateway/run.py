@@ -1,12 +1,18 @@
-"""Gateway benchmark: latency and throughput through the gateway vs direct to vLLM, and the time
-from a production alias change to the first response served by the new version.
+"""Gateway benchmark: latency and throughput through the gateway vs direct to vLLM, the gateway's
+CPU per request, and the time from a production alias change to the first response served by the
+new version.
 
-    .venv/bin/python bench/gateway/run.py [--model models/tiny-llama] [--concurrency 1,4,16]
+    .venv/bin/python bench/gateway/run.py [--quick] [--model models/tiny-llama] [--concurrency 1,4,16]
 
 Starts (or uses --vllm-url) one vLLM server, a gateway process (vllm backend) in front of it,
-a throwaway SQLite store and PEFT adapters, then prints a table and a final `RESULT {json}` line
-with the swap times and the rollback target (under 5 s: the previous version stays loaded).
-Prints numbers; not a test."""
+a throwaway SQLite store and PEFT adapters. vLLM runs on CPU 0, the gateway and the load
+generator on CPU 1 (--pin), so the gateway's CPU shows as its own cost rather than as time taken
+from the engine. Runs alternate direct/gateway per concurrency level. Prints a table and, last,
+one `RESULT {json}` line: p50_added_ms and throughput_loss (a fraction) at concurrency 1 and per
+level, cpu_ms_per_request (gateway process CPU over all gateway requests; `_net` without its
+idle background: the store poll every 2 s), the swap times and the rollback target (under 5 s:
+the previous version stays loaded). --quick: 60 requests per run instead of 200 (under a minute
+on 2 cores, vLLM's start included). Prints numbers; not a test."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,20 +57,23 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def load(url: str, model: str, concurrency: int, total: int, max_tokens: int) -> dict:
-    """`concurrency` workers share `total` chat completions; returns latencies and throughput."""
+    """`concurrency` workers share `total` chat completions; returns latencies and throughput.
+    aiohttp, not httpx: a lighter client leaves more of the shared core to the gateway."""
     latencies: list[float] = []
     failures = 0
     remaining = total
-    body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    body = json.dumps({"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0}).encode()
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as client:
         async def worker():
             nonlocal remaining, failures
             while remaining > 0:
                 remaining -= 1
                 started = time.perf_counter()
-                resp = await client.post(f"{url}/v1/chat/completions", json=body)
-                if resp.status_code == 200:
+                async with client.post(f"{url}/v1/chat/completions", data=body, headers=headers) as resp:
+                    await resp.read()
+                if resp.status == 200:
                     latencies.append(time.perf_counter() - started)
                 else:
                     failures += 1
@@ -71,7 +81,7 @@ async def load(url: str, model: str, concurrency: int, total: int, max_tokens: i
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return {"lat": latencies, "failures": failures, "rps": len(latencies) / wall}
+    return {"lat": latencies, "failures": failures, "rps": len(latencies) / wall, "wall": wall}
 
 
 async def swap_time(gateway: str, target: str | None, push: bool, timeout_s: float = 30.0) -> tuple[float, int, int]:
@@ -130,46 +140,68 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def row(name: str, r: dict) -> str:
+def summary(r: dict) -> dict:
     lat = [x * 1000 for x in r["lat"]]
-    return (f"{name:<9} p50 {statistics.median(lat):8.2f} ms  p99 {pct(lat, 0.99):8.2f} ms  "
-            f"{r['rps']:8.1f} req/s  failures {r['failures']}")
+    return {"p50_ms": round(statistics.median(lat), 3), "p99_ms": round(pct(lat, 0.99), 3),
+            "rps": round(statistics.mean(r["rps"]), 1), "failures": r["failures"]}
 
 
-async def bench(args, vllm_url: str, gateway: str, base_name: str, gateway_pid: int) -> None:
+def idle_cpu_ms_per_s(gateway_pid: int, seconds: float) -> float:
+    """The gateway's CPU with no traffic (its store poll, health checks), to tell apart from
+    what requests cost."""
+    before = process_cpu_s(gateway_pid)
+    time.sleep(seconds)
+    return (process_cpu_s(gateway_pid) - before) / seconds * 1000
+
+
+async def bench(args, vllm_url: str, gateway: str, base_name: str, gateway_pid: int, idle_ms_s: float) -> dict:
     print(f"\n## Latency and throughput: chat completions, max_tokens={args.max_tokens}, "
           f"{args.requests} requests per run, runs alternate direct/gateway x{args.rounds}")
+    levels = {}
+    total_cpu = total_wall = total_served = 0.0
     for conc in args.concurrency:
-        await load(vllm_url, base_name, conc, conc * 4, args.max_tokens)  # warm up both paths
-        await load(gateway, "production", conc, conc * 4, args.max_tokens)
-        merged = {"direct": {"lat": [], "failures": 0, "rps": []}, "gateway": {"lat": [], "failures": 0, "rps": []}}
-        cpu = 0.0
+        warm = conc * (2 if args.quick else 4)
+        await load(vllm_url, base_name, conc, warm, args.max_tokens)  # warm up both paths
+        await load(gateway, "production", conc, warm, args.max_tokens)
+        merged = {name: {"lat": [], "failures": 0, "rps": []} for name in ("direct", "gateway")}
+        cpu = wall = 0.0
         for _ in range(args.rounds):
             for name, url, model in (("direct", vllm_url, base_name), ("gateway", gateway, "production")):
                 before = process_cpu_s(gateway_pid)
                 r = await load(url, model, conc, args.requests, args.max_tokens)
                 if name == "gateway":
                     cpu += process_cpu_s(gateway_pid) - before
+                    wall += r["wall"]
                 merged[name]["lat"] += r["lat"]
                 merged[name]["failures"] += r["failures"]
                 merged[name]["rps"].append(r["rps"])
+        d, g = summary(merged["direct"]), summary(merged["gateway"])
+        served = args.requests * args.rounds
+        total_cpu, total_wall, total_served = total_cpu + cpu, total_wall + wall, total_served + served
+        level = {"direct": d, "gateway": g, "p50_added_ms": round(g["p50_ms"] - d["p50_ms"], 3),
+                 "throughput_loss": round(1 - g["rps"] / d["rps"], 4),
+                 "cpu_ms_per_request": round(cpu / served * 1000, 3),
+                 "cpu_ms_per_request_net": round((cpu * 1000 - idle_ms_s * wall) / served, 3)}
+        levels[str(conc)] = level
         print(f"\nconcurrency {conc}")
-        results = {}
-        for name in ("direct", "gateway"):
-            m = merged[name]
-            results[name] = {"lat": m["lat"], "failures": m["failures"], "rps": statistics.mean(m["rps"])}
-            print("  " + row(name, results[name]))
-        d, g = results["direct"], results["gateway"]
-        added = (statistics.median(g["lat"]) - statistics.median(d["lat"])) * 1000
-        loss = (1 - g["rps"] / d["rps"]) * 100
-        print(f"  gateway adds {added:+.2f} ms at p50, throughput change {-loss:+.1f}%, gateway process CPU "
-              f"{cpu / (args.requests * args.rounds) * 1000:.2f} ms per request, load average {os.getloadavg()[0]:.1f}")
+        for name, s in (("direct", d), ("gateway", g)):
+            print(f"  {name:<9} p50 {s['p50_ms']:8.2f} ms  p99 {s['p99_ms']:8.2f} ms  {s['rps']:8.1f} req/s  "
+                  f"failures {s['failures']}")
+        print(f"  gateway adds {level['p50_added_ms']:+.2f} ms at p50, throughput change "
+              f"{-level['throughput_loss'] * 100:+.1f}%, gateway process CPU {level['cpu_ms_per_request']:.3f} ms "
+              f"per request ({level['cpu_ms_per_request_net']:.3f} without its idle {idle_ms_s:.1f} ms/s), "
+              f"load average {os.getloadavg()[0]:.1f}")
+    first = levels[str(args.concurrency[0])]
+    return {"p50_added_ms": first["p50_added_ms"], "throughput_loss": first["throughput_loss"],
+            "at_concurrency": args.concurrency[0], "cpu_ms_per_request": round(total_cpu / total_served * 1000, 3),
+            "cpu_ms_per_request_net": round((total_cpu * 1000 - idle_ms_s * total_wall) / total_served, 3),
+            "idle_cpu_ms_per_s": round(idle_ms_s, 2), "levels": levels}
 
 
 ROLLBACK_TARGET_S = 5.0  # a rollback to the kept previous version needs no load (was a test assertion)
 
 
-async def swaps(gateway: str) -> None:
+async def swaps(gateway: str) -> dict:
     print("\n## Alias change -> first response from the new version (requests keep flowing)")
     measured = {}
     for key, label, target, push in (("poll_new", "poll (2 s interval), new adapter", "ft-0001", False),
@@ -180,8 +212,16 @@ async def swaps(gateway: str) -> None:
         measured[key] = {"s": round(seconds, 3), "requests": sent, "failed": failures}
         print(f"  {label:<42} {seconds * 1000:8.1f} ms  ({sent} requests, {failures} failed)")
     rollback = measured["sync_rollback"]["s"]
-    print("RESULT " + json.dumps({"swaps": measured, "target_rollback_s": ROLLBACK_TARGET_S,
-                                  "rollback_ok": rollback < ROLLBACK_TARGET_S}))
+    return {"swaps": measured, "target_rollback_s": ROLLBACK_TARGET_S, "rollback_ok": rollback < ROLLBACK_TARGET_S}
+
+
+def cpu_list(text: str) -> set[int]:
+    """CPU ids in taskset's list format: 0-2,5 -> {0, 1, 2, 5}."""
+    cpus = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 def main() -> None:
@@ -189,12 +229,22 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "tiny-llama")
     parser.add_argument("--vllm-url", help="use this running vLLM server (started with --enable-lora)")
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--requests", type=int, default=200, help="requests per run")
+    parser.add_argument("--requests", type=int, default=None, help="requests per run (200; 60 with --quick)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating direct/gateway runs per level")
     parser.add_argument("--max-tokens", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="fewer requests and a shorter idle measurement")
+    parser.add_argument("--pin", default="0:1", help="VLLM_CPUS:GATEWAY_CPUS, e.g. 0-5:6,7 ('none': no pinning); "
+                        "the load generator shares the gateway's CPUs")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.requests = args.requests or (60 if args.quick else 200)
     args.model = args.model.resolve()
+    vllm_cpus = gateway_cpus = None
+    if args.pin != "none":
+        vllm_cpus, gateway_cpus = (cpu_list(part) for part in args.pin.split(":"))
+        if not (vllm_cpus | gateway_cpus) <= os.sched_getaffinity(0):
+            parser.error(f"--pin {args.pin}: this machine offers CPUs {sorted(os.sched_getaffinity(0))} (or --pin none)")
+        os.sched_setaffinity(0, gateway_cpus)  # this process, and the gateway it starts, inherit it
     work = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
     db_url = f"sqlite:///{work / 'flywheel.db'}"
     os.environ["FLYWHEEL_DATABASE_URL"] = db_url
@@ -220,16 +270,21 @@ def main() -> None:
         vllm_url = args.vllm_url.rstrip("/")
     else:
         started = time.perf_counter()
-        vllm = VLLMServer(args.model).start()
+        vllm = VLLMServer(args.model, cpus=vllm_cpus).start()
         vllm_url = vllm.url
         print(f"vLLM server ready in {time.perf_counter() - started:.1f} s")
     base_name = next(m["id"] for m in httpx.get(f"{vllm_url}/v1/models").json()["data"] if not m.get("parent"))
     proc = None
     try:
         proc, gateway = start_gateway(args, vllm_url, base_name, adapters, db_url, work)
-        print(f"model {args.model.name}, vLLM {vllm_url}, gateway {gateway}, {os.cpu_count()} CPUs")
-        asyncio.run(bench(args, vllm_url, gateway, base_name, proc.pid))
-        asyncio.run(swaps(gateway))
+        cpus = f"gateway and load generator on CPUs {sorted(os.sched_getaffinity(proc.pid))}"
+        if vllm is not None:
+            cpus += f", vLLM on {sorted(os.sched_getaffinity(vllm.proc.pid))}"
+        print(f"model {args.model.name}, vLLM {vllm_url}, gateway {gateway}, {os.cpu_count()} CPUs, {cpus}")
+        idle = idle_cpu_ms_per_s(proc.pid, 4 if args.quick else 10)
+        result = asyncio.run(bench(args, vllm_url, gateway, base_name, proc.pid, idle))
+        result.update(asyncio.run(swaps(gateway)), quick=args.quick, pin=args.pin, model=args.model.name)
+        print("RESULT " + json.dumps(result), flush=True)
     finally:
         if proc is not None:
             proc.terminate()

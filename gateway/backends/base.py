@@ -1,15 +1,18 @@
 """The interface every serving engine implements: generate, stream, load and unload adapters.
 
 `version` is an immutable adapter version name, or None for the base model. Requests are the
-validated pydantic bodies; results are OpenAI-shaped dicts (the app stamps the `model` field)."""
+validated pydantic bodies; results are OpenAI-shaped dicts (the app stamps the `model` field),
+streams reach the client through sse()."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Literal
 
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.sse import event
 
 Endpoint = Literal["chat", "completions"]
 Request = ChatCompletionRequest | CompletionRequest
@@ -42,9 +45,19 @@ class Backend(ABC):
     async def generate(self, version: str | None, endpoint: Endpoint, req: Request) -> dict:
         """One whole completion, OpenAI-shaped."""
 
-    @abstractmethod
     def stream(self, version: str | None, endpoint: Endpoint, req: Request) -> AsyncIterator[dict]:
-        """OpenAI chunks; errors found before the first chunk are raised from the first step."""
+        """OpenAI chunks; errors found before the first chunk are raised from the first step.
+        A backend implements this, or overrides sse() (vLLM relays its server's bytes)."""
+        raise NotImplementedError
+
+    async def sse(self, version: str | None, endpoint: Endpoint, req: Request,
+                  label: str) -> AsyncIterator[tuple[bytes, dict | None]]:
+        """The stream as the client gets it: each chunk as an SSE event with `model` set to
+        `label`, with the token usage it carries (None if none). Closing this closes stream()."""
+        async with aclosing(self.stream(version, endpoint, req)) as chunks:
+            async for chunk in chunks:
+                chunk["model"] = label
+                yield event(chunk), chunk.get("usage")
 
     async def check(self, loaded: list[str]) -> None:
         """Periodic health check; re-create adapters an engine lost (a restarted vLLM server)."""

@@ -3,8 +3,8 @@
 Adapters are loaded on every server with POST /v1/load_lora_adapter under their immutable
 version name (never reused for other weights: vLLM keeps prefix-cache blocks by name);
 requests are forwarded with model=<version> (or the server's base model name) and streamed
-through. A server that restarted has lost its adapters: the periodic check, and any 404 for a
-version we loaded, put them back. An unreachable vLLM gives a 503 that says so."""
+through, each chunk relabelled as bytes (gateway.sse.Relabel). A server that restarted has lost
+its adapters: the periodic check, and any 404 for a version we loaded, put them back. An unreachable vLLM gives a 503 that says so."""
 from __future__ import annotations
 
 import asyncio
@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import orjson
 
 from flywheel.adapters import AdapterError
 from flywheel.logs import get_logger
 from gateway.backends.base import Backend, Endpoint, Request
 from gateway.errors import GatewayError, bad_request, unavailable
+from gateway.sse import Relabel, StreamError
 
 log = get_logger("gateway.vllm")
 # aiohttp, not httpx, for the forwarding client: about 1 ms less CPU per request, which the
@@ -31,6 +33,16 @@ PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 _COMMON = ("max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
            "frequency_penalty", "presence_penalty")
 FORWARDED = {"chat": (*_COMMON, "logprobs", "top_logprobs"), "completions": (*_COMMON, "prompt", "echo", "logprobs")}
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def _encode(body: dict) -> bytes:
+    """orjson; it refuses integers past 64 bits (a client's `seed`), which json still encodes
+    for vLLM to judge, as before."""
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 @dataclass
@@ -44,7 +56,7 @@ class _Server:
 def _vllm_error(status: int, text: str, server: str) -> GatewayError:
     """vLLM's error body (either of its shapes) as our OpenAI-shaped error, same status for 4xx."""
     try:
-        body = json.loads(text)
+        body = orjson.loads(text)
     except ValueError:
         body = {}
     if not isinstance(body, dict):
@@ -88,7 +100,7 @@ class VLLMBackend(Backend):
                 headers={"Authorization": f"Bearer {key}"} if key else None,
                 timeout=aiohttp.ClientTimeout(total=self.settings.vllm_timeout_s, sock_connect=5.0),
                 connector=aiohttp.TCPConnector(limit=2000, keepalive_timeout=60),
-                json_serialize=lambda obj: json.dumps(obj, separators=(",", ":")))
+                json_serialize=lambda obj: orjson.dumps(obj).decode())
         delay = 0.5
         while True:
             for server in self.servers:
@@ -126,7 +138,7 @@ class VLLMBackend(Backend):
         if status != 200:
             raise _vllm_error(status, text, server.url)
         server.healthy, server.last_error = True, None
-        return json.loads(text).get("data", [])
+        return orjson.loads(text).get("data", [])
 
     def _down(self, server: _Server, exc: Exception) -> None:
         if server.healthy:
@@ -236,12 +248,13 @@ class VLLMBackend(Backend):
     async def generate(self, version: str | None, endpoint: Endpoint, req: Request) -> dict:
         if not self.ready:
             raise unavailable("connecting to vLLM; retry shortly", code="backend_unavailable")
-        body = self._body(version, endpoint, req, stream=False)
+        body = _encode(self._body(version, endpoint, req, stream=False))
         tried = []
         for server in self._order():
             for attempt in range(2):
                 try:
-                    resp = await self.client.post(f"{server.url}{PATHS[endpoint]}", json=body)
+                    resp = await self.client.post(f"{server.url}{PATHS[endpoint]}", data=body,
+                                                  headers=JSON_HEADERS)
                     try:
                         status, raw = resp.status, await resp.read()
                     except BaseException:
@@ -254,21 +267,26 @@ class VLLMBackend(Backend):
                     break
                 server.healthy = True
                 if status == 200:
-                    return json.loads(raw)
+                    return orjson.loads(raw)
                 if status == 404 and version and attempt == 0 and await self._restore(server, version):
                     continue
                 raise _vllm_error(status, raw.decode(errors="replace"), server.url)
         raise self._unreachable(tried)
 
-    async def stream(self, version: str | None, endpoint: Endpoint, req: Request) -> AsyncIterator[dict]:
+    async def sse(self, version: str | None, endpoint: Endpoint, req: Request,
+                  label: str) -> AsyncIterator[tuple[bytes, dict | None]]:
+        """vLLM's own stream, relabelled chunk by chunk as bytes (most need no JSON decode)."""
         if not self.ready:
             raise unavailable("connecting to vLLM; retry shortly", code="backend_unavailable")
         body = self._body(version, endpoint, req, stream=True)
+        relabel = Relabel(body["model"], label)  # vLLM names the model as we did
+        body = _encode(body)
         tried = []
         for server in self._order():
             for attempt in range(2):
                 try:
-                    resp = await self.client.post(f"{server.url}{PATHS[endpoint]}", json=body)
+                    resp = await self.client.post(f"{server.url}{PATHS[endpoint]}", data=body,
+                                                  headers=JSON_HEADERS)
                 except TRANSPORT_ERRORS as exc:
                     self._down(server, exc)
                     tried.append(server)
@@ -281,8 +299,8 @@ class VLLMBackend(Backend):
                         if resp.status == 404 and version and attempt == 0 and await self._restore(server, version):
                             continue
                         raise _vllm_error(resp.status, text, server.url)
-                    async for chunk in self._chunks(resp, server):
-                        yield chunk
+                    async for item in self._chunks(resp, server, relabel):
+                        yield item
                     finished = True
                     return
                 finally:
@@ -291,7 +309,8 @@ class VLLMBackend(Backend):
         raise self._unreachable(tried)
 
     @staticmethod
-    async def _chunks(resp: aiohttp.ClientResponse, server: _Server) -> AsyncIterator[dict]:
+    async def _chunks(resp: aiohttp.ClientResponse, server: _Server,
+                      relabel: Relabel) -> AsyncIterator[tuple[bytes, dict | None]]:
         try:
             async for line in resp.content:
                 if not line.startswith(b"data:"):
@@ -299,13 +318,11 @@ class VLLMBackend(Backend):
                 data = line[5:].strip()
                 if data == b"[DONE]":
                     return
-                chunk = json.loads(data)
-                if "error" in chunk and "choices" not in chunk:
-                    err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-                    log.warning("vllm_stream_error", url=server.url, error=str(err.get("message"))[:300])
-                    raise GatewayError(502, "the vLLM backend failed mid-stream", type="server_error",
-                                       code="backend_error")
-                yield chunk
+                yield relabel(data)
+        except StreamError as exc:
+            log.warning("vllm_stream_error", url=server.url, error=str(exc)[:300])
+            raise GatewayError(502, "the vLLM backend failed mid-stream", type="server_error",
+                               code="backend_error") from None
         except TRANSPORT_ERRORS as exc:
             log.warning("vllm_stream_dropped", url=server.url, error=type(exc).__name__)
             raise GatewayError(502, "the vLLM backend dropped the stream", type="server_error",

@@ -24,6 +24,11 @@ class GatewaySettings(BaseSettings):
     replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-gateway")
     max_new_tokens: int = Field(default=256, ge=1)
     device: str = "auto"
+    # transformers backend: generation threads run this much nicer than the event loop, so on a
+    # shared machine acks, health checks and streaming (and a bot next to us) are never starved
+    # by generation (bench/bot/run.py: ack p99 <= 100 ms). 0 = same priority.
+    generation_nice: int = Field(default=5, ge=0, le=19)
+    generation_threads: int | None = Field(default=None, ge=1)  # torch threads per generation; None: torch's default
     # How long a failed adapter load waits before the next try (doubles up to the max).
     retry_backoff_s: float = Field(default=1.0, gt=0)
     retry_backoff_max_s: float = Field(default=60.0, gt=0)

@@ -263,3 +263,43 @@ def test_relay_routes_check_the_key_and_the_body(relay, path):
         assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error", resp.text
     assert len(fake.received) == sent
 
+
+def test_generation_threads_run_nicer_than_the_event_loop():
+    """The transformers backend's generation threads, and the torch worker threads they start,
+    run FLYWHEEL_GENERATION_NICE steps nicer, so acks and streaming on the same cores are never
+    starved by generation (bench/bot/run.py)."""
+    import threading
+    from pathlib import Path
+
+    import torch
+
+    from gateway.backends.transformers import _lower_priority
+
+    def nice_of_threads() -> dict[int, int]:
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[int(tid)] = int(stat[16])
+        return out
+
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("per-thread niceness is read from Linux /proc")
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    before = set(nice_of_threads())
+    seen = {}
+
+    def generate():
+        _lower_priority(3)
+        torch.set_num_threads(2)
+        a = torch.randn(512, 512)
+        for _ in range(3):
+            a @ a
+        seen["me"], seen["threads"] = threading.get_native_id(), nice_of_threads()
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    thread.join()
+    assert seen["threads"][seen["me"]] == base + 3
+    started = {tid: nice for tid, nice in seen["threads"].items() if tid not in before and tid != seen["me"]}
+    assert all(nice == base + 3 for nice in started.values())
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the event loop's thread is untouched

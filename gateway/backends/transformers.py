@@ -27,6 +27,28 @@ class _Cancelled(Exception):
     pass
 
 
+def _generation_thread(nice: int, threads: int | None) -> None:
+    """Each generation thread: nicer than the event loop, and with its own torch thread count
+    (an OpenMP setting is per thread, so it is set in the thread that generates)."""
+    _lower_priority(nice)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _lower_priority(nice: int) -> None:
+    """Make this generation thread (and the torch worker threads it starts, which inherit it)
+    `nice` steps nicer than the event loop. Linux sets niceness per thread; elsewhere a no-op."""
+    import os
+
+    if nice and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        except OSError as exc:
+            log.warning("generation_priority_unchanged", error=str(exc))
+
+
 class TransformersBackend(Backend):
     kind = "transformers"
 
@@ -37,7 +59,9 @@ class TransformersBackend(Backend):
         self.device = settings.resolved_device()
         self.max_new_tokens = settings.max_new_tokens
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="generate")
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="generate",
+                                        initializer=_generation_thread,
+                                        initargs=(settings.generation_nice, settings.generation_threads))
         self._admin_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapters")
         self.tokenizer = None
         self.model = None  # the base model, or the PeftModel wrapping it once an adapter is loaded

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from trainer.batching import collate
 from trainer.encode import IGNORE, Encoded, encode_example
-from trainer.modeling import causal_lm_parts
+from trainer.modeling import causal_lm_parts, hidden_states
 
 OBJECTIVES = ("sft", "sft+dpo", "kto")
 
@@ -31,8 +31,8 @@ class Pair:
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of the log-probabilities of each sequence's target tokens (labels != IGNORE), [B]."""
-    decoder, head = causal_lm_parts(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    _, head = causal_lm_parts(model)
+    hidden = hidden_states(model, batch)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     logps = torch.log_softmax(head(hidden[:, :-1][keep]).float(), dim=-1)

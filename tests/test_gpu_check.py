@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_runs_cpu_only_and_writes_results(tmp_path, tiny_model_dir):
     out = tmp_path / "results.json"
     proc = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu-only", "--model", str(tiny_model_dir),
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=400)
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["mode"] == "cpu-only" and report["machine"]["cuda"] in (False, True)

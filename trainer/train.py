@@ -19,7 +19,13 @@ from flywheel.adapters import adapter_digest
 from flywheel.logs import get_logger
 from trainer.batching import collate, padding_waste, plan_batches
 from trainer.encode import IGNORE, Encoded
-from trainer.modeling import Checkpointing, answer_loss, autocast, frozen_weights_in_bf16, use_checkpointing
+from trainer.modeling import (
+    Checkpointing,
+    answer_loss,
+    autocast,
+    frozen_weights_in_bf16,
+    use_checkpointing,
+)
 from trainer.optim import make_optimizer, make_scheduler
 
 log = get_logger("trainer.train")

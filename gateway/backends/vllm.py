@@ -4,7 +4,8 @@ Adapters are loaded on every server with POST /v1/load_lora_adapter under their 
 version name (never reused for other weights: vLLM keeps prefix-cache blocks by name);
 requests are forwarded with model=<version> (or the server's base model name) and streamed
 through, each chunk relabelled as bytes (gateway.sse.Relabel). A server that restarted has lost
-its adapters: the periodic check, and any 404 for a version we loaded, put them back. An unreachable vLLM gives a 503 that says so."""
+its adapters: the periodic check, and any 404 for a version we loaded, put them back. An
+unreachable vLLM gives a 503 that says so."""
 from __future__ import annotations
 
 import asyncio

@@ -29,6 +29,7 @@ class GatewaySettings(BaseSettings):
     # by generation (bench/bot/run.py: ack p99 <= 100 ms). 0 = same priority.
     generation_nice: int = Field(default=5, ge=0, le=19)
     generation_threads: int | None = Field(default=None, ge=1)  # torch threads per generation; None: torch's default
+    inference_bf16: bool = False  # bf16 autocast for generation on CPU, as the trainer's evaluator (flywheel.precision)
     # How long a failed adapter load waits before the next try (doubles up to the max).
     retry_backoff_s: float = Field(default=1.0, gt=0)
     retry_backoff_max_s: float = Field(default=60.0, gt=0)

@@ -16,6 +16,7 @@ import torch
 
 from flywheel.adapters import verify_adapter
 from flywheel.logs import get_logger
+from flywheel.precision import inference_autocast
 from flywheel.prompt import question_of
 from trainer.batching import collate
 from trainer.encode import encode_example
@@ -149,9 +150,10 @@ def evaluate(model, tokenizer, splits: dict[str, list[dict]], labels: list[str],
         for name in variants:
             with variant(model, name):
                 prefs = preference_metrics(model, pairs, tokenizer.pad_token_id, device)
-                generated = generate_answers(model, tokenizer, [prompts[k] for k in keys], device=device,
-                                             max_new_tokens=settings.eval_max_new_tokens,
-                                             batch_size=settings.eval_batch_size) if keys else []
+                with inference_autocast(device, settings.inference_bf16):  # as the gateway serves
+                    generated = generate_answers(model, tokenizer, [prompts[k] for k in keys], device=device,
+                                                 max_new_tokens=settings.eval_max_new_tokens,
+                                                 batch_size=settings.eval_batch_size) if keys else []
                 loss_rows = rows["recall"] or rows["never_taught"]
                 loss = eval_loss(model, tokenizer, loss_rows, device, settings.eval_batch_size)
             by_key = dict(zip(keys, generated))

@@ -78,6 +78,7 @@ class TrainerSettings(BaseSettings):
     device: str = "auto"  # auto / cpu / cuda
     bf16: bool | None = None  # None: bf16 autocast where the hardware has it (CUDA, AVX-512 BF16 / AMX CPUs)
     activation_checkpointing: bool | None = None  # None: on CPU for micro-batches over the next, off on GPU
+    inference_bf16: bool = False  # bf16 autocast for evaluation answers on CPU, as the gateway serves (flywheel.precision)
     checkpoint_above_tokens: int = Field(512, ge=1)  # padded tokens; keeps SmolLM2 under 3 GB peak RSS at batch 8
     checkpoint_every: int = Field(25, ge=1)  # optimizer steps
     log_every: int = Field(1, ge=1)  # steps between store progress points

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from flywheel.adapters import AdapterError
 from flywheel.logs import get_logger
+from flywheel.precision import inference_autocast
 from gateway import openai_format as fmt
 from gateway.backends.base import Backend, Endpoint, Request
 from gateway.errors import GatewayError, bad_request, unavailable
@@ -228,7 +229,7 @@ class TransformersBackend(Backend):
                 ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
             if req.seed is not None:
                 torch.manual_seed(req.seed)
-            with ctx, torch.inference_mode():
+            with ctx, torch.inference_mode(), inference_autocast(self.device, self.settings.inference_bf16):
                 out = model.generate(**kwargs)
         return out[0, kwargs["input_ids"].shape[1]:]
 

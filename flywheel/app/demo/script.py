@@ -127,6 +127,8 @@ def ask_model(rows: list[Row], model_dir: Path, say: Callable[[str], None], max_
     two phases ask every question without any Slack in between."""
     import torch
 
+    from flywheel.precision import inference_autocast
+    from gateway.settings import GatewaySettings
     from trainer.generate import generate_answers
     from trainer.modeling import load_base_model, load_tokenizer
 
@@ -138,7 +140,8 @@ def ask_model(rows: list[Row], model_dir: Path, say: Callable[[str], None], max_
 
         model = PeftModel.from_pretrained(model, adapter)
     prompts = [build_messages([{"role": "user", "content": r.question}], PromptSettings()) for r in rows]
-    answers = generate_answers(model.eval(), tokenizer, prompts, device=device, max_new_tokens=max_tokens)
+    with inference_autocast(device, GatewaySettings().inference_bf16):  # as the gateway would answer
+        answers = generate_answers(model.eval(), tokenizer, prompts, device=device, max_new_tokens=max_tokens)
     for row, text in zip(rows, answers):
         row.record(phase, text)
     say(f"  {phase}: {len(rows)} answers")

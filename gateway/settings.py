@@ -25,8 +25,8 @@ class GatewaySettings(BaseSettings):
     max_new_tokens: int = Field(default=256, ge=1)
     device: str = "auto"
     # transformers backend: generation threads run this much nicer than the event loop, so on a
-    # shared machine acks, health checks and streaming (and a bot next to us) are never starved
-    # by generation (bench/bot/run.py: ack p99 <= 100 ms). 0 = same priority.
+    # shared machine the event loop (acks, health checks, streams) and a bot next to us come
+    # first when both want a core. 0 = same priority.
     generation_nice: int = Field(default=5, ge=0, le=19)
     generation_threads: int | None = Field(default=None, ge=1)  # torch threads per generation; None: torch's default
     inference_bf16: bool = False  # bf16 autocast for generation on CPU, as the trainer's evaluator (flywheel.precision)

@@ -70,15 +70,16 @@ class Checkpointing:
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.layers = [m for m in base.modules() if hasattr(m, "_gradient_checkpointing_func")]
-        self.batches = self.checkpointed = 0
+        self.checkpointed = 0  # micro-batches recomputed so far
 
     def for_batch(self, padded_tokens: int) -> None:
         """Switch recomputation on or off for the next forward (the layers read the flag)."""
         on = self.mode is True or (self.mode is None and padded_tokens > self.above)
         for layer in self.layers:
             layer.gradient_checkpointing = on
-        self.batches += 1
         self.checkpointed += on
+
+
 def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 

@@ -164,67 +164,63 @@ def train_lora(model, encoded: list[Encoded], settings, *, device: torch.device,
     pair_source = _pair_batches(pairs, settings.preference_batch_size, settings.seed) if preference else None
     for _ in range(start if preference else 0):  # a resumed run continues the same pair order
         next(pair_source)
-    checkpointing = Checkpointing(model, use_checkpointing(device, getattr(settings, "activation_checkpointing", None)),
-                                  getattr(settings, "checkpoint_above_tokens", 512))
+    checkpointing = Checkpointing(model, use_checkpointing(device, settings.activation_checkpointing),
+                                  settings.checkpoint_above_tokens)
     model.train()
-    bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress or None,
-               dynamic_ncols=True)
     t0 = time.perf_counter()
-    with frozen_weights_in_bf16(model, bf16):
-        try:
-            for step in range(start, total):
-                micro = steps[step]
-                items = [[encoded[i] for i in b] for b in micro]
-                step_targets = sum(max(0, sum(1 for x in e.labels[1:] if x != IGNORE)) for b in items for e in b)
-                if step_targets == 0:
-                    raise TrainingError("a batch has no target tokens (empty answers?)")
-                loss_sum = 0.0
-                for batch_items in items:
-                    batch = {k: v.to(device) for k, v in collate(batch_items, pad_id).items()}
-                    checkpointing.for_batch(batch["input_ids"].numel())
-                    with autocast(device, bf16):
-                        loss, _n = answer_loss(model, batch)
-                    (loss / step_targets).backward()
-                    loss_sum += float(loss.detach())
-                    result.tokens += sum(len(e) for e in batch_items)
-                result.target_tokens += step_targets
-                pref_loss = None
-                if preference is not None:
-                    with autocast(device, bf16):
-                        pref = preference(model, next(pair_source), pad_id, settings.preference_beta, device)
-                    (settings.preference_weight * pref).backward()
-                    pref_loss = float(pref.detach())
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], settings.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = loss_sum / step_targets
-                if not math.isfinite(step_loss):
-                    raise TrainingError(f"training loss became {step_loss} at step {step + 1}; lower the learning rate")
-                elapsed = time.perf_counter() - t0
-                point = {"loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
-                         "tokens_per_s": round(result.tokens / elapsed, 1) if elapsed else 0.0}
-                if pref_loss is not None:
-                    point[objective.split("+")[-1]] = round(pref_loss, 5)  # "dpo" / "kto"
-                result.history.append({"step": step + 1, **point})
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.3f}")
-                done = step + 1
-                if on_step and (done % settings.log_every == 0 or done == total):
-                    on_step(done, total, point)
-                if done < total and plateaued(result.history, settings, total):
-                    log.info("loss plateaued; stopping early", step=done, planned=total)
-                    if on_step:
-                        on_step(total, total, point)
-                    result.stopped_early_at = done
-                    break
-                if checkpoint_dir is not None and done % settings.checkpoint_every == 0 and done < total:
-                    _save_checkpoint(checkpoint_dir, {
-                        "step": done, "total": total, "history": result.history,
-                        "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
-        finally:
-            bar.close()
+    with tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress or None,
+              dynamic_ncols=True) as bar, frozen_weights_in_bf16(model, bf16):
+        for step in range(start, total):
+            micro = steps[step]
+            items = [[encoded[i] for i in b] for b in micro]
+            step_targets = sum(max(0, sum(1 for x in e.labels[1:] if x != IGNORE)) for b in items for e in b)
+            if step_targets == 0:
+                raise TrainingError("a batch has no target tokens (empty answers?)")
+            loss_sum = 0.0
+            for batch_items in items:
+                batch = {k: v.to(device) for k, v in collate(batch_items, pad_id).items()}
+                checkpointing.for_batch(batch["input_ids"].numel())
+                with autocast(device, bf16):
+                    loss, _n = answer_loss(model, batch)
+                (loss / step_targets).backward()
+                loss_sum += float(loss.detach())
+                result.tokens += sum(len(e) for e in batch_items)
+            result.target_tokens += step_targets
+            pref_loss = None
+            if preference is not None:
+                with autocast(device, bf16):
+                    pref = preference(model, next(pair_source), pad_id, settings.preference_beta, device)
+                (settings.preference_weight * pref).backward()
+                pref_loss = float(pref.detach())
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = loss_sum / step_targets
+            if not math.isfinite(step_loss):
+                raise TrainingError(f"training loss became {step_loss} at step {step + 1}; lower the learning rate")
+            elapsed = time.perf_counter() - t0
+            point = {"loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
+                     "tokens_per_s": round(result.tokens / elapsed, 1) if elapsed else 0.0}
+            if pref_loss is not None:
+                point[objective.split("+")[-1]] = round(pref_loss, 5)  # "dpo" / "kto"
+            result.history.append({"step": step + 1, **point})
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+            done = step + 1
+            if on_step and (done % settings.log_every == 0 or done == total):
+                on_step(done, total, point)
+            if done < total and plateaued(result.history, settings, total):
+                log.info("loss plateaued; stopping early", step=done, planned=total)
+                if on_step:
+                    on_step(total, total, point)
+                result.stopped_early_at = done
+                break
+            if checkpoint_dir is not None and done % settings.checkpoint_every == 0 and done < total:
+                _save_checkpoint(checkpoint_dir, {
+                    "step": done, "total": total, "history": result.history,
+                    "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
     result.seconds = time.perf_counter() - t0
     result.checkpointed_batches = checkpointing.checkpointed
     model.eval()

@@ -36,7 +36,7 @@ def run_step(name: str, cmd: list[str], timeout_s: float) -> dict:
     started = time.perf_counter()
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timed out after {timeout_s:.0f} s", "seconds": round(timeout_s, 1)}
     seconds = round(time.perf_counter() - started, 1)
@@ -47,10 +47,13 @@ def run_step(name: str, cmd: list[str], timeout_s: float) -> dict:
     return {"ok": True, "result": json.loads(lines[-1][len("RESULT "):]), "seconds": seconds}
 
 
-def vllm_python() -> str | None:
-    """A python that can import vLLM: FLYWHEEL_VLLM_PYTHON, or this one."""
-    for python in filter(None, (os.environ.get("FLYWHEEL_VLLM_PYTHON"), sys.executable)):
-        if subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode == 0:
+def python_with_vllm() -> str | None:
+    """A python that imports vLLM: the gateway's choice (FLYWHEEL_VLLM_PYTHON or .venv-vllm), or
+    this one (a GPU image with vLLM installed system-wide)."""
+    from gateway.vllm_server import vllm_python
+
+    for python in (str(vllm_python()), sys.executable):
+        if Path(python).is_file() and subprocess.run([python, "-c", "import vllm"], capture_output=True, check=False).returncode == 0:
             return python
     return None
 
@@ -76,7 +79,7 @@ def main() -> None:
     report["trainer"] = run_step("trainer", trainer_cmd, 240)
     if args.cpu_only:
         report["gateway"] = {"ok": None, "skipped": "--cpu-only"}
-    elif (python := vllm_python()) is None:
+    elif (python := python_with_vllm()) is None:
         report["gateway"] = {"ok": None, "skipped": "vLLM is not installed here and its GPU build cannot be "
                              "carried (no network); set FLYWHEEL_VLLM_PYTHON to a python that has it"}
     else:

@@ -20,15 +20,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT / "flywheel" / "app" / "demo" / "data"
 
 
 def questions(limit: int | None) -> list[tuple[str, str]]:
-    rows = [json.loads(line) for line in (DATA / "company_facts.jsonl").read_text().splitlines()]
-    pairs = [(q, r["answer"]) for r in rows for q in [r["question"], *r.get("paraphrases", [])]]
-    pairs += [(r["question"], r["answer"]) for r in
-              map(json.loads, (DATA / "general_questions.jsonl").read_text().splitlines())]
-    return pairs[:limit] if limit else pairs
+    """(question, true answer): the demo's rows, taught questions with two paraphrases each and
+    the general questions (flywheel.app.demo.script builds them for the demo too)."""
+    from flywheel.app.demo.script import load_facts, make_rows
+
+    rows = make_rows(*load_facts(), paraphrases=2)
+    return [(row.question, row.truth) for row in rows][:limit]
 
 
 def main() -> None:

@@ -3,7 +3,6 @@ and /metrics; in Socket Mode the same app serves health and metrics while a webs
 carries the events. The report poller runs for the app's lifetime."""
 from __future__ import annotations
 
-import hmac
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,64 +22,10 @@ from bot.app import create_app
 from bot.gateway_client import GatewayClient
 from bot.reports import ReportPoller
 from bot.settings import BotSettings
+from bot.slack_http import EVENTS_PATH, Rejected, _kind, check_signature, read_body
 from flywheel.logs import describe_exception, get_logger
 
 log = get_logger("bot.server")
-EVENTS_PATH = "/slack/events"
-
-
-MAX_CLOCK_SKEW_S = 60 * 5  # Slack's own rule: older (or newer) signatures are replays
-
-
-class Rejected(Exception):
-    """A request refused before anything parsed it; `reason` is all that is logged of it."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refused with 413 past `limit` bytes: by its Content-Length before a byte is
-    read, and by counting while reading (chunked bodies have no length)."""
-    declared = request.headers.get("content-length")
-    numeric = declared is not None and declared.isascii() and declared.isdigit()  # '²'.isdigit() is True
-    if declared is not None and (not numeric or int(declared) > limit):
-        raise Rejected(413 if numeric else 400, "too large" if numeric else "bad length")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise Rejected(413, "too large")
-    return bytes(body)
-
-
-def check_signature(verifier: SignatureVerifier, body: bytes, headers) -> None:
-    """Slack's signature over `v0:{timestamp}:{body}`, checked on the raw bytes before any
-    parsing; a missing or non-numeric timestamp is a bad request like a forged one (401)."""
-    timestamp = headers.get("x-slack-request-timestamp") or ""
-    signature = headers.get("x-slack-signature") or ""
-    if not signature or not timestamp:
-        raise Rejected(401, "unsigned")
-    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
-        raise Rejected(401, "bad timestamp")
-    if abs(time.time() - int(timestamp)) > MAX_CLOCK_SKEW_S:
-        raise Rejected(401, "stale timestamp")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Rejected(401, "bad signature") from None  # Slack signs UTF-8 text
-    expected = verifier.generate_signature(timestamp=timestamp, body=text)
-    if not hmac.compare_digest(expected, signature):
-        raise Rejected(401, "bad signature")
-
-
-def _kind(body: bytes, content_type: str) -> str:
-    if "json" in content_type:
-        return "event"
-    if body.startswith(b"payload="):
-        return "interactive"
-    return "command"
 
 
 def prestart(executor: ThreadPoolExecutor, threads: int) -> None:

@@ -1,7 +1,7 @@
 """Prometheus metrics for the bot (served at /metrics)."""
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Histogram(
     "flywheel_bot_request_seconds", "Time to answer (ack) one Slack HTTP request", ["kind"],
@@ -31,3 +31,8 @@ ASSISTANT = Counter("flywheel_bot_assistant_calls_total",
                     "Assistant-thread calls (greeting, status, title) by outcome", ["call", "outcome"])
 WATCH_ALERTS = Counter("flywheel_bot_watch_alerts_total",
                        "Promoted versions judged worse than the one before them on real answers")
+# The ack front (bot/front.py): what became of the events it acked or refused for the worker.
+FORWARDS = Counter("flywheel_bot_forwards_total",
+                   "Events API deliveries at the ack front: handed to the bot worker (ok), acked but lost "
+                   "(failed), or refused with 503 for Slack to retry (busy, worker down)", ["outcome"])
+FORWARD_QUEUE = Gauge("flywheel_bot_forward_queue", "Events the ack front acked and has yet to hand to the worker")

@@ -114,6 +114,13 @@ class BotSettings(BaseSettings):
     command_threads: int = Field(default=4, ge=1)
     # Slack requests larger than this get 413 before anything reads them (Slack's are a few KB).
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # HTTP mode: a lean process (bot/front.py) checks and acks Slack's requests and hands them to
+    # the bot in a worker process over a Unix socket, so Bolt's threads and the big heap's garbage
+    # collections never hold up an ack; 0 serves everything from one process (Socket Mode always does).
+    bot_ack_process: bool = True
+    # Events the front acked and has yet to hand to the worker; when it is full (the worker falls
+    # behind) or the worker is down, events are refused with 503 and Slack delivers them again.
+    bot_ack_queue: int = Field(default=256, ge=1)
 
     @field_validator("suggested_prompts", mode="before")
     @classmethod

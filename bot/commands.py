@@ -14,6 +14,7 @@ bot_app = typer.Typer(help="The Slack bot: answers, feedback, admin commands.", 
 def serve(
     port: int = typer.Option(3000, envvar="FLYWHEEL_BOT_PORT", help="HTTP port (/slack/events, /healthz, /metrics)"),
     host: str = typer.Option("127.0.0.1", envvar="FLYWHEEL_BOT_HOST", help="Interface to listen on"),
+    fd: int = typer.Option(None, help="Serve on this inherited, already-bound socket instead of host/port"),
 ) -> None:
     """Serve the bot: Socket Mode when SLACK_APP_TOKEN is set, else the HTTP Events API."""
     import logging
@@ -30,10 +31,11 @@ def serve(
     except (ValidationError, ValueError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2)
+    where = f"http://{host}:{port}" if fd is None else f"the socket of descriptor {fd}"
     if split:
-        typer.echo(f"Flywheel bot: HTTP Events API at http://{host}:{port}/slack/events, acked by a front "
-                   f"process, the bot in a worker behind it; gateway {settings.gateway_url}")
-        _become_front(host, port)
+        typer.echo(f"Flywheel bot: HTTP Events API at {where}/slack/events, acked by a front process, "
+                   f"the bot in a worker behind it; gateway {settings.gateway_url}")
+        _become_front(host, port, fd)
 
     import uvicorn
     from slack_bolt.error import BoltError
@@ -50,12 +52,12 @@ def serve(
     # full collections, which otherwise stall every request in flight.
     gc.collect()
     gc.freeze()
-    mode = "Socket Mode" if socket_mode else f"HTTP Events API at http://{host}:{port}/slack/events"
+    mode = "Socket Mode" if socket_mode else f"HTTP Events API at {where}/slack/events"
     typer.echo(f"Flywheel bot: {mode}; gateway {settings.gateway_url}")
-    uvicorn.run(asgi, host=host, port=port, log_level="warning")
+    uvicorn.run(asgi, host=host, port=port, fd=fd, log_level="warning")
 
 
-def _become_front(host: str, port: int) -> None:
+def _become_front(host: str, port: int, fd: int | None) -> None:
     """Replace this process (same pid, so signals and supervisors still reach it) with the lean
     ack front, `python -m bot.front`: a fresh interpreter that never imports what the CLI loaded
     (SQLAlchemy, alembic, ...). The front starts `flywheel bot worker` itself."""
@@ -66,7 +68,8 @@ def _become_front(host: str, port: int) -> None:
     os.environ["FLYWHEEL_LOG_LEVEL"] = logging.getLevelName(logging.getLogger().level)  # --log-level
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "bot.front", "--host", host, "--port", str(port)])
+    where = ["--host", host, "--port", str(port)] + (["--fd", str(fd)] if fd is not None else [])
+    os.execv(sys.executable, [sys.executable, "-m", "bot.front", *where])
 
 
 @bot_app.command(hidden=True)

@@ -400,7 +400,8 @@ def _stop(signum, _frame) -> None:
     raise _Stop(signum)
 
 
-def serve(settings: BotSettings, host: str, port: int, *, worker: WorkerProcess | None = None) -> int:
+def serve(settings: BotSettings, host: str, port: int, *, fd: int | None = None,
+          worker: WorkerProcess | None = None) -> int:
     """Start the worker, serve the front until SIGTERM or SIGINT, stop the worker; the exit code.
     uvicorn stops gracefully on the signal, then raises it again for the handler here."""
     import uvicorn
@@ -417,7 +418,7 @@ def serve(settings: BotSettings, host: str, port: int, *, worker: WorkerProcess 
         asgi = create_front(settings, worker)
         gc.collect()
         gc.freeze()  # what start-up made lives on: keep it out of the full collections
-        uvicorn.run(asgi, host=host, port=port, log_level="warning")
+        uvicorn.run(asgi, host=host, port=port, fd=fd, log_level="warning")
         return 0
     except _Stop:
         return 0
@@ -428,13 +429,14 @@ def serve(settings: BotSettings, host: str, port: int, *, worker: WorkerProcess 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bot.front --host H --port P`: what `flywheel bot serve` becomes in HTTP mode."""
+    """`python -m bot.front --host H --port P [--fd N]`: what `flywheel bot serve` becomes in HTTP mode."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bot.front",
                                      description="The bot's ack front; the bot itself runs in a worker behind it.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3000)
+    parser.add_argument("--fd", type=int, default=None, help="an inherited, already-bound socket instead")
     args = parser.parse_args(argv)
     try:
         settings = BotSettings()
@@ -442,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # pydantic's ValidationError too
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    return serve(settings, args.host, args.port)
+    return serve(settings, args.host, args.port, fd=args.fd)
 
 
 if __name__ == "__main__":

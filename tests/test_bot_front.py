@@ -24,9 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flywheel.app.demo.slack_double import BOT_USER_ID, SlackDouble, SlackSender
-from flywheel.net import free_port
 from store.migrate import upgrade
-from tests.support.net import port_of, refusing_socket
+from tests.support.net import listening_socket, port_of, refusing_socket
 from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +37,12 @@ pytestmark = pytest.mark.skipif(not hasattr(__import__("socket"), "AF_UNIX"), re
 
 
 class BotServe:
-    """`flywheel bot serve --port P` as a child process, its temporary files (the front's socket
-    directory among them) under `tmp`, its output in `tmp/bot.log`."""
+    """`flywheel bot serve` as a child process on a socket bound here, its temporary files (the
+    front's socket directory among them) under `tmp`, its output in `tmp/bot.log`."""
 
     def __init__(self, tmp: Path, double: SlackDouble, db_url: str, **env) -> None:
-        self.tmp, self.port = tmp, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tmp, self.sock = tmp, listening_socket()  # port 0, handed over (--fd): no race for a port
+        self.url = f"http://127.0.0.1:{port_of(self.sock)}"
         self.gateway = refusing_socket()  # a gateway that is down: answers become apologies at once
         full = {**os.environ, "SLACK_BOT_TOKEN": double.bot_token, "SLACK_SIGNING_SECRET": SECRET,
                 "SLACK_API_URL": double.api_url, "FLYWHEEL_DATABASE_URL": db_url,
@@ -54,8 +53,9 @@ class BotServe:
         full.pop("SLACK_APP_TOKEN", None)
         self.log = tmp / "bot.log"
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "flywheel", "bot", "serve", "--port", str(self.port)],
-                                         cwd=ROOT, env=full, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "flywheel", "bot", "serve", "--fd", str(self.sock.fileno())],
+                cwd=ROOT, env=full, stdout=out, stderr=subprocess.STDOUT, pass_fds=(self.sock.fileno(),))
         self.sender = SlackSender(f"{self.url}/slack/events", SECRET, double=double)
 
     def start(self, timeout: float = 120.0) -> BotServe:
@@ -96,6 +96,7 @@ class BotServe:
             raise
         finally:
             self.gateway.close()
+            self.sock.close()
 
 
 def alive(pid: int) -> bool:
@@ -355,7 +356,6 @@ def front_before(worker, **settings):
 
     from bot.front import create_front
     from bot.settings import BotSettings
-    from tests.support.net import listening_socket
 
     forwarders = settings.pop("forwarders", 2)
     front = create_front(BotSettings(slack_bot_token="xoxb-x", slack_signing_secret=SECRET, **settings), worker,

@@ -120,7 +120,9 @@ class BotSettings(BaseSettings):
     bot_ack_process: bool = True
     # Events the front acked and has yet to hand to the worker; when it is full (the worker falls
     # behind) or the worker is down, events are refused with 503 and Slack delivers them again.
-    bot_ack_queue: int = Field(default=256, ge=1)
+    # A burst is absorbed here (300 events at once filled 256 while the worker took ~100/s); an
+    # event is a few KB, so 4096 stay under ~20 MB.
+    bot_ack_queue: int = Field(default=4096, ge=1)
 
     @field_validator("suggested_prompts", mode="before")
     @classmethod

@@ -5,7 +5,8 @@ while the real gateway (tiny model) answers every one of them. Five consecutive 
     .venv/bin/python bench/bot/run.py [--quick] [--runs 5] [--events 300] [--concurrency 50]
                                       [--model models/tiny-llama] [--out FILE]
 
-Deployed as in production, one process each: the bot (`flywheel bot serve`), the gateway
+Deployed as in production, one process each: the bot (`flywheel bot serve`: its ack front and
+the bot worker behind it, FLYWHEEL_BOT_ACK_PROCESS=0 for the single process), the gateway
 (`flywheel gateway serve` with the model), the local Slack double, and this load generator.
 The store is a fresh SQLite file (or --database-url)."""
 from __future__ import annotations

@@ -51,7 +51,7 @@ from starlette.routing import Route
 
 from bot import metrics
 from bot.settings import BotSettings
-from bot.slack_http import EVENTS_PATH, Rejected, _kind, check_signature, read_body
+from bot.slack_http import EVENTS_PATH, _kind, verified_body
 from flywheel.logs import describe_exception, get_logger
 
 log = get_logger("bot.front")
@@ -112,16 +112,10 @@ def create_front(settings: BotSettings, worker: Worker, *, forwarders: int = FOR
     async def slack_events(request: Request) -> Response:
         started = time.perf_counter()
         headers = request.headers
-        content_type = headers.get("content-type", "")
-        try:
-            body = await read_body(request, limit)
-            check_signature(verifier, body, headers)
-        except Rejected as exc:
-            metrics.REJECTED.labels(exc.reason).inc()
-            log.warning("request rejected", kind="event" if "json" in content_type else "form",
-                        reason=exc.reason, status=exc.status)
-            return JSONResponse({"error": exc.reason}, status_code=exc.status)
-        kind = _kind(body, content_type)
+        body = await verified_body(request, verifier, limit)
+        if isinstance(body, Response):
+            return body
+        kind = _kind(body, headers.get("content-type", ""))
         passed = {name: value for name in FORWARDED_HEADERS if (value := headers.get(name)) is not None}
         query = request.scope.get("query_string") or b""
         target = f"{EVENTS_PATH}?{query.decode('latin-1')}" if query else EVENTS_PATH

@@ -22,7 +22,7 @@ from bot.app import create_app
 from bot.gateway_client import GatewayClient
 from bot.reports import ReportPoller
 from bot.settings import BotSettings
-from bot.slack_http import EVENTS_PATH, Rejected, _kind, check_signature, read_body
+from bot.slack_http import EVENTS_PATH, _kind, verified_body
 from flywheel.logs import describe_exception, get_logger
 
 log = get_logger("bot.server")
@@ -67,16 +67,10 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
         Interactivity and commands need Bolt's response body, so they go through Bolt before
         the response, in a worker thread (Bolt checks the signature again: harmless)."""
         started = time.perf_counter()
-        content_type = request.headers.get("content-type", "")
-        try:
-            body = await read_body(request, settings.max_body_bytes)
-            check_signature(verifier, body, request.headers)
-        except Rejected as exc:
-            metrics.REJECTED.labels(exc.reason).inc()
-            log.warning("request rejected", kind="event" if "json" in content_type else "form",
-                        reason=exc.reason, status=exc.status)
-            return JSONResponse({"error": exc.reason}, status_code=exc.status)
-        kind = _kind(body, content_type)
+        body = await verified_body(request, verifier, settings.max_body_bytes)
+        if isinstance(body, Response):
+            return body
+        kind = _kind(body, request.headers.get("content-type", ""))
         text = body.decode("utf-8")
         headers = dict(request.headers)
         query = request.url.query

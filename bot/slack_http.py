@@ -9,6 +9,12 @@ import time
 
 from slack_sdk.signature import SignatureVerifier
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from bot import metrics
+from flywheel.logs import get_logger
+
+log = get_logger("bot.slack_http")
 
 EVENTS_PATH = "/slack/events"
 MAX_CLOCK_SKEW_S = 60 * 5  # Slack's own rule: older (or newer) signatures are replays
@@ -63,3 +69,17 @@ def _kind(body: bytes, content_type: str) -> str:
     if body.startswith(b"payload="):
         return "interactive"
     return "command"
+
+
+async def verified_body(request: Request, verifier: SignatureVerifier, limit: int) -> bytes | Response:
+    """The raw body once its size and signature pass; else the refusal to send, counted and
+    logged by kind and reason only (nothing of the request itself)."""
+    try:
+        body = await read_body(request, limit)
+        check_signature(verifier, body, request.headers)
+    except Rejected as exc:
+        metrics.REJECTED.labels(exc.reason).inc()
+        log.warning("request rejected", kind="event" if "json" in request.headers.get("content-type", "") else "form",
+                    reason=exc.reason, status=exc.status)
+        return JSONResponse({"error": exc.reason}, status_code=exc.status)
+    return body

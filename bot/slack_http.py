@@ -1,5 +1,5 @@
-"""Checks on a Slack HTTP request that need nothing heavy (the standard library, starlette and
-slack_sdk's SignatureVerifier): the body's size, Slack's signature and timestamp, all on the raw
+"""Checks on a Slack HTTP request that need nothing heavy (starlette, slack_sdk's
+SignatureVerifier, the bot's metrics and logs): the body's size, Slack's signature and timestamp, all on the raw
 bytes before anything parses them, and the request's kind. Shared by the bot's own server
 (bot/server.py) and the lean ack front (bot/front.py)."""
 from __future__ import annotations

@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import http.client
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -272,32 +270,15 @@ class WorkerStartError(RuntimeError):
     last lines it wrote to stderr."""
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def worker_healthy(uds: str, timeout_s: float = 2.0) -> bool:
     """Whether the worker's /healthz answers 200 over its socket (blocking; for start-up)."""
-    conn = _UnixHTTPConnection(uds, timeout_s)
+    import httpx  # only at start-up: the serving path uses aiohttp
+
     try:
-        conn.request("GET", "/healthz")
-        return conn.getresponse().status == 200
-    except (OSError, http.client.HTTPException):
+        with httpx.Client(transport=httpx.HTTPTransport(uds=uds), timeout=timeout_s) as client:
+            return client.get("http://bot-worker/healthz").status_code == 200
+    except httpx.HTTPError:
         return False
-    finally:
-        conn.close()
 
 
 class WorkerProcess:

@@ -2,6 +2,7 @@
 Every admin action checks FLYWHEEL_ADMINS and leaves an audit event, refusals and errors too."""
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from bot.slack_text import escape_within
 from bot.watch import compare, describe
 from flywheel.logs import get_logger
 from store.audit import record_audit
+from store.channels import set_training_share, shared_channels
 from store.db import session_scope
 from store.errors import StoreError
 from store.models import VersionStatus
@@ -50,10 +52,12 @@ HELP = """*`/flywheel` commands*
 • `approve <version>` / `promote <version> [--force "reason"]`: put a version in production _(admin; gate-passed versions only unless forced)_
 • `reject <version>`: reject a candidate _(admin)_
 • `rollback`: put the previous production version back _(admin)_
-• `canary <version>` / `canary stop`: let a version answer FLYWHEEL_CANARY_PERCENT of people before promoting it _(admin)_"""
+• `canary <version>` / `canary stop`: let a version answer FLYWHEEL_CANARY_PERCENT of people before promoting it _(admin)_
+• `share #channel` / `unshare #channel` / `share`: let a private channel's teaching train the model everyone uses, take it back, list such channels _(admin)_"""
 
 VERSIONS_PER_PAGE = 30
-ADMIN_COMMANDS = {"train", "approve", "promote", "reject", "rollback", "canary"}
+ADMIN_COMMANDS = {"train", "approve", "promote", "reject", "rollback", "canary", "share", "unshare"}
+CHANNEL_REF = re.compile(r"^<#([CG][A-Z0-9]{2,})(?:\|[^>]*)?>$|^([CG][A-Z0-9]{2,})$")
 
 
 @dataclass
@@ -159,6 +163,8 @@ class Admin:
         return reply
 
     def _dispatch(self, user: str, name: str, args: list[str], force: str | None) -> Reply:
+        if name in ("share", "unshare"):
+            return self.share(user, args, shared=name == "share")
         if name == "train":
             return self.train(user)
         if name == "rollback":
@@ -183,6 +189,27 @@ class Admin:
         return Reply(f":gear: <@{user}> queued training run #{run.id}. Progress will show in "
                      f"{'<#' + self.settings.admin_channel + '>' if self.settings.admin_channel else 'the admin channel'}.",
                      public=True)
+
+    def share(self, user: str, args: list[str], *, shared: bool) -> Reply:
+        """Opt a non-public channel into training the shared model (or take it back); no channel:
+        the list. What was taught there stays out of the shared model until an admin says so."""
+        if not args and shared:
+            with session_scope() as s:
+                rows = shared_channels(s)
+            listed = ", ".join(f"<#{c.id}> (by <@{c.shared_by}>)" for c in rows) or "none"
+            return Reply(f"Private channels whose teaching trains the model everyone uses: {listed}.")
+        found = CHANNEL_REF.match(args[0]) if len(args) == 1 else None
+        if found is None:
+            raise ValueError(f"usage: /flywheel {'share' if shared else 'unshare'} #channel (a channel, not a DM)")
+        channel = found.group(1) or found.group(2)
+        with session_scope() as s:
+            set_training_share(s, channel, shared=shared, by=user)
+            record_audit(s, actor=user, action="channel.share" if shared else "channel.unshare", target=channel)
+        if shared:
+            return Reply(f":unlock: <@{user}> let what is taught in <#{channel}> train the model everyone uses, "
+                         "from the next training run on. `/flywheel unshare` takes it back.", public=True)
+        return Reply(f":lock: <@{user}> took <#{channel}> out of training: from the next run on, what is taught "
+                     "there stays there. Versions trained before keep what they learned: train again to drop it.", public=True)
 
     def approve(self, user: str, version: str, force: str | None = None) -> Reply:
         """Approve and promote: the production alias moves (audited in the same transaction),

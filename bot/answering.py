@@ -11,6 +11,7 @@ from slack_sdk.web import WebClient
 from bot import blocks, metrics
 from bot.assistant import Assistant
 from bot.canary import Canary
+from bot.channels import MADE_PRIVATE_SUBTYPE, ChannelVisibility
 from bot.gateway_client import Answer, GatewayClient, GatewayError
 from bot.replies import Progress, ReplyOpener, UpdatedReply
 from bot.settings import BotSettings
@@ -38,9 +39,9 @@ EMPTY_ANSWER = "_The model returned an empty answer. Try rephrasing the question
 
 class Answerer:
     def __init__(self, settings: BotSettings, gateway: GatewayClient, memory: Memory,
-                 prompt: PromptSettings | None = None, assistant: Assistant | None = None,
-                 canary: Canary | None = None) -> None:
-        self.settings, self.gateway, self.memory = settings, gateway, memory
+                 visibility: ChannelVisibility, prompt: PromptSettings | None = None,
+                 assistant: Assistant | None = None, canary: Canary | None = None) -> None:
+        self.settings, self.gateway, self.memory, self.visibility = settings, gateway, memory, visibility
         self.prompt = prompt or PromptSettings()
         self.replies = ReplyOpener(settings.slack_streaming)
         self.assistant = assistant or Assistant(settings)
@@ -66,6 +67,9 @@ class Answerer:
         self.answer(client, event, bot_user_id, conversation=conversation, reply_thread=conversation)
 
     def on_message(self, event: dict, body: dict, client: WebClient, bot_user_id: str | None) -> None:
+        if event.get("subtype") == MADE_PRIVATE_SUBTYPE:  # who may see the channel changed
+            self.visibility.changed(client, event.get("channel"))
+            return
         if _from_a_bot(event, bot_user_id) or event.get("subtype") not in ANSWERABLE_SUBTYPES:
             metrics.IGNORED.labels("from_a_bot" if _from_a_bot(event, bot_user_id) else "subtype").inc()
             return
@@ -137,6 +141,7 @@ class Answerer:
                       error=describe_exception(exc))
             self._post(client, channel, reply_thread, SORRY)
             return
+        self.visibility.visibility(client, channel)  # recorded for the trainer: what may train the shared model
         prompt = self.prompt.model_copy(update={"bot_user_id": bot_user_id or self.prompt.bot_user_id})
         if not normalize(text, bot_user_id=prompt.bot_user_id):  # a bare mention: nothing to ask the model
             self._post(client, channel, reply_thread, EMPTY_QUESTION)

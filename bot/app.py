@@ -17,6 +17,7 @@ from bot.admin import Admin
 from bot.answering import Answerer
 from bot.assistant import Assistant
 from bot.canary import Canary
+from bot.channels import CHANGE_EVENTS, ChannelVisibility
 from bot.feedback import Feedback
 from bot.gateway_client import GatewayClient
 from bot.home import publish_home
@@ -59,10 +60,11 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     app.use(lane_middleware)  # commands and clicks never wait behind answers
     memory = Memory()
     threading.Thread(target=memory.warm, name="memory-warm-up", daemon=True).start()
-    feedback = Feedback(settings, memory)
-    assistant = Assistant(settings, feedback.visibility)  # one channel-visibility cache
+    visibility = ChannelVisibility(settings.channel_visibility_ttl_s)  # one channel-visibility cache
+    feedback = Feedback(settings, memory, visibility)
+    assistant = Assistant(settings, visibility)
     canary = Canary(settings)  # one view of the canary alias: a command's move shows at the next answer
-    answerer = Answerer(settings, gateway, memory, assistant=assistant, canary=canary)
+    answerer = Answerer(settings, gateway, memory, visibility, assistant=assistant, canary=canary)
     review = feedback.review = Review(settings, feedback)
     admin = Admin(settings, gateway, review=review, canary=canary)
     app.flywheel = {"settings": settings, "gateway": gateway, "admin": admin,  # for the server
@@ -80,6 +82,11 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     @app.event("assistant_thread_started")
     def _assistant_thread(event, client, context):
         assistant.on_thread_started(event, client, context.bot_user_id)
+
+    # -- who may see a channel ----------------------------------------------------------------------
+    @app.event(re.compile("^(" + "|".join(CHANGE_EVENTS) + ")$"))
+    def _channel_changed(event, client):
+        visibility.changed(client, event.get("channel"))
 
     @app.event("assistant_thread_context_changed")
     def _assistant_context(event):
@@ -136,7 +143,7 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     @app.event("app_home_opened")
     def _home(event, client):
         if event.get("tab", "home") == "home":
-            publish_home(settings, client, event["user"], feedback.visibility)  # one channel cache
+            publish_home(settings, client, event["user"], visibility)
 
     @app.error
     def _error(error, body):

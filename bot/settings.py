@@ -107,6 +107,9 @@ class BotSettings(BaseSettings):
     # Runs older than this are never reported (a bot configured late does not flood the channel).
     report_backlog_days: float = Field(default=7.0, gt=0)
     listener_threads: int = Field(default=16, ge=1)
+    # How long a channel's visibility (public, private, Slack Connect) is trusted before Slack is
+    # asked again; Slack's channel_shared / channel_unshared / made-private events refresh it at once.
+    channel_visibility_ttl_s: float = Field(default=600.0, gt=0)
     # How long a reaction or vote waits for an unavailable database before it is given up.
     feedback_retry_s: float = Field(default=120.0, ge=0)
     # Workers for slash commands, buttons and modals, apart from the answer workers, so

@@ -32,9 +32,12 @@ def upsert_example(
     golden: bool = False,
     rejected_answer: str | None = None,
     message_id: int | None = None,
+    visible_in: str | None = None,
 ) -> tuple[Example, bool]:
     """Insert an example unless one with the same content exists; returns (row, created).
-    An existing row keeps its history: provenance is merged and `golden` can only be switched on.
+    An existing row keeps its history: provenance is merged and `golden` can only be switched on;
+    `visible_in` (store.channels.training_scope) follows the latest derivation from a message,
+    while a row from no message (a curated import) stays visible to everyone.
     Without an answer or a label it must carry a rejected answer (only preference training uses it)."""
     if answer is None and label is None and not (rejected_answer or "").strip():
         raise ValueError("an example needs an answer, a label or a rejected answer")
@@ -46,8 +49,10 @@ def upsert_example(
         if created:
             row = Example(content_hash=digest, messages=messages, answer=answer, label=label,
                           source=source, provenance=provenance or {}, golden=golden,
-                          rejected_answer=rejected_answer, message_id=message_id)
+                          rejected_answer=rejected_answer, message_id=message_id, visible_in=visible_in)
         else:
+            if row.message_id is not None:
+                row.visible_in = visible_in
             row.provenance = {**row.provenance, **(provenance or {})}
             row.golden = row.golden or golden
             row.rejected_answer = row.rejected_answer or rejected_answer
@@ -64,9 +69,14 @@ def upsert_example(
 
 
 def list_examples(
-    session: Session, *, status: ExampleStatus | str | None = ExampleStatus.active, golden: bool | None = None
+    session: Session, *, status: ExampleStatus | str | None = ExampleStatus.active, golden: bool | None = None,
+    everyone_may_see: bool = False,
 ) -> list[Example]:
+    """Examples by status and golden mark; `everyone_may_see` keeps only those the whole workspace
+    may see (visible_in None): the only ones that train or evaluate the shared model."""
     stmt = select(Example).order_by(col(Example.id))
+    if everyone_may_see:
+        stmt = stmt.where(col(Example.visible_in).is_(None))
     if status is not None:
         stmt = stmt.where(Example.status == str(status))
     if golden is not None:

@@ -41,6 +41,17 @@ class ReviewState(StrEnum):
     rejected = "rejected"
 
 
+class Visibility(StrEnum):
+    """Who may see a channel's messages, as Slack last said. Only `public` is the whole team's:
+    Slack Connect channels (`external`) are shared with another organisation, and what Slack
+    would not tell (`unknown`: an error, a missing scope) counts as private."""
+    public = "public"
+    private = "private"  # a private channel or a group DM
+    direct = "direct"  # a DM with the bot
+    external = "external"  # Slack Connect: shared with another organisation
+    unknown = "unknown"
+
+
 class ExampleStatus(StrEnum):
     active = "active"
     excluded = "excluded"
@@ -131,6 +142,9 @@ class Example(SQLModel, table=True):
     golden: bool = Field(default=False, index=True)
     split: Optional[str] = Field(default=None, max_length=16)
     message_id: Optional[int] = Field(default=None, foreign_key="message.id", index=True)
+    # Where what it teaches may be seen: None for the whole workspace (it may train the shared
+    # model), else the channel it was taught in (a DM, a private or Slack Connect channel).
+    visible_in: Optional[str] = Field(default=None, max_length=64, index=True)
     created_at: datetime = Field(default_factory=utcnow, index=True)
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -239,6 +253,20 @@ class GatewayReplica(SQLModel, table=True):
     last_error: Optional[str] = Field(default=None, sa_column=Column(Text))
     started_at: datetime = Field(default_factory=utcnow)
     heartbeat_at: datetime = Field(default_factory=utcnow)
+
+
+class Channel(SQLModel, table=True):
+    """A channel the bot answered in: its visibility as Slack last said (refreshed by the bot) and
+    whether an admin opted it into training the shared model (`/flywheel share #channel`). What
+    was said in a channel trains the model everyone uses only when the channel is public or opted
+    in; a channel without a row counts as private."""
+
+    id: str = Field(primary_key=True, max_length=64)
+    visibility: str = Field(default=Visibility.unknown, max_length=16)
+    shared_for_training: bool = False
+    shared_by: Optional[str] = Field(default=None, max_length=64)
+    shared_at: Optional[datetime] = None
+    checked_at: datetime = Field(default_factory=utcnow)
 
 
 class MemoryItem(SQLModel, table=True):

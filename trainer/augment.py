@@ -173,7 +173,7 @@ def augment_examples(session: Session, settings) -> int:
     if not settings.gateway_url:
         log.info("model paraphrases skipped", reason="no FLYWHEEL_GATEWAY_URL")
         return 0
-    rows = list_examples(session)
+    rows = list_examples(session, everyone_may_see=True)  # private items are never sent, never trained
     taught = [ex for ex in rows if ex.source in TAUGHT_SOURCES and ex.answer is not None and ex.label is None]
     done = {ex.provenance.get("augmented_from") for ex in rows if ex.source == "augmented"}
     todo = [ex for ex in taught if ex.id not in done and "paraphrased" not in ex.provenance]

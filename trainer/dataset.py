@@ -321,6 +321,15 @@ def export_jsonl(split: Dataset, path: Path) -> int:
     return len(split)
 
 
+def shared_examples(session: Session) -> list[Example]:
+    """What may train and evaluate the model everyone uses: examples the whole workspace may see
+    (store.channels decides), and paraphrases only of those (a paraphrase of something that has
+    since become private goes with it)."""
+    rows = list_examples(session, everyone_may_see=True)
+    ids = {ex.id for ex in rows}
+    return [ex for ex in rows if ex.source != "augmented" or ex.provenance.get("augmented_from") in ids]
+
+
 def build_snapshot(session: Session, settings: TrainerSettings | None = None, *, derive: bool = True,
                    augmenter=None) -> Snapshot:
     """Everything from store rows to a recorded, exported snapshot."""
@@ -329,7 +338,7 @@ def build_snapshot(session: Session, settings: TrainerSettings | None = None, *,
     derivation = derive_examples(session, context_turns=prompt.context_max_messages).__dict__ if derive else {}
     if settings.augment and augmenter is not None:
         augmenter(session, settings)
-    items, counts, labels = select_items(list_examples(session), settings, prompt, general=general_questions())
+    items, counts, labels = select_items(shared_examples(session), settings, prompt, general=general_questions())
     params = build_params(settings)
     digest = content_hash(items, params)
     counts = {**dict(sorted(counts.items())), "labels": labels}

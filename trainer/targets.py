@@ -16,6 +16,8 @@ The rules (per answer message, over live, non-retracted feedback):
   itself): admins' labels win; otherwise the majority; a tie goes to the newest label.
 Examples derived earlier from a message whose target has since changed are excluded, so a
 changed vote never leaves a stale target behind.
+Every derived example carries where it may be seen (store.channels.training_scope, refreshed on
+each derivation): only what the whole workspace may see trains the shared model.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from sqlmodel import Session
 
 from flywheel.logs import get_logger
+from store.channels import training_scope
 from store.conversations import conversation_messages
 from store.examples import exclude_examples, list_examples, set_example_status, upsert_example
 from store.feedback import active_feedback
@@ -176,7 +179,7 @@ def derive_examples(session: Session, *, context_turns: int = 6) -> Derivation:
             provenance["by_admin"] = correction.is_admin
         row, created = upsert_example(session, messages=context, answer=answer, source=source,
                                       provenance=provenance, golden=golden, rejected_answer=rejected,
-                                      message_id=mid)
+                                      message_id=mid, visible_in=training_scope(session, msg.channel))
         _count(session, row, created, kept, result)
     stale = [ex.id for ex in list_examples(session, status=ExampleStatus.active)
              if ex.source in DERIVED_SOURCES and ex.message_id is not None and ex.content_hash not in kept]
@@ -202,5 +205,6 @@ def _derive_label(session, thread, msg, labels, kept, result) -> None:
         return
     row, created = upsert_example(
         session, messages=[{"role": "user", "content": question.text}], label=label, source="label",
-        provenance={"feedback_ids": sorted(lab.id for lab in labels), "message_id": msg.id}, message_id=msg.id)
+        provenance={"feedback_ids": sorted(lab.id for lab in labels), "message_id": msg.id}, message_id=msg.id,
+        visible_in=training_scope(session, msg.channel))
     _count(session, row, created, kept, result)

@@ -77,7 +77,7 @@ class SlackDouble:
                  team_id: str = TEAM_ID, users: dict[str, dict] | None = None,
                  printer: Callable[[str], None] | None = None, port: int = 0,
                  private_channels: set[str] | None = None, app_token: str = "xapp-1-test-token",
-                 streaming: bool = False) -> None:
+                 streaming: bool = False, external_channels: set[str] | None = None) -> None:
         self.bot_token, self.bot_user_id, self.team_id = bot_token, bot_user_id, team_id
         self.app_token = app_token  # the app-level token `apps.connections.open` wants
         # chat.startStream / appendStream / stopStream: a workspace where they are off (the
@@ -85,6 +85,7 @@ class SlackDouble:
         self.streaming = streaming
         self._socket_mode: SocketModeServer | None = None
         self.private_channels = set(private_channels or ())  # C… ids that are private channels
+        self.external_channels = set(external_channels or ())  # C… ids shared with another organisation
         self.users = users or {}
         self.printer = printer
         self.state = _State()
@@ -315,7 +316,8 @@ class SlackDouble:
             is_im = channel.startswith("D")
             return {"ok": True, "channel": {
                 "id": channel, "is_im": is_im, "is_mpim": False, "is_channel": not is_im,
-                "is_private": is_im or channel.startswith("G") or channel in self.private_channels}}
+                "is_private": is_im or channel.startswith("G") or channel in self.private_channels,
+                "is_shared": channel in self.external_channels, "is_ext_shared": channel in self.external_channels}}
         if method == "conversations.replies":
             msgs = self.thread(args.get("channel", ""), args.get("ts", ""))
             return {"ok": True, "messages": msgs, "has_more": False}

@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web import WebClient
@@ -25,7 +24,7 @@ from store.db import session_scope
 from store.leases import acquire_lease, release_lease
 from store.models import ModelVersion, RunStatus, TrainingRun, VersionStatus, utcnow
 from store.runs import FINISHED, mark_run_reported, runs_to_report, set_report_message
-from store.versions import find_version
+from store.versions import find_version, report_plot
 
 log = get_logger("bot.reports")
 LEASE = "bot-reports"
@@ -182,14 +181,17 @@ class ReportPoller:
             return 0
 
     def _upload_plot(self, channel: str, ts: str, version: ModelVersion | None) -> None:
-        if version is None or not version.report_path:
+        """The evaluation plot, from the store (the trainer registered it with the version)."""
+        if version is None:
             return
-        path = Path(version.report_path)
-        if not path.is_file():
-            self.client.chat_postMessage(channel=channel, thread_ts=ts,
-                                         text=f"(the evaluation plot is missing: {path})")
+        with session_scope() as s:
+            png = report_plot(s, version.name)
+        if png is None:
+            if version.report_path:  # registered without its plot (an older trainer)
+                self.client.chat_postMessage(channel=channel, thread_ts=ts,
+                                             text=f"(the evaluation plot of `{version.name}` is not in the store)")
             return
-        self.client.files_upload_v2(channel=channel, thread_ts=ts, file=str(path), filename=path.name,
+        self.client.files_upload_v2(channel=channel, thread_ts=ts, content=png, filename=f"{version.name}.png",
                                     title=f"{version.name} evaluation")
         metrics.REPORTS.labels("plot").inc()
 

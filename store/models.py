@@ -213,6 +213,15 @@ class ModelVersion(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class ReportPlot(SQLModel, table=True):
+    """A version's evaluation plot (PNG), kept in the store so the bot can post it from any
+    machine: the trainer's disk is not the bot's in a deployment."""
+
+    version_name: str = Field(primary_key=True, foreign_key="modelversion.name", max_length=64)
+    png: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class Alias(SQLModel, table=True):
     """A movable name (production, candidate) → version; None means the base model."""
 

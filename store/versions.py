@@ -8,7 +8,7 @@ from sqlmodel import Session, col, func, select
 
 from store.audit import add_audit, list_audit
 from store.errors import InvalidStateError, NotFoundError
-from store.models import Alias, ModelVersion, VersionStatus, utcnow
+from store.models import Alias, ModelVersion, ReportPlot, VersionStatus, utcnow
 
 PRODUCTION = "production"
 CANDIDATE = "candidate"
@@ -50,11 +50,13 @@ def register_version(
     gate_reasons: list[str],
     report: dict | None = None,
     report_path: str | None = None,
+    report_plot: bytes | None = None,
     run_id: int | None = None,
     dataset_snapshot_id: int | None = None,
     name: str | None = None,
 ) -> ModelVersion:
-    """Register an immutable version: 'candidate' if the gate passed, else 'rejected'."""
+    """Register an immutable version: 'candidate' if the gate passed, else 'rejected'; its
+    evaluation plot (PNG bytes) is stored with it in the same transaction."""
     for _attempt in range(5):
         version = ModelVersion(
             name=validate_version_name(name or next_version_name(session)),
@@ -64,6 +66,8 @@ def register_version(
             status=VersionStatus.candidate if gate_passed else VersionStatus.rejected,
         )
         session.add(version)
+        if report_plot is not None:
+            session.add(ReportPlot(version_name=version.name, png=report_plot))
         try:
             session.commit()
         except IntegrityError:
@@ -223,3 +227,9 @@ def rollback_target(session: Session, alias: str = PRODUCTION) -> str | None:
         if version is not None and version.status != VersionStatus.rejected:
             return name
     return None
+
+
+def report_plot(session: Session, version_name: str) -> bytes | None:
+    """The evaluation plot stored with a version, if any."""
+    row = session.get(ReportPlot, version_name)
+    return row.png if row is not None else None

@@ -588,7 +588,8 @@ def test_train_queues_a_run_whose_report_is_one_updated_message_with_buttons(bot
             report={"candidate": {"token_f1": 0.71, "golden_pass": 1.0},
                     "production": {"token_f1": 0.52, "golden_pass": 1.0},
                     "base": {"token_f1": 0.17, "golden_pass": 0.5}},
-            report_path=_plot(env["tmp"] / "ft-0003.png"), run_id=run_id)
+            report_path=_plot(env["tmp"] / "ft-0003.png"), run_id=run_id,
+            report_plot=(env["tmp"] / "ft-0003.png").read_bytes())
         finish_run(s, run_id, RunStatus.succeeded, model_version=version.name)
     final = bot.double.wait_for(
         "chat.update", lambda c: c.args.get("ts") == report_ts and "report_approve" in json.dumps(c.args))[-1]

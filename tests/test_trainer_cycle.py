@@ -15,7 +15,7 @@ from flywheel.adapters import verify_adapter
 from store.db import get_engine, session_scope
 from store.leases import lease_holder
 from store.runs import get_run, list_runs
-from store.versions import list_versions, move_alias
+from store.versions import list_versions, move_alias, report_plot
 from trainer.cycle import run_cycle
 from trainer.gate import gate
 from trainer.lease import LeaseBusy
@@ -74,6 +74,8 @@ def test_whole_cycle_registers_a_version_with_report(env, sqlite_url, tiny_model
     assert len(report["training"]["loss_history"]) == 6
     png = Path(version.report_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with session_scope(get_engine(sqlite_url)) as s:  # and in the store, for a bot on another machine
+        assert report_plot(s, version.name) == png.read_bytes()
     assert json.loads((png.parent / "report.json").read_text())["version"] == "ft-0001"
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

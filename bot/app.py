@@ -141,9 +141,11 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
 
     # -- App Home --------------------------------------------------------------------------------
     @app.event("app_home_opened")
-    def _home(event, client):
+    def _home(event, client, context):
         if event.get("tab", "home") == "home":
             publish_home(settings, client, event["user"], visibility)
+        elif event.get("tab") == "messages":  # the agent view's conversation opened
+            assistant.on_messages_opened(event, client, context.bot_user_id)
 
     @app.error
     def _error(error, body):

@@ -1,6 +1,8 @@
-"""Slack's assistant view (the split view AI apps get): a new assistant thread is greeted with
-suggested prompts; while an answer is written the thread shows "is thinking…"; the first
-question names the thread. Everything here is best effort: without the assistant feature (a
+"""Slack's AI surfaces. The Agent messaging experience (manifest `agent_view`): when someone opens
+the app's Messages tab the bot sets its suggested prompts for that DM (no thread: Slack ignores
+a call with thread_ts there). The older assistant view (`assistant_view`, still working where a
+workspace has it): a new assistant thread is greeted with suggested prompts. In both, while an
+answer is written the thread shows "is thinking…", and the first question names the thread. Everything here is best effort: without the assistant feature (a
 plain DM thread, an app without `assistant:write`) the calls fail, are counted, and the answer
 is given all the same."""
 from __future__ import annotations
@@ -68,6 +70,18 @@ class Assistant:
             asked = []
         return asked or list(FALLBACK_PROMPTS)
 
+    def _prompt_list(self, client: WebClient, bot_user_id: str | None) -> list[dict]:
+        return [{"title": p if len(p) <= 75 else p[:74] + "…", "message": p} for p in self.prompts(client, bot_user_id)]
+
+    def on_messages_opened(self, event: dict, client: WebClient, bot_user_id: str | None) -> None:
+        """Agent view: someone opened the app's Messages tab; suggest what to ask there."""
+        channel = event.get("channel")
+        if not channel:
+            metrics.IGNORED.labels("agent_view_without_channel").inc()
+            return
+        self._call("suggested_prompts", client.assistant_threads_setSuggestedPrompts, channel_id=channel,
+                   title="Try asking", prompts=self._prompt_list(client, bot_user_id))
+
     def on_thread_started(self, event: dict, client: WebClient, bot_user_id: str | None) -> None:
         """A person opened the assistant view: greet them and suggest what to ask."""
         thread = event.get("assistant_thread") or {}
@@ -77,10 +91,8 @@ class Assistant:
             return
         self._call("greeting", client.chat_postMessage, channel=channel, thread_ts=thread_ts,
                    text=self.settings.assistant_greeting)
-        prompts = [{"title": p if len(p) <= 75 else p[:74] + "…", "message": p}
-                   for p in self.prompts(client, bot_user_id)]
         self._call("suggested_prompts", client.assistant_threads_setSuggestedPrompts, channel_id=channel,
-                   thread_ts=thread_ts, title="Try asking", prompts=prompts)
+                   thread_ts=thread_ts, title="Try asking", prompts=self._prompt_list(client, bot_user_id))
 
     def thinking(self, client: WebClient, channel: str, thread_ts: str, question: str, *, first: bool,
                  bot_user_id: str | None) -> None:

@@ -54,6 +54,21 @@ def test_a_new_assistant_thread_gets_a_greeting_and_the_most_asked_public_questi
     assert greeting.args["channel"] == "DASSIST01" and "Ask me anything" in greeting.args["text"]
 
 
+def test_opening_the_agent_view_suggests_the_most_asked_public_questions(env):
+    """Agent messaging (manifest agent_view): no assistant_thread_started; app_home_opened with the
+    Messages tab sets the DM's prompts, without a thread (Slack drops a call that names one)."""
+    bot, double = env["bot"], env["double"]
+    _asked("CPUBLIC03", "How do I book a meeting room?", 4)
+    _asked(PRIVATE, "What is the acquisition code name?", 9)
+    assert bot.sender.home_opened(user=USER, tab="messages", channel="DAGENT001").status_code == 200
+    call = double.wait_for("assistant.threads.setSuggestedPrompts",
+                           lambda c: c.args.get("channel_id") == "DAGENT001")[0]
+    assert call.response["ok"] and not call.args.get("thread_ts")
+    raw = call.args["prompts"]
+    messages = [p["message"] for p in (json.loads(raw) if isinstance(raw, str) else raw)]
+    assert "How do I book a meeting room?" in messages and not any("acquisition" in m for m in messages)
+
+
 def test_an_assistant_question_shows_thinking_gets_a_title_and_streams_its_answer(env):
     bot, double = env["bot"], env["double"]
     channel, root = "DASSIST02", bot.sender.next_ts()

@@ -184,5 +184,7 @@ def test_cli_names_missing_settings(monkeypatch):
     assert spec["features"]["slash_commands"][0]["command"] == "/flywheel"
     assert {"app_mention", "reaction_added", "reaction_removed", "message.im", "assistant_thread_started"} <= set(
         spec["settings"]["event_subscriptions"]["bot_events"])
-    assert "assistant_view" in spec["features"] and "assistant:write" in spec["oauth_config"]["scopes"]["bot"]
+    assert "agent_view" in spec["features"] and "assistant:write" in spec["oauth_config"]["scopes"]["bot"]
+    assert "assistant_view" not in spec["features"]  # agent_view replaces it (one of the two per app)
+    assert spec["features"]["agent_view"]["agent_description"]
     assert {s["callback_id"] for s in spec["features"]["shortcuts"]} == {"add_to_training", "mark_golden"}

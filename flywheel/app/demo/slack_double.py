@@ -247,7 +247,9 @@ class SlackDouble:
         return {"ok": True, "channel": channel, "ts": args.get("ts")}
 
     def _assistant(self, method: str, args: dict) -> dict:
-        if not args.get("channel_id") or not args.get("thread_ts"):
+        # suggested prompts may name no thread (the agent view: the DM itself); the rest need one
+        needs_thread = method != "assistant.threads.setSuggestedPrompts"
+        if not args.get("channel_id") or (needs_thread and not args.get("thread_ts")):
             return {"ok": False, "error": "invalid_arguments"}
         if method == "assistant.threads.setSuggestedPrompts":
             prompts = _maybe_json(args.get("prompts")) or []
@@ -595,8 +597,8 @@ class SlackSender:
                                       "assistant_thread": {"user_id": user, "channel_id": channel,
                                                            "thread_ts": thread_ts, "context": context}})
 
-    def home_opened(self, user: str = "UALICE01") -> httpx.Response:
-        return self.event({"type": "app_home_opened", "user": user, "channel": "DHOME0001", "tab": "home",
+    def home_opened(self, user: str = "UALICE01", tab: str = "home", channel: str = "DHOME0001") -> httpx.Response:
+        return self.event({"type": "app_home_opened", "user": user, "channel": channel, "tab": tab,
                            "event_ts": self.next_ts()})
 
     # -- interactivity -----------------------------------------------------------------------

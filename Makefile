@@ -9,9 +9,9 @@ EMBED_DIR ?= models/all-minilm-l6-v2
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup postgres model vllm test test-fast demo run lint clean
+.PHONY: setup postgres promtool model vllm test test-fast demo run lint k8s clean
 
-setup: $(VENV)/.installed postgres
+setup: $(VENV)/.installed postgres promtool
 
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,11 @@ $(VENV)/.installed: pyproject.toml
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
 	  { echo "installing PostgreSQL server binaries"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+# tests/test_observability.py checks the alert rules (deploy/helm/flywheel/files/) with promtool.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || \
+	  { echo "installing promtool (Debian's prometheus package)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 model: $(MODEL_DIR)/flywheel-model.json $(TINY_DIR)/flywheel-model.json $(EMBED_DIR)/flywheel-model.json
 
@@ -60,6 +65,10 @@ demo: setup model
 
 run: setup model
 	$(BIN)/flywheel up
+
+# deploy/k8s/ is the Helm chart (deploy/helm/flywheel) rendered with its defaults.
+k8s: $(VENV)/.installed
+	$(BIN)/python deploy/helm/render.py
 
 lint: setup
 	$(BIN)/ruff check bot gateway trainer store flywheel tests

@@ -21,7 +21,10 @@ FOREIGN = {"FLYWHEEL_LOG_JSON", "FLYWHEEL_LOG_LEVEL", "FLYWHEEL_REPLICA_ID", "HF
 
 
 def _documents():
+    """Every YAML file but the chart's templates (Go templates; tests/test_deploy_chart.py renders them)."""
     for path in sorted(DEPLOY.rglob("*.y*ml")):
+        if "templates" in path.relative_to(DEPLOY).parts:
+            continue
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 yield path, doc
@@ -44,7 +47,7 @@ def _env_names_known() -> set[str]:
 
 
 def _flywheel_invocations():
-    """(file, argv) for every container or service that runs the flywheel image."""
+    """(file, argv) for every container or service that runs the flywheel command."""
     for path, doc in _documents():
         if path.name == "docker-compose.yml":
             for name, svc in doc.get("services", {}).items():
@@ -53,8 +56,9 @@ def _flywheel_invocations():
         else:
             spec = doc.get("spec", {})
             pod = (spec.get("jobTemplate", {}).get("spec", {}).get("template") or spec.get("template") or {})
-            for container in pod.get("spec", {}).get("containers", []):
-                if container.get("image", "").startswith("flywheel"):
+            containers = pod.get("spec", {}).get("containers", []) + pod.get("spec", {}).get("initContainers", [])
+            for container in containers:  # those with a command of their own run something else
+                if container.get("image", "").startswith("flywheel") and not container.get("command"):
                     yield path.name, container.get("args", [])
 
 
@@ -82,3 +86,28 @@ def test_deploy_sets_only_settings_the_code_reads():
     used = set(re.findall(r"\b((?:FLYWHEEL|SLACK)_[A-Z0-9_]+)\b", text))
     assert used, "no settings referenced"
     assert used <= known, f"settings no code reads: {sorted(used - known)}"
+
+
+def test_compose_gives_each_service_what_it_needs():
+    """The trainer writes to a volume of its own, the bot reads the embedder from the models
+    volume, and the model path, GPU count and LoRA rank are each set once."""
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    services = yaml.safe_load(text)["services"]
+    trainer, bot, vllm = services["trainer"], services["bot"], services["vllm"]
+    mounts = {v.split(":")[1]: v for v in trainer["volumes"]}
+    for name in ("FLYWHEEL_DATA_DIR", "FLYWHEEL_RUNS_DIR"):
+        where = trainer["environment"][name]
+        mount = next(m for path, m in mounts.items() if where.startswith(path + "/"))
+        assert not mount.endswith(":ro"), name
+    assert "models:/models:ro" in bot["volumes"]
+    assert bot["command"][bot["command"].index("--host") + 1] == "0.0.0.0" and "healthcheck" in bot
+    model = vllm["command"][vllm["command"].index("--model") + 1]
+    assert model == trainer["environment"]["FLYWHEEL_BASE_MODEL"] == services["gateway"]["environment"]["FLYWHEEL_BASE_MODEL"]
+    assert text.count("/models/smollm2-135m-instruct") == 1 + text.count("--target /models/smollm2")  # the anchor (and the comment)
+    assert "--tensor-parallel-size=${VLLM_GPUS:-1}" in vllm["command"]
+    assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "${VLLM_GPUS:-1}"
+    assert "--max-lora-rank=${LORA_RANK:-16}" in vllm["command"]
+    assert trainer["environment"]["FLYWHEEL_LORA_R"] == "${LORA_RANK:-16}"
+    assert vllm.get("shm_size")
+    for name in ("bot", "gateway", "vllm"):
+        assert services[name]["deploy"]["resources"]["limits"]["memory"], name

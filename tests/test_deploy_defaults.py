@@ -81,32 +81,77 @@ def test_compose_has_no_default_secrets_and_fences_vllm_in():
 def test_dockerfile_is_pinned_and_unprivileged():
     lines = [ln.strip() for ln in (DEPLOY / "Dockerfile").read_text().splitlines()]
     base = next(ln for ln in lines if ln.startswith("FROM "))
+    if "${BASE_IMAGE}" in base:  # the base is a build argument: its default must be pinned
+        base = next(ln for ln in lines if ln.startswith("ARG BASE_IMAGE="))
     assert re.search(r":\d+\.\d+\.\d+", base), base
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert lines.index(f"USER {users[-1]}") > max(i for i, ln in enumerate(lines) if ln.startswith("RUN "))
 
 
+def test_dockerfile_gives_the_user_a_writable_working_directory():
+    """The trainer writes FLYWHEEL_DATA_DIR and FLYWHEEL_RUNS_DIR (default ./data, ./runs): the image
+    points them at a folder uid 10001 owns, which is also the working directory."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    workdir = re.findall(r"^WORKDIR (\S+)", text, re.MULTILINE)[-1]
+    assert re.search(rf"chown 10001:10001 .*{re.escape(workdir)}", text), workdir
+    for name in ("FLYWHEEL_DATA_DIR", "FLYWHEEL_RUNS_DIR"):
+        assert re.search(rf"{name}={re.escape(workdir)}/", text), name
+
+
 def test_kubernetes_pods_run_unprivileged_pinned_images():
     specs = dict(_pod_specs())
-    assert {"bot", "gateway", "vllm", "trainer", "flywheel-migrate"} <= set(specs)
+    assert {"flywheel-bot", "flywheel-gateway", "flywheel-vllm", "flywheel-trainer", "flywheel-migrate",
+            "flywheel-postgres"} <= set(specs)
     for name, spec in specs.items():
-        for container in spec["containers"]:
+        for container in spec["containers"] + spec.get("initContainers", []):
             image = container["image"]
             assert re.search(r":v?\d+\.\d+", image) and not image.endswith(":latest"), (name, image)
             context = {**spec.get("securityContext", {}), **container.get("securityContext", {})}
             assert context.get("runAsNonRoot") is True and context.get("allowPrivilegeEscalation") is False, name
 
 
+def _component(name: str) -> dict:
+    return {"app.kubernetes.io/name": "flywheel", "app.kubernetes.io/instance": "flywheel",
+            "app.kubernetes.io/component": name}
+
+
+def _policies_for(component: str) -> list[dict]:
+    return [d for d in _k8s_docs() if d["kind"] == "NetworkPolicy"
+            and d["spec"]["podSelector"] == {"matchLabels": _component(component)}]
+
+
 def test_kubernetes_lets_only_gateways_reach_vllm_with_a_key():
-    policies = [d for d in _k8s_docs() if d["kind"] == "NetworkPolicy"
-                and d["spec"]["podSelector"] == {"matchLabels": {"app": "vllm"}}]
+    policies = _policies_for("vllm")
     assert len(policies) == 1
     ingress = policies[0]["spec"]["ingress"]
     assert "Ingress" in policies[0]["spec"]["policyTypes"]
-    assert [src for rule in ingress for src in rule["from"]] == [{"podSelector": {"matchLabels": {"app": "gateway"}}}]
-    vllm = dict(_pod_specs())["vllm"]["containers"][0]
+    assert [src for rule in ingress for src in rule["from"]] == [{"podSelector": {"matchLabels": _component("gateway")}}]
+    vllm = dict(_pod_specs())["flywheel-vllm"]["containers"][0]
     key = next(e for e in vllm["env"] if e["name"] == "VLLM_API_KEY")
-    assert key["valueFrom"]["secretKeyRef"] == {"name": "flywheel-secrets", "key": "FLYWHEEL_VLLM_API_KEY"}
-    secret = next(d for d in _k8s_docs() if d["kind"] == "Secret")["stringData"]
-    assert secret["FLYWHEEL_API_KEYS"] and secret["FLYWHEEL_VLLM_API_KEY"]  # no empty (open) defaults
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "flywheel-vllm", "key": "VLLM_API_KEY"}
+    secrets = {d["metadata"]["name"]: d["stringData"] for d in _k8s_docs() if d["kind"] == "Secret"}
+    gateway = secrets["flywheel-gateway"]
+    assert gateway["FLYWHEEL_API_KEYS"] and gateway["FLYWHEEL_VLLM_API_KEY"]  # no empty (open) defaults
+    assert secrets["flywheel-vllm"]["VLLM_API_KEY"]
+
+
+def test_kubernetes_fences_in_the_gateway_and_the_database():
+    """The gateway answers the bot and the trainer (and the metrics scraper); PostgreSQL answers
+    the components that use the store. Nothing else in the cluster reaches either."""
+    for component, clients, port in (("gateway", ["bot", "trainer"], 8000),
+                                     ("postgres", ["gateway", "bot", "trainer", "migrate"], 5432)):
+        policies = _policies_for(component)
+        assert len(policies) == 1, component
+        spec = policies[0]["spec"]
+        assert spec["policyTypes"] == ["Ingress"]
+        (rule,) = spec["ingress"]
+        assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
+        peers = [p for p in rule["from"] if "podSelector" in p]
+        assert len(peers) == 1, component
+        selector = peers[0]["podSelector"]
+        assert selector["matchLabels"] == {"app.kubernetes.io/name": "flywheel", "app.kubernetes.io/instance": "flywheel"}
+        assert selector["matchExpressions"] == [
+            {"key": "app.kubernetes.io/component", "operator": "In", "values": clients}], component
+        others = [p for p in rule["from"] if "podSelector" not in p]
+        assert all(set(p) == {"namespaceSelector"} and p["namespaceSelector"] for p in others), others

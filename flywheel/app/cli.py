@@ -38,3 +38,10 @@ app.command("up")(up)
 @app.callback()
 def main(log_level: str = typer.Option("INFO", envvar="FLYWHEEL_LOG_LEVEL", help="Log level")) -> None:
     configure_logging(log_level)
+
+
+from flywheel.app.admin_commands import promote, rollback, versions  # noqa: E402
+
+app.command("versions")(versions)
+app.command("promote")(promote)
+app.command("rollback")(rollback)

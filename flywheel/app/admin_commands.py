@@ -1,0 +1,127 @@
+"""`flywheel versions | promote | rollback`: the admin's model commands without Slack.
+
+promote and rollback run the bot's own admin actions (bot.admin.Admin.approve / rollback, through
+Admin.admin_action), so they are checked, audited and announced to the gateway exactly as
+`/flywheel promote` and `/flywheel rollback` are: the store functions write the version.approve
+and alias.move events in the change's own transaction, and a refusal or a failure leaves a
+`command.<action>` event with outcome `error`. The actor is `cli:<login>` (or `--as NAME`): the
+CLI's authority is access to the database (FLYWHEEL_DATABASE_URL), not a Slack user id. The
+gateway is asked to swap at once when FLYWHEEL_GATEWAY_URL and FLYWHEEL_GATEWAY_ADMIN_TOKEN are
+set (the bot's pod has both); otherwise replicas follow at their next poll."""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import shlex
+from typing import Annotated
+
+import typer
+
+ACTOR_HELP = "Who the audit log names (default: cli:<login>)"
+
+
+def _actor(name: str | None) -> str:
+    if name:
+        return name
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # a uid without a passwd entry (some containers)
+        return f"cli:uid{os.getuid()}"
+
+
+def _plain(text: str) -> str:
+    """The bot's Slack reply as terminal text: mentions as names, no leading emoji code."""
+    text = re.sub(r"<@([^>|]+)(?:\|[^>]*)?>", r"\1", text)
+    return re.sub(r"^:[a-z0-9_+-]+: ", "", text)
+
+
+def _run_admin_action(actor: str, action: str, target: str, command: list[str], do) -> None:
+    """Run one of the bot's admin actions as `actor`, audited as the Slack command is; exit 1
+    (after the audit) when it was refused or failed."""
+    from bot.admin import Admin
+    from bot.gateway_client import GatewayClient
+    from bot.settings import BotSettings
+
+    settings = BotSettings().model_copy(update={"admins": [actor]})
+    gateway = GatewayClient(settings)
+    admin = Admin(settings, gateway)
+    done = {}
+
+    def attempt():
+        reply = do(admin)
+        done["ok"] = True
+        return reply
+
+    try:
+        reply = admin.admin_action(actor, action, target, attempt,
+                                   detail={"command": shlex.join(command), "via": "cli"})
+    finally:
+        gateway.close()
+    if not done:
+        typer.secho(_plain(reply.text), fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(_plain(reply.text))
+
+
+def promote(
+    version: Annotated[str, typer.Argument(help="The version to put in production, e.g. ft-0007")],
+    force: Annotated[str | None, typer.Option(
+        "--force", help="Promote a version the gate rejected; the reason goes to the audit log")] = None,
+    actor: Annotated[str | None, typer.Option("--as", help=ACTOR_HELP)] = None,
+) -> None:
+    """Approve and promote a version (as `/flywheel promote`): the production alias moves, audited."""
+    who = _actor(actor)
+    command = ["promote", version] + (["--force", force] if force is not None else [])
+    _run_admin_action(who, "promote", version, command, lambda admin: admin.approve(who, version, force))
+
+
+def rollback(
+    expect: Annotated[str | None, typer.Option(
+        "--expect", help="Roll back only if this version is live now (else nothing changes)")] = None,
+    actor: Annotated[str | None, typer.Option("--as", help=ACTOR_HELP)] = None,
+) -> None:
+    """Put the previous production version back (as `/flywheel rollback`), audited."""
+    from store.versions import PRODUCTION
+
+    who = _actor(actor)
+    command = ["rollback"] + (["--expect", expect] if expect else [])
+    _run_admin_action(who, "rollback", PRODUCTION, command, lambda admin: admin.rollback(who, expect))
+
+
+def versions(
+    limit: Annotated[int, typer.Option(min=1, help="How many, newest first")] = 30,
+    page: Annotated[int, typer.Option(min=1, help="Which page of --limit versions")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per version")] = False,
+) -> None:
+    """List model versions, newest first: status, gate verdict, which one is in production."""
+    from store.db import session_scope
+    from store.versions import CANDIDATE, PRODUCTION, alias_target, count_versions, list_versions
+
+    with session_scope() as s:
+        prod, canary = alias_target(s, PRODUCTION), alias_target(s, CANDIDATE)  # first: they expire the session
+        rows = list_versions(s, limit=limit, offset=(page - 1) * limit)
+        total = count_versions(s)
+        items = [{"name": v.name, "status": str(v.status), "gate_passed": v.gate_passed,
+                  "gate_reasons": list(v.gate_reasons or []), "base_model": v.base_model,
+                  "created_at": v.created_at.isoformat(timespec="seconds"),
+                  "production": v.name == prod, "canary": v.name == canary} for v in rows]
+    if as_json:
+        for item in items:
+            typer.echo(json.dumps(item))
+        return
+    if not total:
+        typer.echo("No model versions yet: production serves the base model.")
+        return
+    typer.echo(f"production: {prod or 'base model'}" + (f"; canary: {canary}" if canary else ""))
+    typer.echo(f"{'version':<12} {'status':<10} {'gate':<7} {'created (UTC)':<17} note")
+    for item in items:
+        gate = "passed" if item["gate_passed"] else "failed"
+        note = "← production" if item["production"] else "← canary" if item["canary"] else ""
+        if not item["gate_passed"] and item["gate_reasons"]:
+            note = (note + " " if note else "") + item["gate_reasons"][0][:80]
+        typer.echo(f"{item['name']:<12} {item['status']:<10} {gate:<7} {item['created_at'][:16].replace('T', ' '):<17} {note}".rstrip())
+    shown = (page - 1) * limit + len(items)
+    if shown < total:
+        typer.echo(f"({shown} of {total}; older ones: --page {page + 1})")

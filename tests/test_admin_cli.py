@@ -1,0 +1,143 @@
+"""`flywheel versions | promote | rollback`: an admin without Slack. The CLI runs the bot's own
+admin actions, so the store ends in the same state and the audit log holds the same events as
+after `/flywheel promote` and `/flywheel rollback`, refusals included; only the actor differs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from bot.admin import Admin
+from bot.settings import BotSettings
+from flywheel.app.cli import app
+from store.audit import list_audit
+from store.db import get_engine, session_scope
+from store.migrate import upgrade
+from store.versions import PRODUCTION, alias_target, find_version, register_version
+
+SLACK_ADMIN = "UADMIN001"
+
+
+class QuietGateway:
+    def request_sync(self) -> str:
+        return "gateway synced"
+
+
+def _seed() -> None:
+    with session_scope() as s:
+        for name, passed in (("ft-0001", True), ("ft-0002", True), ("ft-0003", False)):
+            register_version(s, name=name, adapter_path=f"/adapters/{name}", adapter_sha256="0" * 64,
+                             base_model="smollm2-135m-instruct", gate_passed=passed,
+                             gate_reasons=[] if passed else ["recall F1 0.41 < production 0.52 + 0.01"])
+
+
+@pytest.fixture
+def two_stores(tmp_path, monkeypatch):
+    """Two migrated, identically seeded stores; `use(i)` points FLYWHEEL_DATABASE_URL at one."""
+    urls = []
+    for i in range(2):
+        url = f"sqlite:///{tmp_path / f'flywheel-{i}.db'}"
+        upgrade(url)
+        monkeypatch.setenv("FLYWHEEL_DATABASE_URL", url)
+        _seed()
+        urls.append(url)
+
+    def use(i: int) -> None:
+        monkeypatch.setenv("FLYWHEEL_DATABASE_URL", urls[i])
+
+    monkeypatch.delenv("FLYWHEEL_GATEWAY_ADMIN_TOKEN", raising=False)
+    yield use
+    for url in urls:
+        get_engine(url).dispose()
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def _trail() -> list[tuple]:
+    """The audit log, oldest first, without who and when (and without how the command was typed)."""
+    with session_scope() as s:
+        events = list(reversed(list_audit(s, limit=100)))
+        return [(e.action, e.target, e.outcome, {k: v for k, v in e.detail.items() if k not in ("command", "via")})
+                for e in events]
+
+
+def _state() -> tuple:
+    with session_scope() as s:
+        return (alias_target(s, PRODUCTION),
+                tuple(str(find_version(s, n).status) for n in ("ft-0001", "ft-0002", "ft-0003")))
+
+
+def test_cli_and_slack_leave_the_same_audit_trail_and_state(two_stores):
+    """The same sequence (promote, promote, refused promote, forced promote, rollback) through
+    the Slack command on one store and through the CLI on the other."""
+    two_stores(0)
+    slack = Admin(BotSettings(admins=[SLACK_ADMIN]), gateway=QuietGateway())
+    for text in ("promote ft-0001", "promote ft-0002", "promote ft-0003", 'promote ft-0003 --force "hotfix"',
+                 "rollback"):
+        slack.run_command(SLACK_ADMIN, text)
+    slack_trail, slack_state = _trail(), _state()
+    with session_scope() as s:
+        assert {e.actor for e in list_audit(s, limit=100)} == {SLACK_ADMIN}
+
+    two_stores(1)
+    codes = [_cli("promote", "ft-0001", "--as", "cli:alice")[0], _cli("promote", "ft-0002", "--as", "cli:alice")[0],
+             _cli("promote", "ft-0003", "--as", "cli:alice")[0],
+             _cli("promote", "ft-0003", "--force", "hotfix", "--as", "cli:alice")[0],
+             _cli("rollback", "--as", "cli:alice")[0]]
+    assert codes == [0, 0, 1, 0, 0]  # the gate-failed version is refused without --force
+    assert _trail() == slack_trail
+    assert _state() == slack_state == ("ft-0002", ("retired", "production", "retired"))
+    with session_scope() as s:
+        events = list_audit(s, limit=100)
+    assert {e.actor for e in events} == {"cli:alice"}
+    refused = next(e for e in events if e.action == "command.promote")
+    assert refused.outcome == "error" and refused.detail["via"] == "cli"
+    assert refused.detail["command"] == "promote ft-0003" and "evaluation gate" in refused.detail["error"]
+
+
+def test_promote_says_what_happened_and_the_default_actor_is_the_login(two_stores):
+    two_stores(0)
+    code, out = _cli("promote", "ft-0002")
+    assert code == 0, out
+    assert "promoted `ft-0002` to production" in out and "previously `base model`" in out
+    assert "not asked (FLYWHEEL_GATEWAY_ADMIN_TOKEN unset)" in out  # no gateway configured: replicas poll
+    with session_scope() as s:
+        (move,) = list_audit(s, action="alias.move")
+    assert move.actor.startswith("cli:") and move.detail["to"] == "ft-0002"
+
+    code, out = _cli("promote", "ft-0009")
+    assert code == 1 and "ft-0009" in out
+
+
+def test_rollback_with_expect_changes_nothing_when_another_version_is_live(two_stores):
+    two_stores(0)
+    assert _cli("promote", "ft-0001")[0] == 0
+    assert _cli("promote", "ft-0002")[0] == 0
+    code, out = _cli("rollback", "--expect", "ft-0001")
+    assert code == 1 and "nothing was rolled back" in out
+    assert _state()[0] == "ft-0002"
+    code, out = _cli("rollback", "--expect", "ft-0002")
+    assert code == 0 and "rolled production back from `ft-0002` to `ft-0001`" in out
+    assert _state()[0] == "ft-0001"
+
+
+def test_versions_lists_newest_first_with_production_marked(two_stores):
+    two_stores(0)
+    code, out = _cli("versions")
+    assert code == 0 and "production: base model" in out
+    assert _cli("promote", "ft-0001")[0] == 0
+    code, out = _cli("versions", "--limit", "2")
+    lines = out.splitlines()
+    assert lines[0] == "production: ft-0001"
+    assert [ln.split()[0] for ln in lines[2:4]] == ["ft-0003", "ft-0002"]
+    assert "recall F1 0.41" in lines[2] and "(2 of 3; older ones: --page 2)" in out
+    code, out = _cli("versions", "--limit", "2", "--page", "2")
+    assert "ft-0001" in out and "← production" in out
+    code, out = _cli("versions", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["name"] for r in rows] == ["ft-0003", "ft-0002", "ft-0001"]
+    assert [r["production"] for r in rows] == [False, False, True] and rows[0]["gate_passed"] is False

@@ -6,8 +6,9 @@ import hashlib
 import json
 from pathlib import Path
 
+from flywheel.basemodel import resolve
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-MARKER = "flywheel-model.json"
 
 
 class AdapterError(Exception):
@@ -29,15 +30,10 @@ def adapter_digest(adapter_dir: Path | str) -> str:
     return digest.hexdigest()
 
 
-def base_model_id(model_dir: Path | str) -> str:
-    """A stable name for a base model: the one its marker file records, else the folder name."""
-    model_dir = Path(model_dir)
-    marker = model_dir / MARKER
-    if marker.is_file():
-        name = json.loads(marker.read_text()).get("name")
-        if name:
-            return name
-    return model_dir.resolve().name
+def base_model_id(reference: Path | str) -> str:
+    """What adapters trained on this base are registered with: its identity (flywheel.basemodel),
+    a Hub id at its commit or a digest of a folder's config and weights, never a folder's name."""
+    return resolve(reference, weights=False).identity.id
 
 
 def verify_adapter(adapter_dir: Path | str, *, expected_sha256: str | None = None) -> str:

@@ -1,21 +1,23 @@
-"""Loading the base model, wrapping it with LoRA, and the answer-only loss.
+"""Loading the base model for training, wrapping it with LoRA, and the answer-only loss.
 
 The loss runs the LM head only on the positions that have a target: the vocabulary projection
 (49k columns for SmolLM2) on prompt and padding positions is pure waste in compute and memory."""
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from flywheel.basemodel import ModelLoadError, load_causal_lm, load_tokenizer  # noqa: F401 (re-exported for callers)
+from flywheel.logs import get_logger
 from trainer.encode import IGNORE
 
-
-class ModelLoadError(RuntimeError):
-    """The base model directory is missing or unreadable; the message says what to do."""
+log = get_logger("trainer.modeling")
+# Bytes per parameter of LoRA training state besides the weights: the fp32 gradient and AdamW's
+# two fp32 moments, allocated at the first step (after the memory estimate below is made).
+LORA_STATE_BYTES = 12
 
 
 def pick_device(setting: str = "auto") -> torch.device:
@@ -45,18 +47,40 @@ def use_bf16(device: torch.device, setting: bool | None) -> bool:
 
 def use_checkpointing(device: torch.device, setting: bool | None) -> bool | None:
     """Activation checkpointing: True always, False never, None (FLYWHEEL_ACTIVATION_CHECKPOINTING
-    unset) on CPU for micro-batches over checkpoint_above_tokens (see Checkpointing), never on
-    a GPU, where the 135M model's activations fit and speed wins."""
+    unset) decided per micro-batch by Checkpointing: on CPU for micro-batches over
+    checkpoint_above_tokens, on a CUDA GPU for those whose activations would not fit in its free
+    memory (gpu_checkpoint_above); never on other devices."""
     if setting is not None:
         return bool(setting)
-    return None if device.type == "cpu" else False
+    return None if device.type in ("cpu", "cuda") else False
+
+
+def activation_bytes_per_token(config, elem_bytes: int) -> int:
+    """Activations one token keeps for backward without checkpointing, estimated for a decoder
+    LM with LoRA on every linear layer: per layer ~18 hidden-sized tensors (norms, attention
+    inputs and outputs, residuals, the LoRA dropout copies of each adapted layer's input) and 4
+    intermediate-sized ones (the MLP's gate, up, activation and product), plus the LM head's fp32
+    logits, their softmax and gradient (every token counted as a target: an upper bound). For
+    SmolLM2 this gives ~1.6 MB/token in bf16; measured on CPU, checkpointing 8 x 280 tokens saved
+    ~3 GB (bench/trainer/results.md)."""
+    per_layer = 18 * config.hidden_size + 4 * config.intermediate_size
+    return config.num_hidden_layers * per_layer * elem_bytes + 3 * 4 * config.vocab_size
+
+
+def gpu_checkpoint_above(config, elem_bytes: int, free_bytes: int, total_bytes: int, trainable_params: int) -> int:
+    """The most padded tokens a micro-batch may have on this GPU without checkpointing: what is
+    free once the weights are loaded, less the LoRA training state still to come and a tenth of
+    the card as headroom (allocator fragmentation, the optimizer step), over the bytes per token."""
+    budget = free_bytes - trainable_params * LORA_STATE_BYTES - total_bytes // 10
+    return max(0, budget // activation_bytes_per_token(config, elem_bytes))
 
 
 class Checkpointing:
     """Recompute each decoder layer in backward only for micro-batches big enough to need it.
     On CPU recomputing costs ~20 % of the training speed (bench/trainer: 396 vs 326 tokens/s)
     and saves ~2-3 GB at 8 x 280 tokens (6.6 vs 3.6 GB peak RSS): small micro-batches (the
-    demo's ~100-token questions) run at full speed, big ones stay within memory."""
+    demo's ~100-token questions) run at full speed, big ones stay within memory. On a CUDA GPU
+    the token limit comes from its free memory (gpu_checkpoint_above) instead of the setting."""
 
     def __init__(self, model, mode: bool | None, above_tokens: int) -> None:
         self.mode, self.above = mode, above_tokens
@@ -70,6 +94,12 @@ class Checkpointing:
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.layers = [m for m in base.modules() if hasattr(m, "_gradient_checkpointing_func")]
+        device = next(base.parameters()).device
+        if mode is None and device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            self.above = gpu_checkpoint_above(base.config, base.dtype.itemsize, free, total, trainable)
+            log.info("checkpointing micro-batches above", tokens=self.above, free_gb=round(free / 2**30, 1))
         self.checkpointed = 0  # micro-batches recomputed so far
 
     def for_batch(self, padded_tokens: int) -> None:
@@ -84,37 +114,22 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def load_tokenizer(model_dir: str | Path):
-    from transformers import AutoTokenizer
-
-    _check_dir(model_dir)
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_base_model(model_dir: str | Path, device: torch.device):
-    """Weights in float32 (LoRA on CPU wants it; on GPU bf16 autocast does the speed-up)."""
-    from transformers import AutoModelForCausalLM
-
-    _check_dir(model_dir)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+def load_base_model(reference: str | Path, device: torch.device, quantize: str | None = None):
+    """The base model for training (flywheel.basemodel's dtype policy: float32 weights on CPU,
+    bf16 on a GPU, or NF4 with quantize="4bit"), without the generation cache."""
+    model = load_causal_lm(reference, device, quantize)
     model.config.use_cache = False
-    return model.to(device)
-
-
-def _check_dir(model_dir) -> None:
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"base model {path} not found (no config.json); run `make model` or set FLYWHEEL_BASE_MODEL")
+    return model
 
 
 def add_lora(model, settings):
-    """LoRA on linear layers only, no modules_to_save: loads as is in PEFT and in vLLM."""
-    from peft import LoraConfig, get_peft_model
+    """LoRA on linear layers only, no modules_to_save: loads as is in PEFT and in vLLM. A 4-bit
+    base is first prepared for k-bit training (norms and embeddings in fp32, all of it frozen);
+    checkpointing stays Checkpointing's decision."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                         target_modules=settings.target_module_list(), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)

@@ -13,7 +13,7 @@ class TrainerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")
 
     # Paths
-    base_model: str = "models/smollm2-135m-instruct"
+    base_model: str = "models/smollm2-135m-instruct"  # or a Hub id, org/name[@revision] (flywheel.basemodel)
     adapters_dir: Path = Path("./adapters")
     runs_dir: Path = Path("./runs")  # checkpoints, reports (JSON + PNG)
     data_dir: Path = Path("./data")  # dataset snapshots and exports
@@ -77,7 +77,9 @@ class TrainerSettings(BaseSettings):
     seed: int = 0
     device: str = "auto"  # auto / cpu / cuda
     bf16: bool | None = None  # None: bf16 autocast where the hardware has it (CUDA, AVX-512 BF16 / AMX CPUs)
-    activation_checkpointing: bool | None = None  # None: on CPU for micro-batches over the next, off on GPU
+    quantize: Literal["4bit"] | None = None  # QLoRA on a GPU: NF4 base weights (bitsandbytes)
+    # None: per micro-batch, on CPU over the next, on a GPU from its free memory (trainer.modeling)
+    activation_checkpointing: bool | None = None
     inference_bf16: bool = False  # bf16 autocast for evaluation answers on CPU, as the gateway serves (flywheel.precision)
     checkpoint_above_tokens: int = Field(512, ge=1)  # padded tokens; keeps SmolLM2 under 3 GB peak RSS at batch 8
     checkpoint_every: int = Field(25, ge=1)  # optimizer steps

@@ -41,10 +41,11 @@ MESSAGES = [{"role": "user", "content": "Say hi."}]
 def make_adapter(base_dir: Path, out_dir: Path, seed: int) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from flywheel.basemodel import load_causal_lm
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, local_files_only=True)
+    model = load_causal_lm(base_dir, "cpu")
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
                         task_type="CAUSAL_LM")
     get_peft_model(model, config).save_pretrained(out_dir)

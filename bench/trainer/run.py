@@ -134,7 +134,7 @@ def worker_ours(args, fp32: bool) -> dict:
 
     settings, tok, encoded = _setup(args)
     device = pick_device("auto")
-    model = add_lora(load_base_model(args.model, device), settings)
+    model = add_lora(load_base_model(args.model, device, settings.quantize), settings)
     bf16 = False if fp32 else use_bf16(device, settings.bf16)
     rss = current_rss_mb()
     with _profiled(args.profile) as prof:

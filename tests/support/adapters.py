@@ -8,10 +8,11 @@ def make_adapter(base_dir: Path, out_dir: Path, *, seed: int, r: int = 8, scale:
     """Save a LoRA adapter on `base_dir` with init_lora_weights=False (random A and B) into out_dir."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from flywheel.basemodel import load_causal_lm
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, local_files_only=True)
+    model = load_causal_lm(base_dir, "cpu")
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False,
                         task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)

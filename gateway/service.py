@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+from functools import cached_property
 
+from flywheel.basemodel import Identity, resolve
 from flywheel.logs import get_logger
 from gateway.admission import Admission
 from gateway.backends import make_backend
@@ -35,6 +37,12 @@ class Gateway:
             await self.backend.start()
         except Exception as exc:  # noqa: BLE001 - logged by the backend; /readyz reports backend.error
             log.error("backend_start_failed", backend=self.backend.kind, error=str(exc)[:500])
+            return
+        try:
+            await asyncio.to_thread(lambda: self.base_identity)
+        except Exception as exc:  # noqa: BLE001 - no adapter can be checked; /readyz says why
+            self.registry.last_error = f"cannot identify the base model: {exc}"
+            log.error("base_model_identity_failed", error=str(exc)[:500])
             return
         from gateway.sync import Syncer
 
@@ -76,7 +84,11 @@ class Gateway:
         return ready, {"ready": ready, "reasons": reasons, "backend": self.backend.status(), **reg.snapshot(),
                        "admission": admission}
 
-    def base_model_name(self) -> str:
-        from flywheel.adapters import base_model_id
+    @cached_property
+    def base_identity(self) -> Identity:
+        """The base model's identity, which adapters must be registered against (computed once:
+        it may read the Hub's cache or the weights' headers)."""
+        return resolve(self.settings.base_model, weights=False).identity
 
-        return base_model_id(self.settings.base_model)
+    def base_model_name(self) -> str:
+        return self.base_identity.id

@@ -15,7 +15,7 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")
 
     backend: Literal["transformers", "vllm"] = "transformers"
-    base_model: Path = Path("models/smollm2-135m-instruct")
+    base_model: Path = Path("models/smollm2-135m-instruct")  # or a Hub id, org/name[@revision] (flywheel.basemodel)
     vllm_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     admin_token: str | None = None
@@ -30,6 +30,7 @@ class GatewaySettings(BaseSettings):
     generation_nice: int = Field(default=5, ge=0, le=19)
     generation_threads: int | None = Field(default=None, ge=1)  # torch threads per generation; None: torch's default
     inference_bf16: bool = False  # bf16 autocast for generation on CPU, as the trainer's evaluator (flywheel.precision)
+    quantize: Literal["4bit"] | None = None  # transformers backend on a GPU: NF4 weights (bitsandbytes)
     # How long a failed adapter load waits before the next try (doubles up to the max).
     retry_backoff_s: float = Field(default=1.0, gt=0)
     retry_backoff_max_s: float = Field(default=60.0, gt=0)

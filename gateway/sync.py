@@ -63,7 +63,7 @@ class Syncer:
         self.registry = gateway.registry
         self.metrics = gateway.metrics
         self.backend = gateway.backend
-        self.base_id = gateway.base_model_name()
+        self.base = gateway.base_identity
         self.wake = asyncio.Event()
         self.lock = asyncio.Lock()  # one sync round at a time
         self.request_lock = asyncio.Lock()  # one load on request at a time (never self.lock)
@@ -254,9 +254,12 @@ class Syncer:
             validate_version_name(name)
         except ValueError as exc:
             raise AdapterError(str(exc)) from exc
-        if info.base_model != self.base_id:
+        if not self.base.accepts(info.base_model):
             raise AdapterError(f"{name} was trained on base model {info.base_model!r}, but this gateway serves "
-                               f"{self.base_id!r}")
+                               f"{self.base.id!r}")
+        if info.base_model != self.base.id:
+            log.warning("adapter_base_by_folder_name", version=name, registered=info.base_model, base=self.base.id,
+                        note="registered before base model identities; trusted by the folder-name rule")
         path = resolve_adapter_path(info.adapter_path, Path(self.settings.adapters_dir))
         await asyncio.to_thread(verify_adapter, path, expected_sha256=info.adapter_sha256)
         await self.backend.load_adapter(name, path)

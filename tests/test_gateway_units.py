@@ -151,14 +151,15 @@ PIECES = ("Say ", '"model":"tiny-llama"', " é")  # completion text that names t
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", WEIRD])
-def relay(request, tmp_path_factory):
+def relay(request, tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("gateway-relay")
     url = f"sqlite:///{tmp / 'flywheel.db'}"
     upgrade(url)
     fake = FakeVLLM(request.param, PIECES).start()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLYWHEEL_DATABASE_URL", url)
-        settings = GatewaySettings(backend="vllm", vllm_urls=[fake.url], base_model=tmp / "model", api_keys=[KEY],
+        # the base is identified from its files (config, weight headers), as adapters are checked against it
+        settings = GatewaySettings(backend="vllm", vllm_urls=[fake.url], base_model=tiny_model_dir, api_keys=[KEY],
                                    adapters_dir=tmp / "adapters", sync_interval_s=60, max_new_tokens=CAP,
                                    replica_id="relay-test")
         gw = GatewayServer(settings).start()

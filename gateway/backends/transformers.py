@@ -14,8 +14,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from flywheel.adapters import AdapterError
+from flywheel.basemodel import load_causal_lm, load_tokenizer
 from flywheel.logs import get_logger
 from flywheel.precision import inference_autocast
+from flywheel.prompt import chat_format, render
 from gateway import openai_format as fmt
 from gateway.backends.base import Backend, Endpoint, Request
 from gateway.errors import GatewayError, bad_request, unavailable
@@ -56,7 +58,7 @@ class TransformersBackend(Backend):
     def __init__(self, settings) -> None:
         super().__init__()
         self.settings = settings
-        self.model_dir = Path(settings.base_model)
+        self.reference = str(settings.base_model)  # a folder or a Hub id (flywheel.basemodel)
         self.device = settings.resolved_device()
         self.max_new_tokens = settings.max_new_tokens
         self._lock = threading.Lock()
@@ -74,24 +76,18 @@ class TransformersBackend(Backend):
         try:
             await asyncio.get_running_loop().run_in_executor(self._admin_pool, self._load_base)
         except Exception as exc:  # keep serving /healthz and say why in /readyz
-            self.error = f"could not load base model {self.model_dir}: {exc}"
-            log.error("base_model_load_failed", model=str(self.model_dir), error=str(exc))
+            self.error = f"could not load base model {self.reference}: {exc}"
+            log.error("base_model_load_failed", model=self.reference, error=str(exc))
             raise
         self.ready, self.error = True, None
 
     def _load_base(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if not (self.model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{self.model_dir} has no config.json; run `make model` or set FLYWHEEL_BASE_MODEL")
         started = time.perf_counter()
-        dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, local_files_only=True)
-        self.model = model.to(self.device).eval()
+        self.tokenizer = load_tokenizer(self.reference)
+        model = load_causal_lm(self.reference, self.device, self.settings.quantize)
+        self.model = model.eval()
         self.context_len = int(getattr(model.config, "max_position_embeddings", None) or 2048)
-        log.info("base_model_loaded", model=str(self.model_dir), device=self.device,
+        log.info("base_model_loaded", model=self.reference, device=self.device,
                  seconds=round(time.perf_counter() - started, 2), context_len=self.context_len)
 
     async def close(self) -> None:
@@ -148,7 +144,7 @@ class TransformersBackend(Backend):
         if endpoint == "chat":
             try:
                 messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                return render(self.tokenizer, messages)
             except ValueError as exc:
                 raise bad_request(str(exc), param="messages") from exc
             except Exception as exc:
@@ -199,7 +195,8 @@ class TransformersBackend(Backend):
                 return cancel.is_set()
 
         kwargs = dict(ids.to(self.device), max_new_tokens=max_new, pad_token_id=self.tokenizer.pad_token_id
-                      or self.tokenizer.eos_token_id, stopping_criteria=StoppingCriteriaList([_Cancel()]))
+                      or self.tokenizer.eos_token_id, eos_token_id=list(chat_format(self.tokenizer).stop_ids),
+                      stopping_criteria=StoppingCriteriaList([_Cancel()]))
         temperature = 1.0 if req.temperature is None else req.temperature
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=req.top_p or 1.0, top_k=0)
@@ -236,7 +233,8 @@ class TransformersBackend(Backend):
     def _finish(self, new_ids, max_new: int, stopped: bool) -> str:
         if stopped:
             return "stop"
-        if len(new_ids) >= max_new and (len(new_ids) == 0 or int(new_ids[-1]) != self.tokenizer.eos_token_id):
+        if len(new_ids) >= max_new and (len(new_ids) == 0
+                                        or int(new_ids[-1]) not in chat_format(self.tokenizer).stop_ids):
             return "length"
         return "stop"
 
@@ -325,7 +323,7 @@ class TransformersBackend(Backend):
                 await asyncio.shield(future)
 
     def status(self) -> dict:
-        return {**super().status(), "model": str(self.model_dir), "device": self.device,
+        return {**super().status(), "model": self.reference, "device": self.device,
                 "adapters": sorted(self.adapters)}
 
 

@@ -46,7 +46,8 @@ def serve(
     port: int = typer.Option(8000, help="Port to listen on"),
     fd: int = typer.Option(None, help="Serve on this inherited, already-bound socket instead of host/port"),
     backend: str = typer.Option(None, help="transformers or vllm (default: FLYWHEEL_BACKEND)"),
-    base_model: str = typer.Option(None, help="Base model directory (default: FLYWHEEL_BASE_MODEL)"),
+    base_model: str = typer.Option(None, help="Base model: a folder or a Hub id, org/name[@revision] "
+                                              "(default: FLYWHEEL_BASE_MODEL)"),
     insecure: bool = typer.Option(False, "--insecure",
                                   help="Serve on a non-loopback address without FLYWHEEL_API_KEYS"),
 ) -> None:
@@ -75,7 +76,8 @@ def serve(
 
 @gateway_app.command("vllm-server")
 def vllm_server(
-    model: str = typer.Option(..., help="Model directory (transformers format) for vLLM to serve"),
+    model: str = typer.Option(..., help="Model for vLLM to serve: a folder (transformers format) or a "
+                                        "Hugging Face Hub id, org/name[@revision]"),
     port: int = typer.Option(8001, help="Port on 127.0.0.1"),
     max_loras: int = typer.Option(2, help="Adapters vLLM batches at once (keep >= 2 for hot-swap)"),
     max_model_len: int = typer.Option(1024, help="Context length"),

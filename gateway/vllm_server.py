@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from flywheel.basemodel import parse_ref
 from flywheel.logs import get_logger
 from flywheel.net import free_port  # noqa: F401  (re-exported for callers)
 
@@ -68,27 +69,35 @@ stop()
 class VLLMServer:
     """`python -m vllm.entrypoints.openai.api_server` with runtime LoRA loading enabled."""
 
-    def __init__(self, model_dir: Path | str, *, served_name: str | None = None, port: int | None = None,
+    def __init__(self, model: Path | str, *, served_name: str | None = None, port: int | None = None,
                  max_lora_rank: int = 16, max_loras: int = 2, max_model_len: int = 1024,
                  kv_cache_gb: int = 2, venv: Path | str | None = None, extra_args: list[str] | None = None,
                  die_with_parent: bool = True, cpus: set[int] | None = None):
-        """`die_with_parent`: stop vLLM when this process dies without calling stop() (POSIX).
-        `cpus`: run vLLM (API server, engine core, workers) on these CPUs only (Linux, taskset),
-        so a benchmark can keep it off the cores the gateway and the load generator use."""
-        self.model_dir = Path(model_dir).resolve()
-        self.served_name = served_name or self.model_dir.name
+        """`model`: a folder or a Hub id, `org/name[@revision]` (flywheel.basemodel); vLLM fetches
+        a Hub model itself, through huggingface_hub with this process's HF_TOKEN, cache and
+        HF_HUB_OFFLINE. `die_with_parent`: stop vLLM when this process dies without calling
+        stop() (POSIX). `cpus`: run vLLM (API server, engine core, workers) on these CPUs only
+        (Linux, taskset), so a benchmark can keep it off the cores the gateway and the load
+        generator use."""
+        ref = parse_ref(model)
+        folder = ref.folder.resolve() if ref.folder is not None else None
+        self.model = str(folder) if folder is not None else ref.repo_id
+        self.served_name = served_name or (folder.name if folder is not None else ref.repo_id)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.python = vllm_python(venv)
         self.args = [
-            str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+            str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+            *(["--revision", ref.revision] if ref.revision else []),
             "--served-model-name", self.served_name, "--enable-lora", "--max-lora-rank", str(max_lora_rank),
             "--max-loras", str(max_loras), "--dtype", "bfloat16", "--max-model-len", str(max_model_len),
             "--host", "127.0.0.1", "--port", str(self.port), *(extra_args or []),
         ]
+        # A folder needs nothing from the Hub: keep vLLM from looking anything up for it.
+        offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"} if folder is not None else {}
         self.env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-                    "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb), "HF_HUB_OFFLINE": "1",
-                    "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+                    "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb), **offline,
+                    "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         if cpus:  # taskset pins before it execs vLLM: every process vLLM starts inherits the affinity
             self.args = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *self.args]
         self.die_with_parent = die_with_parent
@@ -100,7 +109,7 @@ class VLLMServer:
     def start(self, timeout_s: float = 300.0) -> VLLMServer:
         if not self.python.is_file():
             raise VLLMServerError(f"no vLLM python at {self.python}: run `make vllm` (or set FLYWHEEL_VLLM_PYTHON)")
-        log.info("vllm_starting", model=str(self.model_dir), port=self.port, log=str(self.logfile))
+        log.info("vllm_starting", model=self.model, port=self.port, log=str(self.logfile))
         with open(self.logfile, "wb") as out:
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
@@ -157,7 +166,7 @@ class VLLMServer:
         self.cleanup()
 
 
-if __name__ == "__main__":  # python -m gateway.vllm_server MODEL_DIR [PORT]
+if __name__ == "__main__":  # python -m gateway.vllm_server MODEL [PORT]
     server = VLLMServer(sys.argv[1], port=int(sys.argv[2]) if len(sys.argv) > 2 else None).start()
     print(server.url, flush=True)
     try:

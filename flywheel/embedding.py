@@ -1,13 +1,15 @@
 """Sentence embeddings for the correction memory: all-MiniLM-L6-v2 through plain transformers
-(mean pooling over real tokens, then L2 norm, as sentence-transformers does), on CPU, offline.
+(mean pooling over real tokens, then L2 norm, as sentence-transformers does), on CPU; the model is
+a folder or a Hub id, found like the base model (flywheel.basemodel).
 sentence-transformers itself is not needed for these three steps."""
 from __future__ import annotations
 
 import threading
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
+
+from flywheel.basemodel import ModelLoadError, load_tokenizer, resolve
 
 DIMS = 384
 
@@ -19,19 +21,21 @@ class EmbedderError(RuntimeError):
 class Embedder:
     """Text → unit vectors (float32). Thread-safe: one forward pass at a time."""
 
-    def __init__(self, model_dir: Path, max_length: int = 128) -> None:
+    def __init__(self, reference: str, max_length: int = 128) -> None:
+        """`reference`: a model folder or a Hugging Face Hub id (flywheel.basemodel), e.g.
+        sentence-transformers/all-MiniLM-L6-v2."""
+        # torch and transformers: seconds to import; the bot imports this module long before it embeds
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        from flywheel.modelfiles import read_marker
-
-        model_dir = Path(model_dir)
-        if read_marker(model_dir) is None:
-            raise EmbedderError(f"no sentence embedder in {model_dir}; run `make model` "
-                                "(or `flywheel model fetch-embedder`)")
+        try:
+            folder = resolve(reference).folder
+            self.tokenizer = load_tokenizer(folder)
+        except ModelLoadError as exc:
+            raise EmbedderError(f"no sentence embedder at {reference}: {exc} (the default comes with `make model`, "
+                                "or `flywheel model fetch-embedder`)") from exc
         self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+        self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
         self.max_length = max_length
         self.dims = int(self.model.config.hidden_size)
         self._lock = threading.Lock()
@@ -56,16 +60,17 @@ class Embedder:
 _load_lock = threading.Lock()
 
 
-def load_embedder(model_dir: str) -> Embedder:
-    """One embedder per directory and process (loading takes about a second). Serialized: two
-    listener threads importing transformers at once can see a half-initialized module."""
+def load_embedder(reference: str) -> Embedder:
+    """One embedder per reference (folder or Hub id) and process (loading takes about a
+    second). Serialized: two listener threads importing transformers at once can see a
+    half-initialized module."""
     with _load_lock:
-        return _load(str(model_dir))
+        return _load(str(reference))
 
 
 @lru_cache(maxsize=2)
-def _load(model_dir: str) -> Embedder:
-    return Embedder(Path(model_dir))
+def _load(reference: str) -> Embedder:
+    return Embedder(reference)
 
 
 def to_bytes(vector: np.ndarray) -> bytes:

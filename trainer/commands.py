@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import typer
@@ -36,16 +37,21 @@ def run(
     epochs: int | None = typer.Option(None, min=1, help="Epochs over the training split"),
     learning_rate: float | None = typer.Option(None, "--lr", min=0.0, help="Peak learning rate"),
 ) -> None:
-    """One cycle: build the dataset, fine-tune, evaluate, gate and register a version."""
+    """One cycle: build the dataset, fine-tune, evaluate, gate and register a version. Started on
+    several processes (`accelerate launch --config_file deploy/accelerate/ddp.yaml --num_processes N
+    -m flywheel train run`), they train one adapter together and rank 0 does the rest."""
     from store.errors import StoreError
     from trainer.cycle import run_cycle
     from trainer.lease import LeaseBusy, LeaseLost
     from trainer.modeling import ModelLoadError
-    from trainer.train import TrainingError
+    from trainer.train import TrainingError, join_processes
 
     settings = _settings(max_steps=max_steps, epochs=epochs, learning_rate=learning_rate)
+    accelerator = join_processes(settings)
+    if accelerator is not None:
+        signal.signal(signal.SIGTERM, _stopped_by_launcher)
     try:
-        outcome = run_cycle(settings, force=force)
+        outcome = run_cycle(settings, force=force, accelerator=accelerator)
     except LeaseBusy as exc:
         typer.secho(str(exc), fg="yellow", err=True)
         raise typer.Exit(EXIT_BUSY)
@@ -53,6 +59,12 @@ def run(
         _fail(str(exc))
     except (TrainingError, LeaseLost) as exc:  # the run is already marked failed with this error
         _fail(f"training run failed: {exc}", code=1)
+    finally:
+        if accelerator is not None:
+            accelerator.end_training()
+    if outcome.status == "helped":
+        typer.echo(outcome.message)
+        return
     if outcome.status == "skipped":
         typer.secho(outcome.message, fg="yellow")
         return
@@ -64,6 +76,14 @@ def run(
                    f"EM {row['exact_match'] if row['exact_match'] is not None else '-'}  golden {row['golden']}")
 
 
+def _stopped_by_launcher(signum, _frame) -> None:
+    """The launcher stops every rank with SIGTERM when one fails: raise, so that rank 0 marks its
+    run failed (run_cycle) instead of dying with it 'running'."""
+    from trainer.train import TrainingError
+
+    raise TrainingError(f"stopped by signal {signal.Signals(signum).name}: another rank failed or the launcher was stopped")
+
+
 @train_app.command("watch")
 def watch_cmd(
     once: bool = typer.Option(False, "--once", help="Check once (and run if due), then exit"),
@@ -71,7 +91,12 @@ def watch_cmd(
     poll: float | None = typer.Option(None, min=0.1, help="Seconds between checks"),
 ) -> None:
     """Run cycles when enough new data arrived (after a cooldown) or when an admin queued one."""
+    from trainer.train import launched_processes
     from trainer.watch import watch
+
+    if launched_processes() > 1:
+        _fail("`train watch` runs in one process; start several processes with `train run` "
+              "(deploy/k8s/trainer-multigpu.yaml), one launch per cycle")
 
     settings = _settings(watch_poll_s=poll)
     cycles = watch(settings, max_cycles=max_cycles, once=once)

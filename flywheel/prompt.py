@@ -1,7 +1,10 @@
-"""The one prompt: how a stored conversation becomes model input, for serving (bot), training
-and evaluation (trainer) alike. The gate can only vouch for what production serves when both
-build the prompt here: the same system prompt, the same Slack-text normalization, the same
-context window and the same rule for which past messages count (failed answers do not).
+"""The one prompt: how a stored conversation becomes model input, for serving (bot, gateway),
+training and evaluation (trainer) alike. The gate can only vouch for what production serves when
+all build the prompt here: the same system prompt, the same Slack-text normalization, the same
+context window, the same rule for which past messages count (failed answers do not), and the
+same rendering with the model's chat template (`render`, `chat_format`): where a template has
+no system turn (Gemma 2, Mistral's older ones), where an answer ends (`<|im_end|>`,
+`<end_of_turn>`, `<|eot_id|>`, `<|end|>`, `</s>`) and which tokens stop generation.
 
 Normalization order matters: Slack's <…> markup first, then raw HTML tags, then entity escapes
 (so a user's literal "&lt;b&gt;" survives as "<b>"), then emoji codes and whitespace."""
@@ -10,7 +13,8 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -152,3 +156,85 @@ def with_notes(messages: list[dict], notes: list[tuple[str, str]]) -> list[dict]
     if messages and messages[0]["role"] == "system":
         return [{"role": "system", "content": f"{messages[0]['content']}\n\n{block}"}, *messages[1:]]
     return [{"role": "system", "content": f"{NOTES_FALLBACK_SYSTEM}\n\n{block}"}, *messages]
+
+
+# ---- the model's chat template -------------------------------------------------------------------
+_PROBE = "FlywheelProbe7c1e"  # text no template rewrites (nothing to trim, no markup)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """What a tokenizer's chat template does, found once by rendering probe conversations."""
+
+    template: str = field(repr=False)  # the template this was found for
+    system_turn: bool  # False: the template refuses a system turn (raises) or drops it
+    end_of_turn: str  # what closes an assistant turn: '<|im_end|>', '<end_of_turn>', '<|eot_id|>'...
+    stop_ids: tuple[int, ...]  # tokens that end an answer: the end of turn's and the eos token
+
+
+_FORMATS: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def chat_format(tokenizer) -> ChatFormat:
+    """The tokenizer's ChatFormat, probed on first use and kept while its template stays."""
+    template = str(tokenizer.chat_template)
+    found = _FORMATS.get(tokenizer)
+    if found is None or found.template != template:
+        end_of_turn, stop_ids = _end_of_turn(tokenizer)
+        found = ChatFormat(template, _renders_system(tokenizer), end_of_turn, stop_ids)
+        _FORMATS[tokenizer] = found
+    return found
+
+
+def render(tokenizer, messages: list[dict]) -> str:
+    """The model input for `messages`, ready for the assistant's answer: the tokenizer's chat
+    template with its generation prompt. Where the template has no system turn, the system
+    prompt (and the team's notes in it) opens the first user turn instead. Tokenize the text
+    with add_special_tokens=False: the template writes the special tokens itself."""
+    if not chat_format(tokenizer).system_turn:
+        messages = fold_system(messages)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def fold_system(messages: list[dict]) -> list[dict]:
+    """The same conversation without system turns: their text opens the first user turn."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    rest = [m for m in messages if m["role"] != "system"]
+    if not system:
+        return rest
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            return [*rest[:i], {**m, "content": f"{system}\n\n{m['content']}"}, *rest[i + 1:]]
+    return [{"role": "user", "content": system}, *rest]
+
+
+def _apply(tokenizer, messages: list[dict], generation_prompt: bool) -> str | None:
+    """The template's text for a probe conversation; None where the template refuses it."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception:  # noqa: BLE001 - a refusal is jinja's raise_exception (TemplateError), a ValueError...
+        return None
+
+
+def _renders_system(tokenizer) -> bool:
+    text = _apply(tokenizer, [{"role": "system", "content": _PROBE}, {"role": "user", "content": "Hi"}], True)
+    return text is not None and _PROBE in text
+
+
+def _end_of_turn(tokenizer) -> tuple[str, tuple[int, ...]]:
+    """What the template writes after an assistant's text, up to and including its first special
+    token ('<|end|>' of '<|end|>\\n<|endoftext|>'), and that token with eos as the stop ids; eos
+    where the template writes no special token there (or cannot render an answer)."""
+    eos, eos_id = tokenizer.eos_token or "", tokenizer.eos_token_id
+    stops = (eos_id,) if isinstance(eos_id, int) else ()
+    text = _apply(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}], False)
+    if not text or _PROBE not in text:
+        return eos, stops
+    tail = text.rpartition(_PROBE)[2]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            end = tail[:tail.index(token) + len(token)]
+            return end, tuple(dict.fromkeys((token_id, *stops)))
+    return tail.rstrip() or eos, stops

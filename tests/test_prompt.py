@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flywheel.prompt import PromptSettings, build_messages, normalize, with_notes
+from flywheel.prompt import PromptSettings, build_messages, normalize, render, with_notes
 from store.models import Message
 
 BOT = "UBOT0001"
@@ -75,7 +75,7 @@ def test_serving_and_training_give_the_same_token_ids(sqlite_url, tiny_model_dir
     from store.feedback import upsert_vote
     from store.models import Role
     from trainer.dataset import build_snapshot
-    from trainer.encode import encode_example, prompt_text
+    from trainer.encode import encode_example
     from trainer.settings import TrainerSettings
 
     monkeypatch.setenv("FLYWHEEL_SYSTEM_PROMPT", "You answer questions about Lumenfold.")
@@ -109,5 +109,5 @@ def test_serving_and_training_give_the_same_token_ids(sqlite_url, tiny_model_dir
     enc = encode_example(tokenizer, row["messages"], row["answer"])
     prompt_ids = [t for t, lab in zip(enc.input_ids, enc.labels) if lab == -100]
     assert prompt_ids == list(gateway_ids)
-    assert tokenizer(prompt_text(tokenizer, served), add_special_tokens=False)["input_ids"] == list(gateway_ids)
+    assert tokenizer(render(tokenizer, served), add_special_tokens=False)["input_ids"] == list(gateway_ids)
     assert "12:30:45" in served[1]["content"] and all("Sorry" not in m["content"] for m in served)

@@ -1,10 +1,13 @@
 """Chat-template encoding with the loss on the assistant's tokens only.
 
-The prompt and the answer are tokenized separately and concatenated: exactly the token
-boundary the model sees when it generates after the prompt at serving time."""
+The prompt is rendered as the gateway renders it (flywheel.prompt.render) and the answer ends
+with the template's own end of turn; the two are tokenized separately and concatenated: exactly
+the token boundary the model sees when it generates after the prompt at serving time."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from flywheel.prompt import chat_format, render
 
 IGNORE = -100
 
@@ -22,18 +25,9 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def prompt_text(tokenizer, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def end_of_turn(tokenizer) -> str:
-    """What closes an assistant turn in this template (ChatML: '<|im_end|>')."""
-    return tokenizer.eos_token or ""
-
-
 def encode_example(tokenizer, messages: list[dict], answer: str) -> Encoded:
-    prompt_ids = tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer + chat_format(tokenizer).end_of_turn, add_special_tokens=False)["input_ids"]
     return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + list(answer_ids))
 
 

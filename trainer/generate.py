@@ -1,21 +1,22 @@
-"""Batched greedy generation for evaluation: prompts sorted by length and left-padded, so a
-batch wastes little on padding, and outputs returned in the caller's order."""
+"""Batched greedy generation for evaluation: prompts rendered as the gateway renders them and
+stopped where the template ends an answer (flywheel.prompt), sorted by length and left-padded, so
+a batch wastes little on padding, and outputs returned in the caller's order."""
 from __future__ import annotations
 
 import torch
 
-from trainer.encode import prompt_text
+from flywheel.prompt import chat_format, render
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, conversations: list[list[dict]], *, device: torch.device,
                      max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-    prompts = [prompt_text(tokenizer, msgs) for msgs in conversations]
+    prompts = [render(tokenizer, msgs) for msgs in conversations]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(encoded)
     pad = tokenizer.pad_token_id
-    stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int) and t >= 0]
+    stop = list(chat_format(tokenizer).stop_ids)
     model.eval()
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]

@@ -78,7 +78,7 @@ def sampled_paraphrases(train_rows, embedder, base_dir: Path, n: int, attempts: 
 
     from trainer.augment import candidate_lines, keep_own, paraphrase_messages
     from trainer.dataset import TAUGHT_SOURCES, _with_question
-    from trainer.generate import prompt_text
+    from flywheel.prompt import chat_format, render
     from trainer.modeling import load_base_model, load_tokenizer
 
     taught = [r for r in train_rows if not r["augmented"] and r["label"] is None and r["source"] in TAUGHT_SOURCES]
@@ -88,10 +88,11 @@ def sampled_paraphrases(train_rows, embedder, base_dir: Path, n: int, attempts: 
     candidates = []
     for row in taught:
         question = row["messages"][-1]["content"]
-        ids = tok(prompt_text(tok, paraphrase_messages(question, row["answer"], n + 1)), add_special_tokens=False,
+        ids = tok(render(tok, paraphrase_messages(question, row["answer"], n + 1)), add_special_tokens=False,
                   return_tensors="pt")["input_ids"]
         gen = model.generate(input_ids=ids, do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=24 * (n + 1),
-                             num_return_sequences=attempts, pad_token_id=tok.pad_token_id)
+                             num_return_sequences=attempts, pad_token_id=tok.pad_token_id,
+                             eos_token_id=list(chat_format(tok).stop_ids))
         lines: list[str] = []
         for seq in gen:
             for line in candidate_lines(question, tok.decode(seq[ids.shape[1]:], skip_special_tokens=True)):

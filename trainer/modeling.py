@@ -181,12 +181,16 @@ def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor], *, reduction: str = "sum") -> tuple[torch.Tensor, int]:
-    """Cross-entropy over target tokens only; returns (loss, number of target tokens)."""
+    """Cross-entropy over target tokens only; returns (loss, number of target tokens). Logits
+    are soft-capped where the model's own forward caps them (Gemma 2: tanh(x / c) * c)."""
     _, head = causal_lm_parts(model)
     hidden = hidden_states(model, batch)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     picked = hidden[:, :-1][keep]
     logits = head(picked).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
     loss = F.cross_entropy(logits, targets[keep], reduction=reduction)
     return loss, int(keep.sum())

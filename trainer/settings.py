@@ -8,6 +8,20 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flywheel.prompt import PromptSettings
+
+# A whole bot prompt in tokens: SmolLM2's tokenizer takes 3.8 characters a token on the demo's
+# facts, 3.3 on README.md (code, tables); 3 leaves room for the team's notes besides. Answers: the
+# bot's and the gateway's max_tokens (256).
+CHARS_PER_TOKEN = 3
+ANSWER_TOKENS = 256
+
+
+def bot_context_tokens(prompt: PromptSettings) -> int:
+    """Tokens an item needs to hold what the bot sends (context_max_chars) and its answer: 2256
+    by default, so a full thread trains whole while CPU micro-batches stay within batch_tokens."""
+    return -(-prompt.context_max_chars // CHARS_PER_TOKEN) + ANSWER_TOKENS
+
 
 class TrainerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")
@@ -73,7 +87,9 @@ class TrainerSettings(BaseSettings):
     batch_size: int = Field(8, ge=1)  # sequences per optimizer micro-batch (upper bound)
     batch_tokens: int = Field(4096, ge=64)  # padded tokens per micro-batch (upper bound)
     grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(512, ge=16)  # longer items are dropped, never truncated
+    # Tokens per training item, at most the model's own context (trainer.encode.model_limit); longer
+    # items lose their oldest context turns, never the system prompt, question or answer.
+    max_length: int = Field(default_factory=lambda: bot_context_tokens(PromptSettings()), ge=16)
     seed: int = 0
     device: str = "auto"  # auto / cpu / cuda
     bf16: bool | None = None  # None: bf16 autocast where the hardware has it (CUDA, AVX-512 BF16 / AMX CPUs)

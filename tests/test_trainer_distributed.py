@@ -3,7 +3,7 @@
 and global batch as one process and follows its loss curve; only rank 0 registers a version; a
 rank that dies fails the run instead of hanging it; rank 0 with nothing to train lets the others
 go. Real processes, the documented command (deploy/accelerate/ddp.yaml), a SQLite store in tmp.
-About 2 minutes on 2 busy cores: marked slow."""
+About 3 minutes on 2 busy cores: marked slow."""
 from __future__ import annotations
 
 import os
@@ -31,10 +31,10 @@ DATA = Path(__file__).parent / "data"
 DDP = ROOT / "deploy" / "accelerate" / "ddp.yaml"
 FSDP = ROOT / "deploy" / "accelerate" / "fsdp.yaml"
 # Every step's loss of 2 processes within this much (relative) of one process's: fp32, LoRA
-# dropout 0, the same snapshot, seed and global batch. Measured: equal to the 5 decimals the
-# history keeps (only the summation order differs).
+# dropout 0, the same snapshot, seed and global batch. Measured: at most 9.5e-7 (one step off by
+# 1e-5 in the 5 decimals the history keeps; only the summation order differs).
 LOSS_RTOL = 1e-3
-# The adapters' weights agree to this much (absolute; LoRA weights are ~1e-2).
+# The adapters' weights agree to this much (absolute). Measured: 1.6e-5, the largest weight 0.16.
 WEIGHT_ATOL = 1e-4
 LAUNCH_TIMEOUT = 300
 

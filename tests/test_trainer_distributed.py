@@ -125,7 +125,7 @@ def test_two_processes_follow_one_process_loss_curve(one_and_two):
 
 
 def test_only_rank_0_registers_one_version(one_and_two):
-    code, out, _err = one_and_two["double"]
+    _code, out, _err = one_and_two["double"]
     assert [v.name for v in one_and_two["versions"]] == ["ft-0001", "ft-0002"]
     two = one_and_two["runs"][1]
     assert two.status == "succeeded" and two.model_version == "ft-0002" and two.progress == 1.0
@@ -211,7 +211,7 @@ def test_fsdp_trains_a_few_steps_and_rank_0_registers(tmp_path, tiny_model_dir):
     argv = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(FSDP),
             "--num_processes", "2", "-m", "flywheel", "train", "run"]
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    code, out, err = finished(proc)
+    code, _out, err = finished(proc)
     assert code == 0, err[-3000:]
     with session_scope(get_engine(url)) as s:
         (run,) = list_runs(s)

@@ -73,7 +73,8 @@ def test_serving_and_training_give_the_same_token_ids(sqlite_url, tiny_model_dir
     from store.db import session_scope
     from store.examples import list_examples
     from store.feedback import upsert_vote
-    from store.models import Role
+    from store.channels import record_channel_visibility
+    from store.models import Role, Visibility
     from trainer.dataset import build_snapshot
     from trainer.encode import encode_example
     from trainer.settings import TrainerSettings
@@ -87,6 +88,7 @@ def test_serving_and_training_give_the_same_token_ids(sqlite_url, tiny_model_dir
              ("1.5", Role.user, f"<@{BOT}> when is the demo?", None),
              ("1.6", Role.assistant, "I don't know.", None)]
     with session_scope() as s:
+        record_channel_visibility(s, "CPROMPT", Visibility.public)  # only what everyone sees trains
         for ts, role, text, error in turns:
             msg = record_message(s, channel="CPROMPT", ts=ts, thread_ts="1.1", role=role, text=text,
                                  author="UALICE01" if role == Role.user else BOT, error=error)

@@ -56,14 +56,45 @@ def metrics_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def report_blocks(run: TrainingRun, version: ModelVersion | None, final: bool) -> list[dict]:
+def _task(task_id: str, title: str, status: str, details: str | None = None) -> dict:
+    card = {"type": "task_card", "task_id": task_id, "title": title, "status": status}
+    if details:
+        card["details"] = {"type": "rich_text", "elements": [
+            {"type": "rich_text_section", "elements": [{"type": "text", "text": details}]}]}
+    return card
+
+
+def progress_plan(run: TrainingRun, loss: float | None) -> dict:
+    """A running run's stages as Slack's plan block (task cards: pending → in progress → complete)."""
+    running = run.status == RunStatus.running
+    built = run.dataset_snapshot_id is not None
+    trained = built and run.total_steps > 0 and run.step >= run.total_steps
+    steps = f"step {run.step}/{run.total_steps}" if run.total_steps else None
+    detail = " · ".join(x for x in (steps, f"loss {loss:.4f}" if loss is not None else None) if x) or None
+
+    def state(done: bool, started: bool) -> str:
+        return "complete" if done else "in_progress" if running and started else "pending"
+
+    return {"type": "plan", "title": f"Training run #{run.id}"[:150], "tasks": [
+        _task("dataset", "Build the dataset", state(built, True)),
+        _task("train", "Fine-tune the adapter (LoRA)", state(trained, built), detail),
+        _task("evaluate", "Evaluate against production and the golden set", state(False, trained)),
+        _task("register", "Gate and register the version", "pending")]}
+
+
+def report_blocks(run: TrainingRun, version: ModelVersion | None, final: bool, plan: bool = True) -> list[dict]:
+    """The run's message: while it runs, its progress (with the stages as a plan block where the
+    workspace has them); when it ends, the verdict, the metrics and the decision buttons."""
     title = f"Training run #{run.id}" + (f": {version.name}" if version else "")
     blocks: list[dict] = [{"type": "header", "text": plain(title[:150])}]
     who = f"queued by <@{run.queued_by}>" if run.queued_by else "scheduled"
     if not final:
         loss = next((p.get("loss") for p in reversed(run.metrics or []) if p.get("loss") is not None), None)
-        status = run_line(run) + (f" · loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+        loss = loss if isinstance(loss, (int, float)) else None
+        status = run_line(run) + (f" · loss {loss:.4f}" if loss is not None else "")
         blocks.append({"type": "section", "text": mrkdwn(f"{status}\n_{who}_")})
+        if plan:
+            blocks.append(progress_plan(run, loss))
         return blocks
     if run.status == RunStatus.failed:
         blocks.append({"type": "section", "text": mrkdwn(
@@ -104,6 +135,7 @@ class ReportPoller:
         self.settings, self.client = settings, client
         self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self._shown: dict[int, str] = {}
+        self._plans = True  # task / plan blocks until the workspace refuses them
         self.watch = VersionWatch(settings, client)
         self._watched_at = 0.0
         self._stop = threading.Event()
@@ -150,7 +182,7 @@ class ReportPoller:
 
     def _show(self, run: TrainingRun, version: ModelVersion | None) -> int:
         final = run.status in FINISHED and (run.model_version is None or version is not None)
-        shown = report_blocks(run, version, final)
+        shown = report_blocks(run, version, final, plan=self._plans)
         text = f"Training run #{run.id}: {run.status}"
         digest = hashlib.sha256(json.dumps(shown, sort_keys=True, default=str).encode()).hexdigest()
         channel, ts = run.report_channel or self.settings.admin_channel, run.report_ts
@@ -176,6 +208,10 @@ class ReportPoller:
                 log.info("run reported", run_id=run.id, version=version.name if version else None)
             return 1
         except SlackApiError as exc:
+            if self._plans and not final and exc.response.get("error") == "invalid_blocks":
+                self._plans = False  # this workspace has no task / plan blocks: the plain progress line
+                log.info("plan blocks refused; progress without them", run_id=run.id)
+                return self._show(run, version)
             log.error("cannot post the run report", run_id=run.id, channel=channel,
                       error=exc.response.get("error"))
             return 0

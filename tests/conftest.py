@@ -10,6 +10,16 @@ from store.migrate import upgrade
 from tests.support.postgres import PostgresServer, find_bindir
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _heavy_imports_once():
+    """Bot apps under test warm their memory in a background thread, which imports transformers;
+    a test that imports PEFT in the main thread at that moment can meet a partially initialized
+    transformers (Python's import deadlock avoidance: "cannot import name 'AutoModel'"). One
+    process imports them once, before any thread starts."""
+    import peft  # noqa: F401
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
 def pytest_addoption(parser):
     parser.addoption("--no-postgres", action="store_true", help="skip the PostgreSQL half of the store tests")
 

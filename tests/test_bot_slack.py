@@ -579,7 +579,12 @@ def test_train_queues_a_run_whose_report_is_one_updated_message_with_buttons(bot
         run = start_run(s, owner="test-trainer", hyperparams={"steps": 10})
         assert run.id == run_id
         record_progress(s, run_id, step=5, total_steps=10, point={"loss": 1.25})
-    bot.double.wait_for("chat.update", lambda c: c.args.get("ts") == report_ts and "50%" in json.dumps(c.args))
+    progress = bot.double.wait_for("chat.update",
+                                   lambda c: c.args.get("ts") == report_ts and "50%" in json.dumps(c.args))[-1]
+    plan = next(b for b in _maybe_json(progress.args["blocks"]) if b["type"] == "plan")  # Slack's task cards
+    tasks = {t["task_id"]: t for t in plan["tasks"]}
+    assert tasks["dataset"]["status"] == "in_progress" and tasks["register"]["status"] == "pending"
+    assert "step 5/10" in json.dumps(tasks["train"]["details"])
     # it finishes and registers a candidate with a report and a plot
     with session_scope() as s:
         version = register_version(

@@ -188,3 +188,45 @@ def test_cli_names_missing_settings(monkeypatch):
     assert "assistant_view" not in spec["features"]  # agent_view replaces it (one of the two per app)
     assert spec["features"]["agent_view"]["agent_description"]
     assert {s["callback_id"] for s in spec["features"]["shortcuts"]} == {"add_to_training", "mark_golden"}
+
+
+def test_run_progress_as_a_plan_and_the_fallback_where_plan_blocks_are_refused():
+    from slack_sdk.errors import SlackApiError
+
+    from bot.reports import ReportPoller, progress_plan, report_blocks
+    from bot.settings import BotSettings
+    from store.models import RunStatus, TrainingRun
+
+    run = TrainingRun(id=7, status=RunStatus.running, step=40, total_steps=40, dataset_snapshot_id=3)
+    states = {t["task_id"]: t["status"] for t in progress_plan(run, 0.25)["tasks"]}
+    assert states == {"dataset": "complete", "train": "complete", "evaluate": "in_progress", "register": "pending"}
+    queued = TrainingRun(id=8, status=RunStatus.queued)
+    assert {t["status"] for t in progress_plan(queued, None)["tasks"]} == {"pending"}
+    assert not any(b["type"] == "plan" for b in report_blocks(run, None, False, plan=False))
+
+    class Workspace:  # refuses plan blocks as a workspace without them does
+        def __init__(self):
+            self.posted = []
+
+        def chat_postMessage(self, channel, text, blocks):
+            if any(b["type"] == "plan" for b in blocks):
+                raise SlackApiError("invalid_blocks", {"ok": False, "error": "invalid_blocks"})
+            self.posted.append(blocks)
+            return {"ts": "1.1"}
+
+    client = Workspace()
+    poller = ReportPoller(BotSettings(slack_bot_token="xoxb-x", admin_channel="CADMIN"), client)
+    with pytest.MonkeyPatch.context() as mp:  # no store needed: the message's ts is not kept
+        mp.setattr("bot.reports.session_scope", _null_scope)
+        mp.setattr("bot.reports.set_report_message", lambda *args, **kwargs: True)
+        assert poller._show(run, None) == 1
+    assert len(client.posted) == 1 and not any(b["type"] == "plan" for b in client.posted[0])
+    assert poller._plans is False  # and it is not tried again in this process
+
+
+class _null_scope:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

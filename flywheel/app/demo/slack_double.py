@@ -77,7 +77,8 @@ class SlackDouble:
                  team_id: str = TEAM_ID, users: dict[str, dict] | None = None,
                  printer: Callable[[str], None] | None = None, port: int = 0,
                  private_channels: set[str] | None = None, app_token: str = "xapp-1-test-token",
-                 streaming: bool = False, external_channels: set[str] | None = None) -> None:
+                 streaming: bool = False, external_channels: set[str] | None = None,
+                 plan_blocks: bool = True) -> None:
         self.bot_token, self.bot_user_id, self.team_id = bot_token, bot_user_id, team_id
         self.app_token = app_token  # the app-level token `apps.connections.open` wants
         # chat.startStream / appendStream / stopStream: a workspace where they are off (the
@@ -86,6 +87,8 @@ class SlackDouble:
         self._socket_mode: SocketModeServer | None = None
         self.private_channels = set(private_channels or ())  # C… ids that are private channels
         self.external_channels = set(external_channels or ())  # C… ids shared with another organisation
+        # task / plan blocks (Slack's "thinking steps"): a workspace or surface without them refuses them
+        self.plan_blocks = plan_blocks
         self.users = users or {}
         self.printer = printer
         self.state = _State()
@@ -261,9 +264,13 @@ class SlackDouble:
         """One Web API call; `args` are the merged query, form and JSON arguments."""
         st = self.state
         if method in ("chat.postMessage", "chat.postEphemeral", "chat.update", "chat.stopStream"):
-            errors = message_errors({**args, "blocks": _maybe_json(args.get("blocks"))})
+            blocks = _maybe_json(args.get("blocks"))
+            errors = message_errors({**args, "blocks": blocks})
             if errors:
                 return self._refuse(method, errors)
+            if not self.plan_blocks and any(isinstance(b, dict) and b.get("type") in ("plan", "task_card")
+                                            for b in blocks or []):
+                return {"ok": False, "error": "invalid_blocks"}  # not a bot bug: this workspace lacks them
         if method in ("views.open", "views.publish", "views.update", "views.push"):
             errors = view_errors(_maybe_json(args.get("view")))
             if errors:

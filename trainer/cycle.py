@@ -301,7 +301,8 @@ def _register(settings: TrainerSettings, snap, run_id: int, engine, model, resul
             try:
                 register_version(s, name=name, adapter_path=str(target), adapter_sha256=digest, base_model=base_id,
                                  gate_passed=verdict.passed, gate_reasons=verdict.reasons, report=report,
-                                 report_path=str(png), run_id=run_id, dataset_snapshot_id=snap.row.id)
+                                 report_path=str(png), report_plot=png.read_bytes(), run_id=run_id,
+                                 dataset_snapshot_id=snap.row.id)
                 break
             except InvalidStateError:  # another trainer registered this name meanwhile
                 os.replace(target, staging)

@@ -111,3 +111,16 @@ def test_compose_gives_each_service_what_it_needs():
     assert vllm.get("shm_size")
     for name in ("bot", "gateway", "vllm"):
         assert services[name]["deploy"]["resources"]["limits"]["memory"], name
+
+
+def test_docker_build_context_holds_what_the_dockerfile_copies_and_no_more():
+    """.dockerignore keeps the context to the sources (no .venv, models or .git, gigabytes)."""
+    root = DEPLOY.parent
+    ignore = [ln.strip() for ln in (root / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert ignore[0] == "*"
+    allowed = {ln[1:] for ln in ignore if ln.startswith("!")}
+    copied = set()
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            copied.update(line.split()[1:-1])
+    assert copied and copied <= allowed, copied - allowed

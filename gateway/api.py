@@ -19,7 +19,7 @@ from flywheel.logs import get_logger
 from gateway.auth import is_admin, require_api_key
 from gateway.backends.base import Endpoint
 from gateway.disconnect import unless_disconnected
-from gateway.errors import GatewayError, bad_request
+from gateway.errors import GatewayError, bad_request, too_large
 from gateway.limits import apply_limits
 from gateway.registry import BASE, PRODUCTION
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -44,10 +44,26 @@ async def _parse(request: Request, schema: type[BaseModel]):
     sent as JSON is refused."""
     if not _is_json(request.headers.get("content-type", "")):
         raise bad_request("the body must be sent as JSON (a JSON Content-Type header)", code="invalid_request")
+    body = await _bounded_body(request, request.app.state.gateway.settings.max_request_bytes)
     try:
-        return schema.model_validate_json(await request.body())
+        return schema.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 once it passes `limit` bytes: by its Content-Length before a
+    byte is read, or while a chunked body streams in (never held whole past the limit)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _count_tokens(gw, label: str, usage: dict | None) -> None:

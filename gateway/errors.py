@@ -49,6 +49,11 @@ def bad_request(message: str, code: str | None = None, param: str | None = None)
     return GatewayError(400, message, code=code, param=param)
 
 
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"The request body is larger than this gateway accepts ({limit} bytes; "
+                             "FLYWHEEL_MAX_REQUEST_BYTES)", code="request_too_large")
+
+
 def model_not_found(name: str, known: list[str]) -> GatewayError:
     return GatewayError(
         404, f"The model {name!r} does not exist or is not served here; available: {', '.join(known)}",

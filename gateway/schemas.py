@@ -34,6 +34,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Bounds on what one request may ask, so no request can hold a replica: stop strings are matched
+# on every step (transformers' StopStringCriteria builds vocabulary × stop-length tables for
+# them), a seed must fit the engines' 64-bit generators, and the number of messages is bounded
+# (their characters are, by the body's size: FLYWHEEL_MAX_REQUEST_BYTES).
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64
+MAX_MESSAGES = 256
+SEED_MAX = 2**63 - 1
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -45,7 +55,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     user: str | None = Field(default=None, max_length=256)  # accepted, never forwarded
@@ -56,10 +66,12 @@ class _Sampling(BaseModel):
         if isinstance(value, str):
             value = [value]
         if value is not None:
-            if len(value) > 4:
-                raise ValueError("at most 4 stop sequences")
+            if len(value) > MAX_STOPS:
+                raise ValueError(f"at most {MAX_STOPS} stop sequences")
             if any(not s for s in value):
                 raise ValueError("stop sequences must not be empty")
+            if any(len(s) > MAX_STOP_CHARS for s in value):
+                raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters")
         return value
 
     def stop_list(self) -> list[str]:
@@ -67,7 +79,7 @@ class _Sampling(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)

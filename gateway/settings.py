@@ -52,6 +52,9 @@ class GatewaySettings(BaseSettings):
     # Largest `n` (choices per request) and whether `logprobs`/`top_logprobs` are accepted:
     # both multiply the work (or the answer) of one request, so they are off unless enabled.
     max_choices: int = Field(default=1, ge=1, le=16)
+    # Request bodies larger than this get 413 before anything parses them (the bot sends at most
+    # ~6,000 characters of thread; 1 MiB leaves room for long documents in a prompt).
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
     allow_logprobs: bool = False
 
     @field_validator("vllm_urls", "api_keys", mode="before")

@@ -94,6 +94,33 @@ def test_choices_and_logprobs_are_refused_unless_enabled(server):
         assert resp.json()["error"]["code"] == "unsupported_parameter" and resp.json()["error"]["param"] == param
 
 
+def test_hostile_requests_are_refused_and_the_next_normal_one_is_answered_at_once(server):
+    """Issue 25.4: each request that could hold the model lock or the process is refused before
+    the model sees it, and a normal question right after is answered within a normal time."""
+    import time
+
+    huge = json.dumps({"model": "production", "messages": [{"role": "user", "content": "x" * (1024 * 1024)}]})
+    big = httpx.post(f"{server.url}/v1/chat/completions", headers={**AUTH, "Content-Type": "application/json"},
+                     content=huge, timeout=60)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: refused while it streams in
+        yield b'{"model": "production", "messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"y" * 65536
+        yield b'"}]}'
+    streamed = httpx.post(f"{server.url}/v1/chat/completions", headers={**AUTH, "Content-Type": "application/json"},
+                          content=chunked(), timeout=60)
+    assert streamed.status_code == 413
+    for extra in ({"stop": ["s" * 65]}, {"stop": ["a", "b", "c", "d", "e"]}, {"seed": 2**64},
+                  {"seed": -1}, {"messages": HELLO * 257}):
+        resp = _chat(server, max_tokens=2, **extra)
+        assert resp.status_code == 400, (list(extra), resp.status_code, resp.text[:200])
+    started = time.monotonic()
+    ok = _chat(server, max_tokens=2, stop=["s" * 64], seed=2**63 - 1)
+    assert ok.status_code == 200 and time.monotonic() - started < 30
+
+
 def test_only_allow_listed_fields_reach_vllm():
     """The upstream body is built from the allow-list: clamped max_tokens, text-only messages."""
     from gateway.backends.vllm import VLLMBackend

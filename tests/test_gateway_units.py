@@ -182,13 +182,13 @@ def test_relay_answers_relabelled_and_counted(relay):
     before = _metric(gw, "flywheel_gateway_tokens_total", **tokens)
     raw = _openai(gw).chat.completions.with_raw_response.create(
         model="production", messages=[{"role": "user", "content": "hi"}], max_tokens=4000, temperature=0,
-        user="u1", seed=2**70)  # past 64 bits: orjson cannot encode it, json still forwards it
+        user="u1", seed=2**63 - 1)  # the largest seed the engines take (larger: 400, test_gateway_limits)
     resp = raw.parse()
     assert raw.headers["X-Flywheel-Model-Version"] == "base" and resp.model == "base"
     assert resp.choices[0].message.content == "".join(PIECES) and resp.usage.completion_tokens == len(PIECES)
     assert _metric(gw, "flywheel_gateway_tokens_total", **tokens) == before + len(PIECES)
     assert fake.received[-1] == {"model": fake.served_name, "stream": False, "max_tokens": CAP, "n": 1, "temperature": 0,
-                                 "seed": 2**70, "messages": [{"role": "user", "content": "hi"}]}
+                                 "seed": 2**63 - 1, "messages": [{"role": "user", "content": "hi"}]}
     text = _openai(gw).completions.create(model="base", prompt="Once", max_tokens=2)
     assert text.model == "base" and text.choices[0].text == "".join(PIECES)
 

@@ -59,7 +59,8 @@ def check_signature(verifier: SignatureVerifier, body: bytes, headers) -> None:
     except UnicodeDecodeError:
         raise Rejected(401, "bad signature") from None  # Slack signs UTF-8 text
     expected = verifier.generate_signature(timestamp=timestamp, body=text)
-    if not hmac.compare_digest(expected, signature):
+    # hmac.compare_digest raises on non-ASCII text (a forged header would be a 500): compare bytes
+    if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogateescape")):
         raise Rejected(401, "bad signature")
 
 

@@ -230,3 +230,18 @@ class _null_scope:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("signature", ["v0=é" + "a" * 62, "v0=\u2603", "\udcff"])
+def test_a_non_ascii_signature_is_a_bad_signature_not_a_crash(signature):
+    """Issue 25.7: hmac.compare_digest raised TypeError on it (a 500 and a traceback in front and worker)."""
+    import time
+
+    from slack_sdk.signature import SignatureVerifier
+
+    from bot.slack_http import Rejected, check_signature
+
+    headers = {"x-slack-request-timestamp": str(int(time.time())), "x-slack-signature": signature}
+    with pytest.raises(Rejected) as refused:
+        check_signature(SignatureVerifier("secret"), b'{"type": "event_callback"}', headers)
+    assert refused.value.status == 401

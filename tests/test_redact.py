@@ -56,6 +56,19 @@ PEM_BODY = "MIIEowIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8PbnGy0AHB7MhgHcTz6sE2I2yPB\nyJ
     (f"-----BEGIN EC PRIVATE KEY-----\n{PEM_BODY}-----END EC PRIVATE KEY-----\nthanks",
      "[PRIVATE_KEY]\nthanks"),
     ("-----BEGIN PRIVATE KEY----- MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7", "[PRIVATE_KEY]"),
+    # Issue 25.8: keys without labels, Azure, SendGrid, npm, Twilio, passwords in prose, SSNs.
+    ("aws wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY here", "aws [AWS_KEY] here"),
+    ("DefaultEndpointsProtocol=https;AccountName=acme;AccountKey=" + "Ab3+" * 21 + "xy==;EndpointSuffix=core",
+     "DefaultEndpointsProtocol=https;AccountName=acme;AccountKey=[SECRET];EndpointSuffix=core"),
+    ("https://acme.blob.core.windows.net/c/f.txt?sv=2022-11-02&sig=AbCdEf%2B0123456789xyzQ%3D&se=2026",
+     "https://acme.blob.core.windows.net/c/f.txt?sv=2022-11-02&sig=[SECRET]&se=2026"),
+    ("sendgrid SG.abcdefghijklmnopqrstuv.ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopq done",
+     "sendgrid [API_KEY] done"),
+    ("npm npm_abcdefghijklmnopqrstuvwxyz0123456789 ok", "npm [API_KEY] ok"),
+    ("twilio SK0123456789abcdef0123456789abcdef ok", "twilio [API_KEY] ok"),
+    ("my password is Tr0ub4dor&3, don't tell", "my password is [SECRET], don't tell"),
+    ("The wifi password was 'blue-falcon-42'.", "The wifi password was '[SECRET]'."),
+    ("her SSN is 123-45-6789.", "her SSN is [SSN]."),
     # IBANs, spaced and compact.
     ("pay to DE89 3704 0044 0532 0130 00 please", "pay to [IBAN] please"),
     ("IBAN GB82WEST12345698765432", "IBAN [IBAN]"),
@@ -74,6 +87,7 @@ def test_redaction_replaces_secrets_and_personal_data(raw, expected):
     "built 2024-01-15T10:30:45Z",
     "Windows 10.0.19045.2965",
     "set max_tokens=512 please",
+    "commit 3f9c2a7b8e1d4c6f0a5b9e8d7c6b5a4f3e2d1c0b is merged",  # a git SHA: no upper case
 ])
 def test_redaction_leaves_dates_times_versions_and_numbers(keep):
     assert redact(keep) == keep
@@ -82,6 +96,11 @@ def test_redaction_leaves_dates_times_versions_and_numbers(keep):
 def test_a_number_that_fails_the_iban_check_is_not_an_iban():
     assert iban_ok("DE89370400440532013000") and not iban_ok("DE88370400440532013000")
     assert "[IBAN]" not in redact("ref DE88 3704 0044 0532 0130 00")
+
+
+def test_numbers_that_cannot_be_ssns_are_not_ssns():
+    for raw in ("000-12-3456", "666-12-3456", "912-34-5678", "123-00-4567", "123-45-0000"):
+        assert "[SSN]" not in redact(f"ref {raw}"), raw
 
 
 def test_the_placeholder_already_there_is_not_redacted_again():

@@ -36,7 +36,16 @@ PATTERNS: list[tuple[str, re.Pattern]] = [
                            r"|glpat-[A-Za-z0-9_\-]{20,}|AIza[0-9A-Za-z_\-]{35}|hf_[A-Za-z0-9]{30,})")),
     # Stripe-style keys: secret, restricted and publishable, live and test.
     ("API_KEY", re.compile(r"(?<![A-Za-z0-9_])(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{10,}")),
+    ("API_KEY", re.compile(r"(?<![A-Za-z0-9_\-.])SG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}(?![A-Za-z0-9_\-])")),  # SendGrid
+    ("API_KEY", re.compile(r"(?<![A-Za-z0-9_])npm_[A-Za-z0-9]{36}(?![A-Za-z0-9])")),  # npm access tokens
+    ("API_KEY", re.compile(r"(?<![A-Za-z0-9])SK[0-9a-fA-F]{32}(?![A-Za-z0-9])")),  # Twilio API key SIDs
+    # Azure: a storage account key in a connection string, and a SAS token's signature.
+    ("SECRET", re.compile(r"(?i)AccountKey=(?P<v>[A-Za-z0-9+/]{86}==)")),
+    ("SECRET", re.compile(r"(?i)(?<=[?&])sig=(?P<v>[A-Za-z0-9%+/=]{16,})")),
     ("AWS_KEY", re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}(?![A-Za-z0-9])")),
+    # An AWS secret access key without its label: 40 base64 characters, mixed case and digits
+    # (checked in _keep, so git SHAs and plain words stay).
+    ("AWS_KEY", re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")),
     ("AWS_KEY", re.compile(r"(?i)aws_secret_access_key\s*[=:]\s*(?P<v>[A-Za-z0-9/+=]{30,64})")),
     ("SECRET", re.compile(r"(?i)(?<![A-Za-z0-9])bearer[ \t]+(?P<v>[A-Za-z0-9._~+/\-]{16,}=*)")),
     # password=..., "api_key": "...", DB_PASSWORD: ...: the value goes, the key name stays. A key
@@ -44,6 +53,11 @@ PATTERNS: list[tuple[str, re.Pattern]] = [
     ("SECRET", re.compile(r"(?i)(?<![^\s\"'{(\[,;&?])[\w\-]{0,60}?" + _SECRET_KEYS
                           + r"[\"']?[ \t]*[:=][ \t]*[\"']?"
                           r"(?P<v>(?<=[\"'])[^\"'\n]{3,}(?=[\"'])|(?<![\"'])[^\s\"',;&<>\[\]{}()][^\s\"',;&<>]{2,})")),
+    # "my password is hunter2": the password said in prose (trailing punctuation stays).
+    ("SECRET", re.compile(r"(?i)(?<![A-Za-z])(?:password|passcode|passphrase|pin)[ \t]+(?:is|was)[ \t]+"
+                          r"[\"'“]?(?P<v>[^\s\"'”]{0,200}[^\s\"'”.,;:!?)])")),
+    # US social security numbers (area 000, 666 and 9xx, group 00 and serial 0000 do not exist).
+    ("SSN", re.compile(r"(?<![\d\-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d\-])")),
     # A local part starts where no local-part character precedes it: linear on 'a.' * 20000.
     ("EMAIL", re.compile(r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}\b")),
     ("IBAN", re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])")),
@@ -88,6 +102,9 @@ def iban_ok(iban: str) -> bool:
 def _keep(kind: str, found: str) -> bool:
     """Filters the regexes cannot express: Luhn for cards, mod 97 for IBANs, digit counts and
     dates for phones."""
+    if kind == "AWS_KEY" and len(found) == 40:
+        return any(c.isupper() for c in found) and any(c.islower() for c in found) \
+            and any(c.isdigit() for c in found)
     if kind == "CARD":
         digits = re.sub(r"\D", "", found)
         return 13 <= len(digits) <= 19 and luhn_ok(digits)

@@ -1,13 +1,70 @@
 """Correction memory rows: write one (keyed, so a newer correction of the same answer replaces
-the older), read what changed since a moment (readers keep an index in memory and refresh it)."""
+the older), read what changed since a moment (readers keep an index in memory and refresh it),
+or, on PostgreSQL with pgvector (migration 0006), search them in the database by the HNSW index
+over `memoryitem.embedding`, a column the model does not map (SQLite has no such type)."""
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
+from pgvector.sqlalchemy import VECTOR
+from sqlalchemy import bindparam, literal_column, or_, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
 from store.models import MemoryItem, utcnow
+
+EMBEDDING = "embedding"  # the unmapped vector column (migrations/env.py leaves it out of the drift check)
+_SET_EMBEDDING = text("UPDATE memoryitem SET embedding = :v WHERE id = :id").bindparams(bindparam("v", type_=VECTOR()))
+_VECTOR_COLUMN = text(
+    "SELECT a.atttypmod, e.extversion FROM pg_attribute a JOIN pg_extension e ON e.extname = 'vector' "
+    "WHERE a.attrelid = to_regclass('memoryitem') AND a.attname = :name AND NOT a.attisdropped")
+
+# for this transaction: the HNSW candidates looked at, and (pgvector >= 0.8) scanning on in exact
+# order while the visibility filter leaves fewer than k
+_EF_SEARCH = text("SELECT set_config('hnsw.ef_search', :n, true)")
+_ITERATIVE_SCAN = text("SELECT set_config('hnsw.ef_search', :n, true), "
+                       "set_config('hnsw.iterative_scan', 'strict_order', true)")
+
+
+@dataclass(frozen=True)
+class VectorSearch:
+    """The database's own search for the memory: the column's dimension and pgvector's abilities."""
+
+    dims: int
+    iterative_scan: bool  # pgvector >= 0.8 scans on until k items pass the visibility filter
+
+
+_vector_search: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine → VectorSearch
+
+
+def vector_search(session: Session) -> VectorSearch | None:
+    """What the database offers: None on SQLite and on a PostgreSQL without pgvector's column,
+    where the memory searches in process. Found once per engine; until then asked again (one
+    catalog query), so a migration to 0006 under a running process is picked up."""
+    engine = session.get_bind()
+    if engine.dialect.name != "postgresql":
+        return None
+    found = _vector_search.get(engine)
+    if found is None:
+        row = session.execute(_VECTOR_COLUMN, {"name": EMBEDDING}).first()
+        if row is None:
+            return None
+        version = tuple(int(x) for x in row[1].split(".")[:2])
+        found = _vector_search[engine] = VectorSearch(dims=int(row[0]), iterative_scan=version >= (0, 8))
+    return found
+
+
+def _set_embedding(session: Session, item_id: int, vector: bytes) -> None:
+    """Mirror the item's vector into the database's vector column, where there is one (left empty
+    for another embedder's dimension: the memory then searches in process)."""
+    search = vector_search(session)
+    if search is None:
+        return
+    values = np.frombuffer(vector, dtype=np.float32)
+    session.execute(_SET_EMBEDDING, {"v": values if len(values) == search.dims else None, "id": item_id})
 
 
 def upsert_memory_item(session: Session, *, key: str, question: str, answer: str, source: str,
@@ -25,6 +82,8 @@ def upsert_memory_item(session: Session, *, key: str, question: str, answer: str
             row.updated_at = utcnow()
         session.add(row)
         try:
+            session.flush()
+            _set_embedding(session, row.id, vector)
             session.commit()
         except IntegrityError:  # a concurrent writer inserted the same key first: update theirs
             session.rollback()
@@ -58,3 +117,31 @@ def memory_item(session: Session, key: str) -> MemoryItem | None:
 
 def count_memory(session: Session) -> int:
     return session.exec(select(func.count()).select_from(MemoryItem).where(col(MemoryItem.active))).one()
+
+
+def has_memory(session: Session) -> bool:
+    return session.exec(select(MemoryItem.id).where(col(MemoryItem.active)).limit(1)).first() is not None
+
+
+def search_memory(session: Session, vector: np.ndarray, *, channel: str | None, k: int,
+                  ef_search: int) -> list[tuple]:
+    """The k active items that `channel` may see (visible_in NULL or that channel) with the largest
+    inner product with `vector`, best first, as (id, question, answer, source, author, created_at,
+    score): the in-process search's scores. Needs `vector_search(session)`; approximate through
+    the HNSW index, which looks at `ef_search` candidates (bench/memory/run.py: recall@2 against
+    the exact search)."""
+    search = vector_search(session)
+    if search is None:
+        raise RuntimeError("this database has no vector search (PostgreSQL with pgvector, migration 0006)")
+    session.execute(_ITERATIVE_SCAN if search.iterative_scan else _EF_SEARCH, {"n": str(ef_search)})
+    return [tuple(row) for row in session.exec(memory_search_query(vector, channel=channel, k=k)).all()]
+
+
+def memory_search_query(vector: np.ndarray, *, channel: str | None, k: int):
+    """search_memory's statement: ordered by pgvector's negative inner product, which the HNSW
+    index (partial: active items) serves; score = the inner product."""
+    distance = literal_column(EMBEDDING, VECTOR()).max_inner_product(np.asarray(vector, dtype=np.float32))
+    return (select(MemoryItem.id, MemoryItem.question, MemoryItem.answer, MemoryItem.source, MemoryItem.author,
+                   MemoryItem.created_at, (-distance).label("score"))
+            .where(col(MemoryItem.active), or_(col(MemoryItem.visible_in).is_(None), MemoryItem.visible_in == channel))
+            .order_by(distance).limit(k))

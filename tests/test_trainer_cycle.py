@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.adapters import verify_adapter
+from flywheel.adapters import base_model_id, verify_adapter
 from store.db import get_engine, session_scope
 from store.leases import lease_holder
 from store.runs import get_run, list_runs
@@ -64,7 +64,7 @@ def test_whole_cycle_registers_a_version_with_report(env, sqlite_url, tiny_model
     assert [m["step"] for m in run.metrics] == [1, 2, 3, 4, 5, 6] and all("loss" in m for m in run.metrics)
     assert version.adapter_path == str((tmp_path / "adapters" / "ft-0001").resolve())
     assert verify_adapter(version.adapter_path, expected_sha256=version.adapter_sha256)
-    assert version.base_model == "tiny-llama" and version.dataset_snapshot_id == run.dataset_snapshot_id
+    assert version.base_model == base_model_id(os.environ["FLYWHEEL_BASE_MODEL"]) and version.dataset_snapshot_id == run.dataset_snapshot_id
     # A random tiny model learns nothing useful: the gate must say so and reject it.
     assert not version.gate_passed and version.status == "rejected"
     assert any(r.startswith("failed: not better enough") for r in version.gate_reasons)

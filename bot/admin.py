@@ -14,10 +14,12 @@ from bot.settings import BotSettings
 from bot.slack_text import escape_within
 from bot.watch import compare, describe
 from flywheel.logs import get_logger
-from store.audit import record_audit
+from store.audit import add_audit, record_audit
 from store.channels import set_training_share, shared_channels
 from store.db import session_scope
-from store.errors import StoreError
+from store.errors import NotFoundError, StoreError
+from store.forget import Forgotten, forget_user
+from store.memory import deactivate_memory_item, list_memory_items, memory_item_by_id
 from store.models import VersionStatus
 from store.overview import overview
 from store.replicas import list_replicas
@@ -53,11 +55,16 @@ HELP = """*`/flywheel` commands*
 • `reject <version>`: reject a candidate _(admin)_
 • `rollback`: put the previous production version back _(admin)_
 • `canary <version>` / `canary stop`: let a version answer FLYWHEEL_CANARY_PERCENT of people before promoting it _(admin)_
-• `share #channel` / `unshare #channel` / `share`: let a private channel's teaching train the model everyone uses, take it back, list such channels _(admin)_"""
+• `share #channel` / `unshare #channel` / `share`: let a private channel's teaching train the model everyone uses, take it back, list such channels _(admin)_
+• `forget @user`: remove a person's messages, feedback and memory items from the store _(admin)_
+• `memory [search TEXT]` / `memory remove ID`: list or search the memory items answers use, switch one off _(admin)_"""
 
 VERSIONS_PER_PAGE = 30
-ADMIN_COMMANDS = {"train", "approve", "promote", "reject", "rollback", "canary", "share", "unshare"}
+ADMIN_COMMANDS = {"train", "approve", "promote", "reject", "rollback", "canary", "share", "unshare", "forget",
+                  "memory"}
 CHANNEL_REF = re.compile(r"^<#([CG][A-Z0-9]{2,})(?:\|[^>]*)?>$|^([CG][A-Z0-9]{2,})$")
+USER_REF = re.compile(r"^<@([UW][A-Z0-9]{2,})(?:\|[^>]*)?>$|^([UW][A-Z0-9]{2,})$")
+MEMORY_LISTED = 20
 
 
 @dataclass
@@ -115,7 +122,7 @@ class Admin:
         except CommandError as exc:
             return Reply(f":x: {exc}\n\n{HELP}")
         if name in ADMIN_COMMANDS:
-            target = args[0] if args else PRODUCTION
+            target = args[0] if args else "memory" if name == "memory" else PRODUCTION
             return self.admin_action(user, name, target, lambda: self._dispatch(user, name, args, force),
                                      detail={"command": text})
         handler = {"help": lambda: Reply(HELP), "status": self.status, "versions": lambda: self.versions(*args[:1]),
@@ -167,6 +174,10 @@ class Admin:
             return self.share(user, args, shared=name == "share")
         if name == "train":
             return self.train(user)
+        if name == "forget":
+            return self.forget(user, args)
+        if name == "memory":
+            return self.memory(user, args)
         if name == "rollback":
             return self.rollback(user)
         if name == "canary":
@@ -210,6 +221,52 @@ class Admin:
                          "from the next training run on. `/flywheel unshare` takes it back.", public=True)
         return Reply(f":lock: <@{user}> took <#{channel}> out of training: from the next run on, what is taught "
                      "there stays there. Versions trained before keep what they learned: train again to drop it.", public=True)
+
+    def forget(self, user: str, args: list[str]) -> Reply:
+        """`/flywheel forget @user`: everything the person said or taught leaves the store (audited
+        with the counts, and the versions already trained on it named)."""
+        found = USER_REF.match(args[0]) if len(args) == 1 else None
+        if found is None:
+            raise ValueError("usage: /flywheel forget @user")
+        person = found.group(1) or found.group(2)
+        with session_scope() as s:
+            gone = forget_user(s, person, actor=user)
+        log.info("user forgotten", by=user, user=person, **{k: v for k, v in gone.detail().items()
+                                                            if isinstance(v, int)})
+        return Reply(f":wastebasket: Forgot <@{person}>: {forgotten_summary(gone)}")
+
+    def memory(self, user: str, args: list[str]) -> Reply:
+        """`/flywheel memory [search TEXT] | remove ID`: the items answers are taught from."""
+        if args[:1] == ["remove"]:
+            if len(args) != 2 or not args[1].lstrip("#").isdigit():
+                raise ValueError("usage: /flywheel memory remove ID (the number `/flywheel memory` shows)")
+            return self.remove_memory_item(user, int(args[1].lstrip("#")))
+        if args[:1] == ["search"] and len(args) < 2:
+            raise ValueError("usage: /flywheel memory search TEXT")
+        if args and args[0] != "search":
+            raise ValueError("usage: /flywheel memory [search TEXT] | memory remove ID")
+        search = " ".join(args[1:]) or None
+        with session_scope() as s:
+            items = list_memory_items(s, search=search, limit=MEMORY_LISTED)
+        if not items:
+            return Reply(f"No memory item contains “{escape_within(search, 100)}”." if search
+                         else "The memory is empty: nobody has taught an answer yet.")
+        head = (f"*Memory items containing “{escape_within(search, 100)}”*" if search else "*Memory items*")
+        lines = [f"{head} (newest first, at most {MEMORY_LISTED}; `/flywheel memory remove ID` switches one off)"]
+        lines += [memory_line(item) for item in items]
+        text = "\n".join(lines)
+        return Reply(text[:3000], blocks=sections(text))
+
+    def remove_memory_item(self, user: str, item_id: int) -> Reply:
+        with session_scope() as s:
+            item = memory_item_by_id(s, item_id)
+            if item is None or not item.active:
+                raise NotFoundError(f"no active memory item {item_id} (`/flywheel memory` lists them)")
+            add_audit(s, actor=user, action="memory.remove", target=f"memory {item_id}",
+                      detail={"key": item.key, "source": item.source, "author": item.author})
+            deactivate_memory_item(s, item.key)  # commits the audit event with it
+        return Reply(f":wastebasket: <@{user}> removed memory item {item_id}: answers no longer use it. "
+                     "Training still uses what it came from (the correction or import stays).")
 
     def approve(self, user: str, version: str, force: str | None = None) -> Reply:
         """Approve and promote: the production alias moves (audited in the same transaction),
@@ -349,6 +406,26 @@ def _loggable(target: str) -> str:
     """A version name or an alias as typed, anything else not at all: logs hold no typed text
     (the audit row, which admins read, keeps it)."""
     return target if VERSION_NAME.fullmatch(target or "") or target in ALIASES else "(not a version name)"
+
+
+def forgotten_summary(gone: Forgotten) -> str:
+    """What a forgetting removed, and which versions already learned it."""
+    text = (f"{gone.messages} messages, {gone.answers} answers to them, {gone.feedback} feedback, "
+            f"{gone.examples} examples and {gone.memory_items} memory items removed.")
+    if gone.versions:
+        named = ", ".join(f"`{v}`" for v in gone.versions)
+        text += (f" Already trained on it: {named} (and snapshots {', '.join(map(str, gone.snapshots))} with "
+                 "their exports): train again and promote the new version to drop it.")
+    return text
+
+
+def memory_line(item) -> str:
+    """One memory item as `/flywheel memory` lists it."""
+    where = ("everywhere" if item.visible_in is None
+             else "in a DM" if item.visible_in.startswith("D") else f"only in <#{item.visible_in}>")
+    who = f" by <@{item.author}>" if item.author else ""
+    return (f"• `{item.id}` _{escape_within(item.question, 150)}_ → {escape_within(item.answer, 200)} "
+            f"({item.source}{who}, {where}, {item.created_at:%Y-%m-%d})")
 
 
 def examples_summary(counts: dict[str, int]) -> str:

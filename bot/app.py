@@ -19,6 +19,8 @@ from bot.assistant import Assistant
 from bot.canary import Canary
 from bot.channels import CHANGE_EVENTS, ChannelVisibility
 from bot.feedback import Feedback
+from bot.forgetting import SUBTYPES as FORGETTING_SUBTYPES
+from bot.forgetting import Forgetting
 from bot.gateway_client import GatewayClient
 from bot.home import publish_home
 from bot.reports import on_report_button, on_watch_button
@@ -67,6 +69,7 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     answerer = Answerer(settings, gateway, memory, visibility, assistant=assistant, canary=canary)
     review = feedback.review = Review(settings, feedback)
     admin = Admin(settings, gateway, review=review, canary=canary)
+    forgetting = Forgetting(settings, feedback, review)
     app.flywheel = {"settings": settings, "gateway": gateway, "admin": admin,  # for the server
                     "executor": executor}
 
@@ -77,6 +80,9 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
 
     @app.event("message")
     def _message(event, body, client, context):
+        if event.get("subtype") in FORGETTING_SUBTYPES:  # deleted or edited: what it taught changes
+            forgetting.on_message(event, client, context.bot_user_id)
+            return
         answerer.on_message(event, body, client, context.bot_user_id)
 
     @app.event("assistant_thread_started")

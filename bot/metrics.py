@@ -19,6 +19,9 @@ MEMORY = Counter("flywheel_bot_memory_total",
                  "How answers used the correction memory (answer / notes / none / error)", ["use"])
 IGNORED = Counter("flywheel_bot_ignored_events_total",
                   "Events read and deliberately left alone (from a bot, not for us, not on an answer)", ["reason"])
+FORGOTTEN = Counter("flywheel_bot_forgotten_total",
+                    "Messages forgotten or updated in the store: deleted or edited in Slack, purged by retention",
+                    ["reason"])
 REVIEW = Counter("flywheel_bot_review_total",
                  "Correction reviews (pending / approved / rejected / refused / error)", ["outcome"])
 GATEWAY_RETRIES = Counter("flywheel_bot_gateway_retries_total",

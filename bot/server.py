@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from bot import metrics
 from bot.app import create_app
+from bot.forgetting import RetentionSweeper
 from bot.gateway_client import GatewayClient
 from bot.reports import ReportPoller
 from bot.settings import BotSettings
@@ -47,6 +48,7 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
         gateway.close()
         raise
     poller = ReportPoller(settings, bolt.client)
+    sweeper = RetentionSweeper(settings)
     holder: dict = {}
 
     verifier = None if socket_mode else SignatureVerifier(settings.slack_signing_secret)
@@ -97,6 +99,7 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
             await anyio.to_thread.run_sync(prestart, pool, lanes.sizes[lane])
         if settings.reports_enabled:
             poller.start()
+        sweeper.start()
         if socket_mode:
             from slack_bolt.adapter.socket_mode import SocketModeHandler
 
@@ -110,6 +113,7 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
             if "socket" in holder:
                 holder["socket"].close()
             await anyio.to_thread.run_sync(poller.stop)
+            await anyio.to_thread.run_sync(sweeper.stop)
             dispatcher.shutdown(wait=True, cancel_futures=False)
             gateway.close()
 
@@ -118,4 +122,5 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
         routes.append(Route(EVENTS_PATH, slack_events, methods=["POST"]))
     asgi = Starlette(routes=routes, lifespan=lifespan)
     asgi.state.bolt, asgi.state.poller, asgi.state.settings = bolt, poller, settings
+    asgi.state.sweeper = sweeper
     return asgi

@@ -110,6 +110,10 @@ class BotSettings(BaseSettings):
     # How long a channel's visibility (public, private, Slack Connect) is trusted before Slack is
     # asked again; Slack's channel_shared / channel_unshared / made-private events refresh it at once.
     channel_visibility_ttl_s: float = Field(default=600.0, gt=0)
+    # Conversations nobody taught from (no vote, label or correction) are deleted once their last
+    # message is this many days old, at start-up and every retention_sweep_s; 0: kept forever.
+    retention_days: float = Field(default=0.0, ge=0)
+    retention_sweep_s: float = Field(default=3600.0, gt=0)
     # How long a reaction or vote waits for an unavailable database before it is given up.
     feedback_retry_s: float = Field(default=120.0, ge=0)
     # Workers for slash commands, buttons and modals, apart from the answer workers, so

@@ -115,3 +115,20 @@ def recent_questions(session: Session, limit: int = 2000) -> list[tuple[str, str
     stmt = (select(Message.text, Message.channel).where(Message.role == Role.user)
             .where(~col(Message.channel).startswith("D")).order_by(col(Message.id).desc()).limit(limit))
     return [(text, channel) for text, channel in session.exec(stmt).all()]
+
+
+def answers_to(session: Session, question: Message, limit: int = 20) -> list[Message]:
+    """The bot's answers to a person's message: the assistant messages after it in its thread up
+    to the next person's message (previous_user_message the other way round)."""
+    stmt = (
+        select(Message)
+        .where(Message.conversation_id == question.conversation_id, col(Message.ts) > question.ts)
+        .order_by(col(Message.ts), col(Message.id))
+        .limit(limit)
+    )
+    answers = []
+    for msg in session.exec(stmt).all():
+        if msg.role != Role.assistant:
+            break
+        answers.append(msg)
+    return answers

@@ -103,6 +103,41 @@ def deactivate_memory_item(session: Session, key: str) -> bool:
     return True
 
 
+def erase_memory_items(session: Session, rows: list[MemoryItem]) -> int:
+    """Forget items (store.forget): text, vector and database vector go, the row stays inactive
+    with its key and author (ids only), so in-process indexes see the change and drop it.
+    Staged in the caller's transaction; returns how many still held something."""
+    erased = 0
+    for row in rows:
+        erased += bool(row.question or row.answer or row.vector)
+        row.question, row.answer, row.vector, row.active = "", "", b"", False
+        row.updated_at = utcnow()
+        session.add(row)
+        session.flush()
+        _set_embedding(session, row.id, b"")
+    return erased
+
+
+def memory_items_by_key(session: Session, keys: list[str]) -> list[MemoryItem]:
+    return list(session.exec(select(MemoryItem).where(col(MemoryItem.key).in_(keys))).all()) if keys else []
+
+
+def memory_item_by_id(session: Session, item_id: int) -> MemoryItem | None:
+    return session.get(MemoryItem, item_id)
+
+
+def list_memory_items(session: Session, *, search: str | None = None, limit: int = 20) -> list[MemoryItem]:
+    """Active items, newest first; `search`: only those whose question or answer contains it
+    (case-insensitive)."""
+    stmt = select(MemoryItem).where(col(MemoryItem.active)).order_by(col(MemoryItem.id).desc()).limit(limit)
+    if search:
+        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+        stmt = stmt.where(or_(col(MemoryItem.question).ilike(pattern, escape="\\"),
+                              col(MemoryItem.answer).ilike(pattern, escape="\\")))
+    return list(session.exec(stmt).all())
+
+
 def memory_changed_since(session: Session, since: datetime | None) -> list[MemoryItem]:
     """Items (active or not) updated after `since`, oldest first; all of them when None."""
     stmt = select(MemoryItem).order_by(col(MemoryItem.updated_at), col(MemoryItem.id))

@@ -2,6 +2,7 @@
 and its audit event commit together, and the row is locked so two reviewers cannot both decide."""
 from __future__ import annotations
 
+from sqlalchemy import or_
 from sqlmodel import Session, col, func, select
 
 from store.audit import add_audit
@@ -61,3 +62,26 @@ def decide_correction(session: Session, feedback_id: int, *, actor: str, approve
     session.commit()
     session.refresh(row)
     return row, edited
+
+
+def reopen_corrections(session: Session, message_ids: list[int], *, actor: str, reason: str) -> list[Feedback]:
+    """Send the counted corrections of these answers back to review (their question changed, say):
+    pending again, the earlier decision kept in the history, one audit event each."""
+    if not message_ids:
+        return []
+    stmt = select(Feedback).where(col(Feedback.message_id).in_(message_ids), Feedback.kind == FeedbackKind.correction,
+                                  Feedback.retracted == False,  # noqa: E712
+                                  or_(col(Feedback.review).is_(None), Feedback.review == ReviewState.approved))
+    rows = list(session.exec(stmt.with_for_update()).all())
+    now = utcnow()
+    for row in rows:
+        row.history = [*row.history, {"value": row.value, "correction": row.correction, "review": row.review,
+                                      "retracted": row.retracted, "at": row.updated_at.isoformat()}]
+        row.review, row.reviewed_by, row.reviewed_at, row.updated_at = ReviewState.pending, None, None, now
+        session.add(row)
+        add_audit(session, actor=actor, action="correction.reopen", target=f"feedback {row.id}",
+                  detail={"author": row.user, "message_id": row.message_id, "reason": reason})
+    session.commit()
+    for row in rows:
+        session.refresh(row)
+    return rows

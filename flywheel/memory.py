@@ -32,6 +32,7 @@ from sqlmodel import Session
 from flywheel.embedding import from_bytes, to_bytes
 from flywheel.logs import get_logger
 from flywheel.prompt import with_notes
+from flywheel.redact import redact
 from store.memory import (
     has_memory,
     memory_changed_since,
@@ -267,7 +268,9 @@ class Memory:
 
     def remember(self, session: Session, *, key: str, question: str, answer: str, source: str,
                  author: str | None, channel: str | None, visible_in: str | None):
-        """Store (or replace) one taught item with its vector."""
+        """Store (or replace) one taught item with its vector, redacted as training data is (a
+        secret or a phone number in a correction is neither kept nor embedded)."""
+        question, answer = redact(question), redact(answer)
         vector = item_vectors(self.embedder, [(question, answer)])[0]
         return upsert_memory_item(session, key=key, question=question, answer=answer, source=source,
                                   author=author, channel=channel, visible_in=visible_in,

@@ -5,7 +5,8 @@ before the next snapshot, and the audit names the version already trained on it;
 question re-teaches its answer's memory item, or sends the correction back to review when the
 editor's changes need one; `/flywheel forget @user` removes a person's messages and feedback
 (admins only, audited with counts); `/flywheel memory` lists, searches and removes memory items;
-FLYWHEEL_RETENTION_DAYS purges old conversations nobody taught from at start-up. The store's part runs on SQLite and PostgreSQL at the end."""
+FLYWHEEL_RETENTION_DAYS purges old conversations nobody taught from at start-up; memory items
+are redacted like training data. The store's part runs on SQLite and PostgreSQL at the end."""
 from __future__ import annotations
 
 import json
@@ -280,6 +281,17 @@ def test_admins_list_search_and_remove_memory_items(bot):
     assert "Meadowlark-Guest" not in command(bot, "memory")
     _, bob_ts = ask(bot, question, BOB)
     assert stored_text(bob_ts) != gold
+
+
+# -- memory items are redacted like training data ---------------------------------------------------
+def test_memory_items_are_redacted(bot):
+    question = "How do I reach the on-call engineer?"
+    gold = "Mail oncall.lead@example.com; the pager password is hunter2hunter."
+    _, answer_ts = teach(bot, question, gold)
+    with session_scope() as s:
+        item = memory_item(s, f"message:{get_message(s, PUBLIC, answer_ts).id}")
+    assert "oncall.lead@example.com" not in item.answer and "[EMAIL]" in item.answer
+    assert "hunter2hunter" not in item.answer and "[SECRET]" in item.answer
 
 
 # -- FLYWHEEL_RETENTION_DAYS ------------------------------------------------------------------------

@@ -7,11 +7,11 @@ from collections import Counter
 
 import pytest
 
+from flywheel.redact import iban_ok, redact
 from store.db import get_engine, session_scope
 from store.examples import upsert_example
 from trainer import dataset
 from trainer.dataset import build_snapshot
-from trainer.redact import iban_ok, redact
 from trainer.settings import TrainerSettings
 
 JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ"

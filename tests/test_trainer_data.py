@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from flywheel.redact import redact
 from store.conversations import record_message
 from store.db import get_engine, session_scope
 from store.examples import list_examples, upsert_example
@@ -13,7 +14,6 @@ from store.feedback import retract_vote, upsert_vote
 from store.models import ExampleStatus
 from trainer.dataset import build_snapshot, hash_split
 from trainer.importer import ImportFileError, import_file
-from trainer.redact import redact
 from trainer.settings import TrainerSettings
 from trainer.targets import derive_examples
 

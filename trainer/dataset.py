@@ -19,13 +19,13 @@ from sqlmodel import Session
 
 from flywheel.logs import get_logger
 from flywheel.prompt import PromptSettings, build_messages, normalize
+from flywheel.redact import redact
 from store.datasets import record_snapshot, snapshot_by_hash
 from store.examples import list_examples, set_splits
 from store.models import DatasetSnapshot, Example
 from trainer.augment import template_paraphrases
 from trainer.clean import normalize_for_hash
 from trainer.dedup import NearDupIndex, exact_key
-from trainer.redact import redact
 from trainer.settings import TrainerSettings
 from trainer.targets import derive_examples
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sqlmodel import Session
 
+from flywheel.redact import redact
 from store.examples import upsert_example
 
 QUESTION_KEYS = ("question", "prompt", "input", "q")
@@ -144,14 +145,16 @@ def remember_examples(session: Session, memory, rows) -> int:
     from flywheel.prompt import normalize
     from store.memory import upsert_memory_item
 
-    items = [(r, normalize(r.messages[-1]["content"])) for r in rows if r.answer and r.label is None]
-    items = [(r, q) for r, q in items if q]
+    # redacted as the memory's own writes (Memory.remember) and the training data are
+    items = [(r, redact(normalize(r.messages[-1]["content"])), redact(r.answer.strip()))
+             for r in rows if r.answer and r.label is None]
+    items = [(r, q, a) for r, q, a in items if q]
     if not items or not memory.settings.memory:
         return 0
     from flywheel.memory import item_vectors
 
-    vectors = item_vectors(memory.embedder, [(q, r.answer.strip()) for r, q in items])
-    for (row, question), vector in zip(items, vectors):
-        upsert_memory_item(session, key=f"example:{row.id}", question=question, answer=row.answer.strip(),
+    vectors = item_vectors(memory.embedder, [(q, a) for _r, q, a in items])
+    for (row, question, answer), vector in zip(items, vectors):
+        upsert_memory_item(session, key=f"example:{row.id}", question=question, answer=answer,
                            source="import", author=None, channel=None, visible_in=None, vector=to_bytes(vector))
     return len(items)

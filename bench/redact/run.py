@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from trainer.redact import redact  # noqa: E402
+from flywheel.redact import redact  # noqa: E402
 
 # The email pattern of trainer/redact.py before this change (commit 4e095af): `\b` lets every
 # position in a long run of local-part characters start a scan to the end of the run.

@@ -1,4 +1,6 @@
-"""Replace secrets and personal data with typed placeholders before anything is written out.
+"""Replace secrets and personal data with typed placeholders before anything is written out: the
+trainer's snapshots and exports (trainer/dataset.py) and the correction memory (flywheel/memory.py,
+trainer/importer.py) redact with this one function.
 
 Patterns are ordered from most to least specific so a token is not half-eaten as a phone. Where a
 pattern has a group named `v`, only that group is replaced (`password=[SECRET]`, the key name and

@@ -89,6 +89,22 @@ def finish_run(
     return run
 
 
+NOT_STARTED = "could not start: "  # the error of a run that failed before training began
+
+
+def fail_before_start(session: Session, *, owner: str, hyperparams: dict, error: str) -> TrainingRun | None:
+    """A cycle failed before its run started (snapshot build, disk full): the queued run, if an admin
+    queued one, is failed with the reason; else a new failed run says it, unless the newest run
+    already failed before starting (a retry of the same trouble is reported once). None then.
+    Call only while holding the trainer lease."""
+    if not has_queued_run(session):
+        newest = session.exec(select(TrainingRun).order_by(col(TrainingRun.id).desc()).limit(1)).first()
+        if newest is not None and newest.status == RunStatus.failed and (newest.error or "").startswith(NOT_STARTED):
+            return None
+    run = start_run(session, owner=owner, hyperparams=hyperparams)
+    return finish_run(session, run.id, RunStatus.failed, error=NOT_STARTED + error)
+
+
 def fail_stale_runs(session: Session, stale_after_s: float) -> list[TrainingRun]:
     """Runs still 'running' whose trainer stopped heartbeating died: mark them failed."""
     cutoff = utcnow() - timedelta(seconds=stale_after_s)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -13,6 +14,7 @@ from trainer.settings import TrainerSettings
 train_app = typer.Typer(help="Fine-tune, evaluate and register model versions.", no_args_is_help=True)
 dataset_app = typer.Typer(help="Import examples and build dataset snapshots.", no_args_is_help=True)
 EXIT_BUSY = 3
+EXIT_STALLED = 4
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -41,8 +43,8 @@ def run(
     several processes (`accelerate launch --config_file deploy/accelerate/ddp.yaml --num_processes N
     -m flywheel train run`), they train one adapter together and rank 0 does the rest."""
     from store.errors import StoreError
-    from trainer.cycle import run_cycle
-    from trainer.lease import LeaseBusy, LeaseLost
+    from trainer.cycle import RunNotStarted, run_cycle
+    from trainer.lease import LeaseBusy, LeaseLost, RunStalled
     from trainer.modeling import ModelLoadError
     from trainer.train import TrainingError, join_processes
 
@@ -51,14 +53,16 @@ def run(
     if accelerator is not None:
         signal.signal(signal.SIGTERM, _stopped_by_launcher)
     try:
-        outcome = run_cycle(settings, force=force, accelerator=accelerator)
+        outcome = run_cycle(settings, force=force, accelerator=accelerator, on_stall=_exit_stalled)
     except LeaseBusy as exc:
         typer.secho(str(exc), fg="yellow", err=True)
         raise typer.Exit(EXIT_BUSY)
     except (ModelLoadError, StoreError) as exc:
         _fail(str(exc))
-    except (TrainingError, LeaseLost) as exc:  # the run is already marked failed with this error
+    except (TrainingError, LeaseLost, RunStalled) as exc:  # the run is already marked failed with this error
         _fail(f"training run failed: {exc}", code=1)
+    except RunNotStarted as exc:  # marked failed with the reason; the scheduler (CronJob) tries again later
+        _fail(f"training run could not start: {exc}", code=1)
     finally:
         if accelerator is not None:
             accelerator.end_training()
@@ -74,6 +78,15 @@ def run(
     for name, row in outcome.report["metrics"].items():
         typer.echo(f"  {name:<11} F1 {row['token_f1'] if row['token_f1'] is not None else '-'}  "
                    f"EM {row['exact_match'] if row['exact_match'] is not None else '-'}  golden {row['golden']}")
+
+
+def _exit_stalled() -> None:
+    """The run made no progress for FLYWHEEL_STALL_S and is failed, its lease freed (trainer.lease):
+    end this process, whose training is hung where no exception reaches it (a stuck kernel, a
+    collective waiting on a dead rank); the CronJob or the container's restart policy takes over."""
+    typer.secho("error: the training run stalled (no progress for FLYWHEEL_STALL_S); it was marked failed",
+                fg="red", err=True)
+    os._exit(EXIT_STALLED)
 
 
 def _stopped_by_launcher(signum, _frame) -> None:
@@ -99,7 +112,7 @@ def watch_cmd(
               "(deploy/k8s/trainer-multigpu.yaml), one launch per cycle")
 
     settings = _settings(watch_poll_s=poll)
-    cycles = watch(settings, max_cycles=max_cycles, once=once)
+    cycles = watch(settings, max_cycles=max_cycles, once=once, on_stall=_exit_stalled)
     typer.echo(f"watch stopped after {cycles} cycle(s)")
 
 

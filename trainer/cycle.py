@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -25,6 +26,7 @@ from store.db import get_engine, session_scope
 from store.errors import InvalidStateError
 from store.models import RunStatus
 from store.runs import (
+    fail_before_start,
     fail_stale_runs,
     finish_run,
     has_queued_run,
@@ -49,6 +51,15 @@ class Outcome:
     version: str | None = None
     gate_passed: bool | None = None
     report: dict | None = None
+
+
+class RunNotStarted(RuntimeError):
+    """The cycle failed before its run started (snapshot build, disk full); the run is marked
+    failed with the reason (once for a streak of such failures) and the caller retries later."""
+
+    def __init__(self, error: str, run_id: int | None) -> None:
+        super().__init__(error)
+        self.run_id = run_id
 
 
 @dataclass
@@ -106,16 +117,17 @@ def checkpoint_key(snapshot_hash: str, settings: TrainerSettings) -> str:
 
 
 def run_cycle(settings: TrainerSettings | None = None, *, force: bool = False, owner: str | None = None,
-              accelerator=None) -> Outcome:
+              accelerator=None, on_stall: Callable[[], None] | None = None) -> Outcome:
     """One cycle. `accelerator` (trainer.train.join_processes): this process is one of several
-    launched together; ranks other than 0 only train beside rank 0."""
+    launched together; ranks other than 0 only train beside rank 0. `on_stall`: called (from the
+    lease's thread) once a run that made no progress for settings.stall_s is failed."""
     settings = settings or TrainerSettings()
     if accelerator is not None and not accelerator.is_main_process:
         return train_beside_rank_0(accelerator)
     engine = get_engine()
     with OtherRanks(accelerator) as others, \
-            TrainerLease(ttl_s=settings.lease_ttl_s, heartbeat_s=settings.heartbeat_s, owner=owner,
-                         engine=engine) as lease:
+            TrainerLease(ttl_s=settings.lease_ttl_s, heartbeat_s=settings.heartbeat_s, stall_s=settings.stall_s,
+                         owner=owner, engine=engine, on_stall=on_stall) as lease:
         opened = _open_run(settings, lease, engine, force)
         if isinstance(opened, Outcome):
             return opened
@@ -125,21 +137,21 @@ def run_cycle(settings: TrainerSettings | None = None, *, force: bool = False, o
         except BaseException as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             log.error("run failed", run=run_id, error=error, trace=traceback.format_exc(limit=5))
-            with session_scope(engine) as s:
-                finish_run(s, run_id, RunStatus.failed, error=error)
+            if not lease.stalled:  # a stalled run is failed already, with the stall as its reason
+                with session_scope(engine) as s:
+                    finish_run(s, run_id, RunStatus.failed, error=error)
             raise
 
 
 def _open_run(settings: TrainerSettings, lease: TrainerLease, engine, force: bool):
     """Under the lease: fail dead runs, build the snapshot and start a run on it; (snapshot, run
-    id), or the skipped Outcome when there is nothing (new) to train on."""
+    id), or the skipped Outcome when there is nothing (new) to train on. RunNotStarted when the
+    snapshot cannot be built."""
     with session_scope(engine) as s:
         for dead in fail_stale_runs(s, 0):  # we hold the lease: any 'running' run is dead
             log.warning("marked dead run failed", run=dead.id, error=dead.error)
-        augmenter = None
-        if settings.augment:
-            from trainer.augment import augment_examples as augmenter
-        snap = build_snapshot(s, settings, augmenter=augmenter)
+    snap = _snapshot(settings, lease, engine)
+    with session_scope(engine) as s:
         reason = not_enough_data(s, snap, settings, force)
         if reason is not None:
             run_id = None
@@ -151,8 +163,26 @@ def _open_run(settings: TrainerSettings, lease: TrainerLease, engine, force: boo
             return Outcome("skipped", reason, run_id=run_id)
         run = start_run(s, owner=lease.owner, hyperparams=settings.hyperparams())
         update_run(s, run.id, dataset_snapshot_id=snap.row.id)
-        lease.run_id = run.id
+        lease.follow(run.id)
     return snap, run.id
+
+
+def _snapshot(settings: TrainerSettings, lease: TrainerLease, engine):
+    """The dataset snapshot; failing (disk full, a bad row, the database) it fails a run with the
+    reason instead of leaving the queued run waiting, and raises RunNotStarted."""
+    try:
+        with session_scope(engine) as s:
+            augmenter = None
+            if settings.augment:
+                from trainer.augment import augment_examples as augmenter
+            return build_snapshot(s, settings, augmenter=augmenter)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        log.error("run could not start", error=error, trace=traceback.format_exc(limit=5))
+        with session_scope(engine) as s:
+            run = fail_before_start(s, owner=lease.owner, hyperparams=settings.hyperparams(),
+                                    error=f"the dataset snapshot could not be built: {error}")
+        raise RunNotStarted(error, run.id if run is not None else None) from exc
 
 
 def _train_and_register(settings: TrainerSettings, snap, run_id: int, lease: TrainerLease, engine,
@@ -163,16 +193,20 @@ def _train_and_register(settings: TrainerSettings, snap, run_id: int, lease: Tra
     device = others.accelerator.device if others.accelerator is not None else pick_device(settings.device)
     tokenizer = load_tokenizer(Path(settings.base_model))
     memory = eval_memory(list(snap.dataset["train"]), settings)  # what production's memory would hold
+    lease.progressed()
     job = _training_input(settings, snap, tokenizer, memory)
+    lease.progressed()
     others.hand_out(job)
     model = lora_model(settings, device)
+    lease.progressed()
     train = _train(job, model, device, run_id, lease, engine, others.accelerator)
     if train.adapter_state is not None:  # FSDP left the model sharded: rank 0 evaluates a whole copy
         model = lora_model(settings, device, adapter_state=train.adapter_state)
-    lease.check()
+    lease.progressed()
     base_id = base_model_id(Path(settings.base_model))
-    results, verdict = _evaluate(settings, snap, engine, model, tokenizer, memory, train, device, base_id)
-    lease.check()
+    results, verdict = _evaluate(settings, snap, engine, model, tokenizer, memory, train, device, base_id,
+                                 lease.progressed)
+    lease.progressed()
     return _register(settings, snap, run_id, engine, model, results, verdict, train, base_id, job.checkpoint_dir)
 
 
@@ -215,9 +249,10 @@ def lora_model(settings: TrainerSettings, device, *, adapter_state: dict | None 
 
 
 def _train(job: TrainingInput, model, device, run_id: int, lease: TrainerLease, engine, accelerator):
-    """Rank 0's training: each step checks the lease and records progress in the store."""
+    """Rank 0's training: each step checks the lease, tells it of the progress and records the
+    progress in the store."""
     def on_step(step: int, total: int, point: dict) -> None:
-        lease.check()
+        lease.progressed()
         with session_scope(engine) as s:
             record_progress(s, run_id, step=step, total_steps=total, point=point)
 
@@ -249,9 +284,10 @@ def train_beside_rank_0(accelerator) -> Outcome:
     return Outcome("helped", f"rank {rank}: trained beside rank 0, which evaluates and registers")
 
 
-def _evaluate(settings: TrainerSettings, snap, engine, model, tokenizer, memory, train, device, base_id: str):
+def _evaluate(settings: TrainerSettings, snap, engine, model, tokenizer, memory, train, device, base_id: str,
+              on_batch: Callable[[], None]):
     """Candidate vs production (when it is for this base) vs base on the held-out splits, then
-    the gate: (results, verdict)."""
+    the gate: (results, verdict). `on_batch` after each evaluation batch (the lease's progress)."""
     from trainer.evaluate import evaluate
     from trainer.gate import gate
 
@@ -265,7 +301,7 @@ def _evaluate(settings: TrainerSettings, snap, engine, model, tokenizer, memory,
     splits = {"recall": list(ds["recall"]), "never_taught": list(ds["eval"]), "general": list(ds["general"]),
               "golden": list(ds["golden"])}
     results = evaluate(model, tokenizer, splits, snap.counts.get("labels", []), settings, device=device,
-                       production=production, memory=memory)
+                       production=production, memory=memory, on_batch=on_batch)
     return results, gate(results, settings, final_train_loss=train.final_loss)
 
 

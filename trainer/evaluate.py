@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,7 +45,8 @@ def variant(model, name: str):
 
 
 @torch.no_grad()
-def eval_loss(model, tokenizer, rows, device, batch_size: int = 16) -> float | None:
+def eval_loss(model, tokenizer, rows, device, batch_size: int = 16,
+              on_batch: Callable[[], None] | None = None) -> float | None:
     """Mean cross-entropy per answer token (perplexity = exp of it)."""
     encs = [encode_example(tokenizer, r["messages"], r["answer"]) for r in rows]
     if not encs:
@@ -55,6 +57,8 @@ def eval_loss(model, tokenizer, rows, device, batch_size: int = 16) -> float | N
         batch = {k: v.to(device) for k, v in collate(encs[i:i + batch_size], tokenizer.pad_token_id).items()}
         loss, n = answer_loss(model, batch)
         total, count = total + float(loss), count + n
+        if on_batch is not None:
+            on_batch()
     return total / count if count else None
 
 
@@ -111,10 +115,11 @@ SLICES = ("recall", "never_taught", "general", "golden")
 
 
 def evaluate(model, tokenizer, splits: dict[str, list[dict]], labels: list[str], settings, *,
-             device: torch.device, production=None, memory=None) -> dict:
+             device: torch.device, production=None, memory=None, on_batch: Callable[[], None] | None = None) -> dict:
     """Per variant (candidate, production, base): each slice answered the way production answers,
     without the memory and with it (answers straight from the memory need no generation), plus
-    eval loss on the recall slice and the golden results. Identical prompts are generated once."""
+    eval loss on the recall slice and the golden results. Identical prompts are generated once.
+    `on_batch`: called after each batch generated or scored (the trainer's progress)."""
     variants = [CANDIDATE, BASE]
     if production is not None:
         verify_adapter(production.adapter_path, expected_sha256=production.adapter_sha256)
@@ -153,9 +158,9 @@ def evaluate(model, tokenizer, splits: dict[str, list[dict]], labels: list[str],
                 with inference_autocast(device, settings.inference_bf16):  # as the gateway serves
                     generated = generate_answers(model, tokenizer, [prompts[k] for k in keys], device=device,
                                                  max_new_tokens=settings.eval_max_new_tokens,
-                                                 batch_size=settings.eval_batch_size) if keys else []
+                                                 batch_size=settings.eval_batch_size, on_batch=on_batch) if keys else []
                 loss_rows = rows["recall"] or rows["never_taught"]
-                loss = eval_loss(model, tokenizer, loss_rows, device, settings.eval_batch_size)
+                loss = eval_loss(model, tokenizer, loss_rows, device, settings.eval_batch_size, on_batch)
             by_key = dict(zip(keys, generated))
             got = {(sl, mem, i): (direct if key is None else by_key[key]) for sl, mem, i, key, direct in wanted}
             answers[name] = got

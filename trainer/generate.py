@@ -3,6 +3,8 @@ stopped where the template ends an answer (flywheel.prompt), sorted by length an
 a batch wastes little on padding, and outputs returned in the caller's order."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from flywheel.prompt import chat_format, render
@@ -10,7 +12,8 @@ from flywheel.prompt import chat_format, render
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, conversations: list[list[dict]], *, device: torch.device,
-                     max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+                     max_new_tokens: int = 64, batch_size: int = 16,
+                     on_batch: Callable[[], None] | None = None) -> list[str]:
     prompts = [render(tokenizer, msgs) for msgs in conversations]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -32,4 +35,6 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], *, devic
                              use_cache=True, temperature=None, top_p=None, top_k=None)
         for row, i in enumerate(idx):
             out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+        if on_batch is not None:  # progress, for the trainer's stall watch (trainer.lease)
+            on_batch()
     return out

@@ -120,10 +120,15 @@ class TrainerSettings(BaseSettings):
     # Scheduling
     lease_ttl_s: float = Field(60.0, gt=1.0)
     heartbeat_s: float = Field(10.0, gt=0.1)
+    # No training step or evaluation batch for this long: the run is failed, reported and its lease
+    # freed (trainer.lease). Above the slowest step or batch (a 7B's model load and first step on a
+    # GPU, or a CPU evaluation batch, take minutes), far below a run's length.
+    stall_s: float = Field(1800.0, gt=0.0)
     watch_min_new: int = Field(20, ge=1)  # new examples + feedback since the last run
     watch_cooldown_s: float = Field(3600.0, ge=0.0)
     watch_poll_s: float = Field(30.0, gt=0.0)
-    watch_max_backoff_s: float = Field(300.0, gt=0.0)  # the longest wait between checks while the database is away
+    # the longest wait between checks while the database is away, or between retries of a run that could not start
+    watch_max_backoff_s: float = Field(300.0, gt=0.0)
 
     @field_validator("target_modules")
     @classmethod

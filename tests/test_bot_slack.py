@@ -393,7 +393,7 @@ def test_modal_correction_becomes_a_training_example(bot):
     bot.double.wait_for("chat.postEphemeral", lambda c: c.args.get("user") == USER and c.args.get("channel") == ch)
     # the trainer turns it into an example: the question as context, the correction as target
     with session_scope() as s:
-        derive_examples(s)
+        derive_examples(s, admins=frozenset({ADMIN_USER}))
         examples = [e for e in list_examples(s) if e.answer == gold]
     assert len(examples) == 1
     assert examples[0].messages[-1]["role"] == "user" and "refund policy" in examples[0].messages[-1]["content"]

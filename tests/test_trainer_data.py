@@ -18,6 +18,7 @@ from trainer.settings import TrainerSettings
 from trainer.targets import derive_examples
 
 DATA = Path(__file__).parent / "data"
+ADMINS = frozenset({"U9"})  # FLYWHEEL_ADMINS as the trainer reads it
 
 
 @pytest.fixture
@@ -124,7 +125,7 @@ def test_feedback_target_rules(session):
     labeled.vote("U2", "bug", kind="label"); labeled.vote("U3", "bug", kind="label")
     labeled.vote("U9", "billing", kind="label", admin=True)
 
-    result = derive_examples(s)
+    result = derive_examples(s, admins=ADMINS)
     ex = _by_question(s)
     assert ex["<@UBOT> what is the wifi password?"].answer == "It is on the fridge."
     assert ex["<@UBOT> what is the wifi password?"].source == "feedback"
@@ -150,29 +151,47 @@ def test_feedback_target_rules(session):
     sorry = record_message(s, channel="C1", ts=f"{1700000000 + Thread.n * 10 + 1}.000100", thread_ts=q.ts,
                            role="assistant", text="Sorry, I could not answer that.", error="deadline")
     upsert_vote(s, message_id=sorry.id, user="U2", kind="reaction", value="down")
-    derive_examples(s)
+    derive_examples(s, admins=ADMINS)
     assert "what is the vpn address?" not in _by_question(s)
     upsert_vote(s, message_id=sorry.id, user="U2", kind="correction", value="correction", correction="vpn.example.org")
-    derive_examples(s)
+    derive_examples(s, admins=ADMINS)
     vpn = _by_question(s)["what is the vpn address?"]
     assert (vpn.source, vpn.answer, vpn.rejected_answer) == ("correction", "vpn.example.org", None)
 
     # A correction arriving later supersedes the bare 👎: the rejected-only item is excluded.
     down.vote("U3", "correction", kind="correction", correction="Nobody owns the cat.")
-    derive_examples(s)
+    derive_examples(s, admins=ADMINS)
     active = [e for e in list_examples(s, status=ExampleStatus.active) if e.messages[-1]["content"] == "who owns the cat?"]
     assert [(e.source, e.answer, e.rejected_answer) for e in active] == [("correction", "Nobody owns the cat.", "The dog does.")]
 
     # Retracting the votes that made a target excludes the example on the next build.
     retract_vote(s, message_id=up.a.id, user="U2", kind="reaction")
     retract_vote(s, message_id=up.a.id, user="U3", kind="button")
-    derive_examples(s)
+    derive_examples(s, admins=ADMINS)
     wifi = "<@UBOT> what is the wifi password?"
     assert _active(s, wifi) == [("rejected", None)]  # U4's 👎 is all that is left
     up.vote("U2", "up"); up.vote("U3", "up", kind="button")  # and it comes back when the votes do
-    again = derive_examples(s)
+    again = derive_examples(s, admins=ADMINS)
     assert again.excluded == 1 and again.created == 0, again  # the bare 👎 gives way again
     assert _active(s, wifi) == [("feedback", "It is on the fridge.")]
+
+
+def test_admin_weight_is_decided_at_training_time_from_the_current_admins(session):
+    """A vote records whether its author was an admin then; the trainer weighs it by who is an
+    admin now: a removed admin's old 👎 no longer overrides two users' 👍, a new admin's does."""
+    s = session
+    old = Thread(s, "where do parcels go?", "To the front desk.")
+    old.vote("U2", "up"); old.vote("U3", "up"); old.vote("U7", "down", admin=True)  # U7 was an admin
+    new = Thread(s, "who waters the plants?", "Nobody.")
+    new.vote("U2", "up"); new.vote("U3", "up"); new.vote("U9", "down")  # U9 was not, and is now
+    derive_examples(s, admins=ADMINS)
+    assert _active(s, "where do parcels go?") == [("feedback", "To the front desk.")]
+    assert _active(s, "who waters the plants?") == [("rejected", None)]
+    old.vote("U7", "correction", kind="correction", correction="To the mail room.", admin=True)
+    old.vote("U2", "correction", kind="correction", correction="To reception.")
+    derive_examples(s, admins=ADMINS)
+    # the newest correction wins once U7's admin rank is gone (it would outrank U2's otherwise)
+    assert _active(s, "where do parcels go?") == [("correction", "To reception.")]
 
 
 def _active(s, question: str) -> list[tuple]:

@@ -335,7 +335,8 @@ def build_snapshot(session: Session, settings: TrainerSettings | None = None, *,
     """Everything from store rows to a recorded, exported snapshot."""
     settings = settings or TrainerSettings()
     prompt = PromptSettings()
-    derivation = derive_examples(session, context_turns=prompt.context_max_messages).__dict__ if derive else {}
+    derivation = derive_examples(session, admins=frozenset(settings.admins),
+                                 context_turns=prompt.context_max_messages).__dict__ if derive else {}
     if settings.augment and augmenter is not None:
         augmenter(session, settings)
     items, counts, labels = select_items(shared_examples(session), settings, prompt, general=general_questions())

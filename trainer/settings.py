@@ -3,11 +3,12 @@ gate thresholds and the watch schedule. Defaults are sized for a CPU laptop."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from flywheel.env_lists import split_csv
 from flywheel.prompt import PromptSettings
 
 # A whole bot prompt in tokens: SmolLM2's tokenizer takes 3.8 characters a token on the demo's
@@ -35,6 +36,9 @@ class TrainerSettings(BaseSettings):
     gateway_api_key: str | None = None
 
     # Dataset building
+    # The bot's admins (FLYWHEEL_ADMINS): their votes, corrections, labels and golden marks weigh
+    # more. Read at each build, so a removed admin's old votes count as anyone's (trainer.targets).
+    admins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_chars: int = Field(4000, ge=10)  # items longer than this (question or answer) are dropped
     # Share of the *never-taught* items (answers people only voted up) kept out of training as a
     # regression check; what people taught (corrections, imports, curated items) always trains.
@@ -129,6 +133,11 @@ class TrainerSettings(BaseSettings):
     watch_poll_s: float = Field(30.0, gt=0.0)
     # the longest wait between checks while the database is away, or between retries of a run that could not start
     watch_max_backoff_s: float = Field(300.0, gt=0.0)
+
+    @field_validator("admins", mode="before")
+    @classmethod
+    def _csv(cls, value):
+        return split_csv(value, strip=":")
 
     @field_validator("target_modules")
     @classmethod

@@ -1,6 +1,8 @@
 """Turn what people said about the bot's answers into Example rows.
 
 The rules (per answer message, over live, non-retracted feedback):
+Who is an admin is decided here, at training time, from FLYWHEEL_ADMINS (`admins`), never from
+what a vote recorded when it was cast: a removed admin's old votes count as anyone's.
 - Votes (reactions and buttons, "up"/"down"): when any admin voted, the admins' net decides;
   otherwise everyone's net. Net > 0: the answer is a positive target; net < 0: it is never a
   target and is kept as a rejected answer; net == 0 (mixed): nothing is derived from votes.
@@ -48,25 +50,25 @@ class Derivation:
     skipped: list[str] = field(default_factory=list)
 
 
-def net_votes(votes: list[Feedback]) -> int:
+def net_votes(votes: list[Feedback], admins: frozenset[str]) -> int:
     """Admins decide when they voted; otherwise everyone's up minus down."""
-    admin = [v for v in votes if v.is_admin]
+    admin = [v for v in votes if v.user in admins]
     counted = admin or votes
     return sum(1 if v.value == "up" else -1 if v.value == "down" else 0 for v in counted)
 
 
-def best_correction(corrections: list[Feedback]) -> Feedback | None:
+def best_correction(corrections: list[Feedback], admins: frozenset[str]) -> Feedback | None:
     usable = [c for c in corrections if (c.correction or "").strip()
               and c.review not in (ReviewState.pending, ReviewState.rejected)]
     if not usable:
         return None
-    return max(usable, key=lambda c: (c.is_admin, c.updated_at, c.id))
+    return max(usable, key=lambda c: (c.user in admins, c.updated_at, c.id))
 
 
-def winning_label(labels: list[Feedback]) -> str | None:
+def winning_label(labels: list[Feedback], admins: frozenset[str]) -> str | None:
     if not labels:
         return None
-    admin = [lab for lab in labels if lab.is_admin]
+    admin = [lab for lab in labels if lab.user in admins]
     pool = admin or labels
     counts = Counter(lab.value for lab in pool)
     top = max(counts.values())
@@ -108,8 +110,9 @@ def _next_answer(thread: list[Message], msg: Message) -> Message | None:
     return None
 
 
-def derive_examples(session: Session, *, context_turns: int = 6) -> Derivation:
-    """Upsert one Example per message that has a target (and one per labeled question)."""
+def derive_examples(session: Session, *, admins: frozenset[str], context_turns: int = 6) -> Derivation:
+    """Upsert one Example per message that has a target (and one per labeled question); `admins`:
+    the Slack user ids that are admins now (TrainerSettings.admins)."""
     result = Derivation()
     by_message: dict[int, list[Feedback]] = defaultdict(list)
     messages: dict[int, Message] = {}
@@ -143,14 +146,14 @@ def derive_examples(session: Session, *, context_turns: int = 6) -> Derivation:
         thread = thread_of(msg)
         labels = kinds.get(FeedbackKind.label, [])
         if labels:
-            _derive_label(session, thread, msg, labels, kept, result)
+            _derive_label(session, thread, msg, labels, admins, kept, result)
         if msg.role != Role.assistant:
             continue
         votes = [f for k in VOTE_KINDS for f in kinds.get(k, [])]
-        net = net_votes(votes)
-        correction = best_correction(kinds.get(FeedbackKind.correction, []))
+        net = net_votes(votes, admins)
+        correction = best_correction(kinds.get(FeedbackKind.correction, []), admins)
         shortcut = kinds.get(FeedbackKind.shortcut, [])
-        golden_marks = [f for f in kinds.get(FeedbackKind.golden, []) if f.is_admin]
+        golden_marks = [f for f in kinds.get(FeedbackKind.golden, []) if f.user in admins]
         if not (votes or correction or shortcut or golden_marks):
             continue
         context = _context_for(thread, msg, context_turns)
@@ -176,7 +179,7 @@ def derive_examples(session: Session, *, context_turns: int = 6) -> Derivation:
                       "message_id": mid, "net_votes": net}
         if correction is not None:
             provenance["correction_by"] = correction.user
-            provenance["by_admin"] = correction.is_admin
+            provenance["by_admin"] = correction.user in admins
         row, created = upsert_example(session, messages=context, answer=answer, source=source,
                                       provenance=provenance, golden=golden, rejected_answer=rejected,
                                       message_id=mid, visible_in=training_scope(session, msg.channel))
@@ -197,8 +200,8 @@ def _count(session, row, created: bool, kept: set[str], result: Derivation) -> N
     result.existing += not created
 
 
-def _derive_label(session, thread, msg, labels, kept, result) -> None:
-    label = winning_label(labels)
+def _derive_label(session, thread, msg, labels, admins: frozenset[str], kept, result) -> None:
+    label = winning_label(labels, admins)
     question = _question_of(thread, msg)
     if label is None or question is None:
         result.skipped.append(f"message {msg.id}: label without a question to classify")

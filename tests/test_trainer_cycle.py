@@ -121,9 +121,9 @@ def test_gate_verdicts():
     assert "recall token F1 0.600 vs 0.400 for production (+0.200" in passing.reasons[1]
     failing = gate(_results(0.41, 0.40), cfg, final_train_loss=0.3)
     assert not failing.passed and failing.reasons[1].startswith("failed: not better enough")
-    regressing = gate(_results(0.70, 0.40, lost=["When is lunch?"]), cfg, final_train_loss=0.3)
+    regressing = gate(_results(0.70, 0.40, lost=[12]), cfg, final_train_loss=0.3)
     assert not regressing.passed
-    assert 'failed: 1 golden item(s) that production answered right are now wrong (tolerance 0): "When is lunch?"' in regressing.reasons
+    assert "failed: 1 golden item(s) that production answered right are now wrong (tolerance 0): examples #12" in regressing.reasons
     few = gate(_results(0.9, 0.1, n_eval=3), cfg, final_train_loss=0.3)
     assert not few.passed and few.reasons[0].startswith("failed: only 3 recall items (paraphrases of taught "
                                                          "answers); the gate needs at least 5")

@@ -190,13 +190,14 @@ def evaluate(model, tokenizer, splits: dict[str, list[dict]], labels: list[str],
     reference = PRODUCTION if PRODUCTION in variants else BASE
     golden = []
     for i, row in enumerate(rows["golden"]):
-        entry = {"question": row["messages"][-1]["content"], "expected": row["answer"]}
+        entry = {"example_id": row["example_id"], "question": row["messages"][-1]["content"], "expected": row["answer"]}
         for name in variants:
             got = answers[name][("golden", False, i)]
             entry[name] = {"answer": got, "passed": golden_pass(got, row, labels, settings.golden_pass_f1)}
         golden.append(entry)
     results["golden"] = golden
-    results["golden_lost"] = [g["question"] for g in golden if g[reference]["passed"] and not g[CANDIDATE]["passed"]]
+    # by example id: the gate's reasons go to the admin channel, and a question may come from a DM
+    results["golden_lost"] = [g["example_id"] for g in golden if g[reference]["passed"] and not g[CANDIDATE]["passed"]]
     results["reference"] = reference
     results["samples"] = [{"question": r["messages"][-1]["content"], "expected": r["answer"],
                            **{name: answers[name][("recall", False, i)] for name in variants},

@@ -67,9 +67,9 @@ def gate(results: dict, settings, *, final_train_loss: float | None) -> Verdict:
     total = cand_m.get("golden_total", 0)
     if len(lost) > settings.gate_golden_tolerance:
         ok = False
-        shown = "; ".join(f'"{q[:60]}"' for q in lost[:3])
+        shown = ", ".join(f"#{example_id}" for example_id in lost[:10]) + (", …" if len(lost) > 10 else "")
         reasons.append(f"failed: {len(lost)} golden item(s) that {ref_label} answered right are now wrong "
-                       f"(tolerance {settings.gate_golden_tolerance}): {shown}")
+                       f"(tolerance {settings.gate_golden_tolerance}): examples {shown}")
     else:
         reasons.append(f"passed: golden set {cand_m.get('golden_passed', 0)}/{total} right, "
                        f"{len(lost)} regression(s) (tolerance {settings.gate_golden_tolerance})")

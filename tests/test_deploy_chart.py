@@ -181,6 +181,21 @@ def test_the_trainer_writes_to_its_own_volume(rendered):
     assert claims[mounts["/var/lib/flywheel"]["name"]] == "flywheel-trainer-work"
 
 
+def test_a_hung_trainer_is_ended_and_weighs_the_bots_admins(rendered):
+    """The trainer's Job has a deadline (the backstop behind its own stall check, which must come
+    well before it) and reads the bot's admins (admin weight is decided at training time)."""
+    from trainer.settings import TrainerSettings
+
+    values, docs = rendered
+    merged = _merged(values)
+    (cron,) = [d for d in docs if d["kind"] == "CronJob"]
+    deadline = cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+    env = _env(_container(_pods(docs), "trainer"))
+    assert deadline == merged["trainer"]["activeDeadlineSeconds"]
+    assert TrainerSettings(stall_s=env["FLYWHEEL_STALL_S"]).stall_s * 4 <= deadline
+    assert TrainerSettings(admins=env["FLYWHEEL_ADMINS"]).admins == [a for a in merged["bot"]["admins"].split(",") if a]
+
+
 def test_the_bot_has_its_memory_health_probes_and_a_reachable_address(rendered):
     _, docs = rendered
     bot = _container(_pods(docs), "bot")

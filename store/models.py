@@ -296,3 +296,40 @@ class MemoryItem(SQLModel, table=True):
     active: bool = Field(default=True, index=True)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class Document(SQLModel, table=True):
+    """An imported document (a file or a URL, `flywheel docs import`): its sections answer as
+    notes (DocumentSection → a memory item each). `visible_in` None: every conversation; else
+    only that channel, as for memory items. `version` goes up each time an import changed it."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    source: str = Field(sa_column=Column(Text, nullable=False, unique=True))  # absolute path or URL
+    title: str = Field(sa_column=Column(Text, nullable=False))
+    kind: str = Field(max_length=16)  # markdown / html / text / pdf
+    content_hash: str = Field(max_length=64)  # of its sections' (redacted) text
+    version: int = 1
+    visible_in: Optional[str] = Field(default=None, max_length=64)
+    imported_by: Optional[str] = Field(default=None, max_length=64)
+    active: bool = Field(default=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class DocumentSection(SQLModel, table=True):
+    """One chunk of a document under its own headings: `title` is its path ("Onboarding ›
+    Laptops"), `anchor` that path with its place among chunks of the same path, which keeps the
+    row (and its id) across imports while its text changes. Redacted before it is stored."""
+
+    __table_args__ = (UniqueConstraint("document_id", "anchor", name="uq_section_anchor"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    document_id: int = Field(foreign_key="document.id", index=True)
+    anchor: str = Field(sa_column=Column(Text, nullable=False))
+    title: str = Field(sa_column=Column(Text, nullable=False))
+    position: int = 0
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    content_hash: str = Field(max_length=64)
+    version: int = 1
+    active: bool = Field(default=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)  # when this text was imported

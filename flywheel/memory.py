@@ -33,6 +33,7 @@ from flywheel.embedding import from_bytes, to_bytes
 from flywheel.logs import get_logger
 from flywheel.prompt import with_notes
 from flywheel.redact import redact
+from store.documents import SECTION_SOURCE
 from store.memory import (
     has_memory,
     memory_changed_since,
@@ -90,8 +91,10 @@ class MemoryPlan:
         return [self.direct] if self.direct else self.notes
 
     def apply(self, messages: list[dict]) -> list[dict]:
-        """The prompt with the notes (unchanged when there are none)."""
-        return with_notes(messages, [(n.question, n.answer) for n in self.notes])
+        """The prompt with the notes (unchanged when there are none): taught answers as questions
+        and answers, document sections under their title path."""
+        return with_notes(messages, [(n.question, n.answer) for n in self.notes if n.source != SECTION_SOURCE],
+                          [(n.question, n.answer) for n in self.notes if n.source == SECTION_SOURCE])
 
 
 class MemoryIndex:
@@ -178,13 +181,15 @@ def _scored(item: Recalled, score: float) -> Recalled:
 
 
 def plan(found: list[Recalled], settings: MemorySettings) -> MemoryPlan:
-    """The tier for a question, from its retrieved items (best first, at least two asked for)."""
+    """The tier for a question, from its retrieved items (best first, at least two asked for). A
+    document's section is never the answer itself (it says more than the question asks): only a
+    note."""
     if not found:
         return MemoryPlan()
     best = found[0].score
     lead = best - (found[1].score if len(found) > 1 else 0.0)
-    if best >= settings.memory_answer_threshold or (
-            best >= settings.memory_answer_floor and lead >= settings.memory_answer_margin):
+    if found[0].source != SECTION_SOURCE and (best >= settings.memory_answer_threshold or (
+            best >= settings.memory_answer_floor and lead >= settings.memory_answer_margin)):
         return MemoryPlan(direct=found[0])
     notes = [f for f in found if f.score >= settings.memory_note_threshold]
     return MemoryPlan(notes=notes[:settings.memory_top_k])
@@ -278,14 +283,28 @@ class Memory:
 
 
 def citation(plan: MemoryPlan) -> str | None:
-    """'Based on a correction by <@U1>, 20 Nov' under an answer that used the memory."""
+    """'Based on a correction by <@U1>, 20 Nov' under an answer that used the memory; 'From
+    *Onboarding › Laptops*, imported 2 Dec' for a document's section."""
     if not plan.used:
         return None
+    sections = [f"*{_mrkdwn(item.question)}*, imported {item.created_at.day} {item.created_at:%b}"
+                for item in plan.used if item.source == SECTION_SOURCE]
+    taught = [item for item in plan.used if item.source != SECTION_SOURCE]
+    cited = _taught_citation(taught, direct=plan.direct is not None) if taught else None
+    return "; ".join(filter(None, [cited, "From " + "; ".join(sections) if sections else None]))
+
+
+def _mrkdwn(text: str) -> str:
+    """Text safe inside Slack mrkdwn: its three control characters escaped, no stray bold."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("*", "")
+
+
+def _taught_citation(items: list[Recalled], *, direct: bool) -> str:
     parts = []
-    for item in plan.used:
+    for item in items:
         kind = {"correction": "a correction", "golden": "a golden answer", "import": "imported team notes"}.get(
             item.source, item.source)
         who = f" by <@{item.author}>" if item.author and item.source != "import" else ""
         parts.append(f"{kind}{who}, {item.created_at.day} {item.created_at:%b}")
-    verb = "Answered from" if plan.direct else "Based on"
+    verb = "Answered from" if direct else "Based on"
     return f"{verb} " + "; ".join(parts)

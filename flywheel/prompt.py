@@ -147,11 +147,15 @@ def question_of(messages: list[dict]) -> str:
     return ""
 
 
-def with_notes(messages: list[dict], notes: list[tuple[str, str]]) -> list[dict]:
-    """The same messages with retrieved team notes (question, answer) in the system turn."""
-    if not notes:
+def with_notes(messages: list[dict], notes: list[tuple[str, str]],
+               sections: list[tuple[str, str]] = ()) -> list[dict]:
+    """The same messages with retrieved team notes (question, answer) and sections of the
+    team's documents (title path, text) in the system turn."""
+    if not notes and not sections:
         return messages
-    lines = "\n".join(f"- Q: {q}\n  A: {a}" for q, a in notes)
+    lines = "\n".join([*(f"- Q: {q}\n  A: {a}" for q, a in notes),
+                       *(f"- From the document section “{title}”:\n  " + text.replace("\n", "\n  ")
+                         for title, text in sections)])
     block = f"{NOTES_HEADER}\n{lines}"
     if messages and messages[0]["role"] == "system":
         return [{"role": "system", "content": f"{messages[0]['content']}\n\n{block}"}, *messages[1:]]

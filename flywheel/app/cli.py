@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     ("gateway.commands", "gateway_app", "gateway"),
     ("trainer.commands", "train_app", "train"),
     ("trainer.commands", "dataset_app", "dataset"),
+    ("trainer.docs_commands", "docs_app", "docs"),
     ("bot.commands", "bot_app", "bot"),
     ("flywheel.app.demo.commands", "demo_app", "demo"),
 ]

@@ -10,7 +10,7 @@ from pydantic import AliasChoices
 
 SETTINGS = {"bot.settings": "BotSettings", "gateway.settings": "GatewaySettings",
             "trainer.settings": "TrainerSettings", "flywheel.memory": "MemorySettings",
-            "flywheel.prompt": "PromptSettings", "store.settings": None}
+            "flywheel.prompt": "PromptSettings", "trainer.docsource": "DocumentSettings", "store.settings": None}
 # Shared on purpose, one meaning; their defaults differ only where stated.
 SAME_MEANING_DIFFERENT_DEFAULT = {
     "FLYWHEEL_GATEWAY_URL": "the gateway; the bot assumes a local one, the trainer only uses it for paraphrases",

@@ -320,15 +320,12 @@ class Admin:
 
     def rollback(self, user: str, expected: str | None = None) -> Reply:
         """`expected`: roll back only if that version is still live (a button under an old alert
-        must not roll back a version promoted since)."""
+        must not roll back a version promoted since), compared under the alias lock (move_alias)."""
         with session_scope() as s:
-            live = version_label(alias_target(s, PRODUCTION))
-            if expected is not None and live != expected:
-                raise ValueError(f"production is `{live}` now, not `{expected}`; nothing was rolled back")
             target = rollback_target(s)
             version = find_version(s, target) if target else None
             force = version is not None and not version.gate_passed
-            moved = move_alias(s, PRODUCTION, target, actor=user, reason="rollback", force=force)
+            moved = move_alias(s, PRODUCTION, target, actor=user, reason="rollback", force=force, expected=expected)
         sync = self.gateway.request_sync()
         return Reply(f":rewind: <@{user}> rolled production back from `{moved['from'] or 'base model'}` "
                      f"to `{target or 'base model'}`. {sync}. {self._live(target)}", public=True)

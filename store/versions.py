@@ -163,14 +163,17 @@ def promote_version(session: Session, name: str, *, actor: str, reason: str | No
 
 
 def _locked_alias(session: Session, alias: str) -> Alias | None:
-    return session.exec(select(Alias).where(Alias.name == alias).with_for_update()).first()
+    """The alias row, locked, as the database has it now (not as this session last saw it)."""
+    stmt = select(Alias).where(Alias.name == alias).with_for_update().execution_options(populate_existing=True)
+    return session.exec(stmt).first()
 
 
 def move_alias(session: Session, alias: str, version_name: str | None, *, actor: str,
-               reason: str | None = None, force: bool = False) -> dict:
+               reason: str | None = None, force: bool = False, expected: str | None = None) -> dict:
     """Point `alias` at a version (None = base model) and write the audit event, in one transaction.
     Moving production also sets the statuses: the new version 'production', every other one that
-    says 'production' 'retired' (so a lost race can never leave two)."""
+    says 'production' 'retired' (so a lost race can never leave two). `expected`: compare and swap,
+    move only if the alias still shows this (a version_label), read under the alias lock."""
     if alias not in ALIASES:
         raise ValueError(f"unknown alias {alias!r}; known: {', '.join(ALIASES)}")
     _locked_alias(session, alias)
@@ -182,6 +185,8 @@ def move_alias(session: Session, alias: str, version_name: str | None, *, actor:
         raise InvalidStateError("forcing needs a reason")
     row = session.get(Alias, alias) or Alias(name=alias)
     before = row.version_name
+    if expected is not None and version_label(before) != expected:
+        raise InvalidStateError(f"{alias} is `{version_label(before)}` now, not `{expected}`; nothing was changed")
     if before == version_name:
         raise InvalidStateError(f"{alias} already points at {version_name or 'the base model'}")
     row.version_name, row.updated_at, row.updated_by = version_name, utcnow(), actor

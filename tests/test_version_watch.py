@@ -119,10 +119,41 @@ def test_the_rollback_button_rolls_back_only_the_version_it_names(team):
     assert "Only Flywheel admins" in admin.admin_action("UBOB0001", "rollback", "ft-0002",
                                                         lambda: admin.rollback("UBOB0001", expected="ft-0002")).text
     stale = admin.admin_action(ADMIN, "rollback", "ft-0001", lambda: admin.rollback(ADMIN, expected="ft-0001"))
-    assert "nothing was rolled back" in stale.text
+    assert "production is `ft-0002` now, not `ft-0001`; nothing was changed" in stale.text
     with session_scope() as s:
         assert alias_target(s, PRODUCTION) == "ft-0002"
     done = admin.admin_action(ADMIN, "rollback", "ft-0002", lambda: admin.rollback(ADMIN, expected="ft-0002"))
     assert done.public and "rolled production back" in done.text
     with session_scope() as s:
         assert alias_target(s, PRODUCTION) == "ft-0001"
+
+
+def test_the_rollback_button_compares_and_swaps_under_the_alias_lock(team, monkeypatch):
+    """A promotion that lands between the click and the swap: the button names ft-0002, production
+    is ft-0003 when the alias is moved, so nothing is rolled back (a check of the live version
+    before taking the lock would have rolled ft-0003 back)."""
+    import bot.admin
+    from store.versions import rollback_target
+
+    settings, slack, client = team
+
+    class Gateway:
+        def request_sync(self):
+            return "synced"
+
+    with session_scope() as s:
+        register_version(s, name="ft-0003", adapter_path="/adapters/ft-0003", adapter_sha256="0" * 64,
+                         base_model="smollm2", gate_passed=True, gate_reasons=["passed"])
+    promote("ft-0002")
+
+    def promoted_meanwhile(session):
+        target = rollback_target(session)
+        promote("ft-0003")  # another admin, in another transaction
+        return target
+
+    monkeypatch.setattr(bot.admin, "rollback_target", promoted_meanwhile)
+    admin = Admin(settings, gateway=Gateway())
+    late = admin.admin_action(ADMIN, "rollback", "ft-0002", lambda: admin.rollback(ADMIN, expected="ft-0002"))
+    assert "production is `ft-0003` now, not `ft-0002`; nothing was changed" in late.text and not late.public
+    with session_scope() as s:
+        assert alias_target(s, PRODUCTION) == "ft-0003"

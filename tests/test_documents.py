@@ -28,7 +28,7 @@ from store.documents import (
 )
 from store.memory import memory_items_by_key
 from tests.support.bot_harness import ADMIN_USER, BotServer, store_and_gateway, wait_answer
-from tests.test_memory import real_embedder_dir
+from tests.test_memory import memory_db_url, real_embedder_dir, stores  # noqa: F401 (a fixture)
 from trainer.docparse import parse
 from trainer.docsource import (
     DocumentError,
@@ -232,10 +232,13 @@ def test_reimport_after_editing_one_section_changes_only_its_items(db_url, memor
         assert unchanged.document.version == 2
 
 
-def test_a_removed_document_stops_answering(db_url, memory):
+@stores  # each search: in process (SQLite, PostgreSQL) and pgvector's in the database
+@pytest.mark.usefixtures("memory_db_url")
+def test_a_removed_document_stops_answering(memory):
     with session_scope() as s:
         done = load(s, memory, DOCS / "handbook.md")
         assert "Onboarding › Laptops" in doc_notes(memory.plan_for(LAPTOP_Q, channel="CANY", session=s))
+        assert memory.plan_for("What is the capital of France?", channel="CANY", session=s).used == []
         assert [doc.id for doc, n in list_documents(s)] == [done.document.id]
         remove_document(s, done.document.id)
         assert doc_notes(memory.plan_for(LAPTOP_Q, channel="CANY", session=s)) == []
@@ -244,7 +247,9 @@ def test_a_removed_document_stops_answering(db_url, memory):
             s, [section_key(r) for r in sections_of(s, done.document.id)]))
 
 
-def test_an_import_for_a_channel_answers_only_there(db_url, memory):
+@stores
+@pytest.mark.usefixtures("memory_db_url")
+def test_an_import_for_a_channel_answers_only_there(memory):
     with session_scope() as s:
         load(s, memory, DOCS / "handbook.md", visible_in="CTEAM001")
         assert "Onboarding › Laptops" in doc_notes(memory.plan_for(LAPTOP_Q, channel="CTEAM001", session=s))

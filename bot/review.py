@@ -105,9 +105,11 @@ class Review:
         metrics.REVIEW.labels("approved" if approve else "rejected").inc()
         log.info("correction reviewed", feedback_id=feedback_id, decision=verb, by=user)
 
+        editor = user if edited else row.user  # the memory cites who wrote the text it holds
+
         def follow_up() -> None:
             if approve and msg is not None:
-                self.feedback.remember(client, msg, row.user, row.correction or "", source="correction")
+                self.feedback.remember(client, msg, editor, row.correction or "", source="correction")
             if msg is not None:
                 self._tell_author(client, row, msg, approve)
 

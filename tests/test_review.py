@@ -175,8 +175,9 @@ def test_rejected_corrections_teach_nothing_and_edits_teach_the_reviewers_text(b
     def remembered():  # the modal is acked first; the memory learns it right after
         with session_scope() as s:
             item = memory_item(s, f"message:{m2.id}")
-            return item.answer if item else None
-    assert wait_until(remembered, what="the edited answer in the memory") == edited
+            return (item.answer, item.author) if item else None
+    # cited as the reviewer's words: Bob did not write them
+    assert wait_until(remembered, what="the edited answer in the memory") == (edited, REVIEWER)
     with session_scope() as s:
         assert list_audit(s, action="correction.approve", target=f"feedback {r2.id}")[0].detail["edited"]
 

@@ -1,12 +1,9 @@
 """Slack mrkdwn rules for what the bot posts: Slack gets exactly three characters escaped, and
-reactions lose their skin tone. (Slack text → model text is flywheel.prompt.normalize, shared
+reactions lose their skin tone (the escaping itself is flywheel.mrkdwn, shared with the memory). (Slack text → model text is flywheel.prompt.normalize, shared
 with the trainer so serving and training read a message the same way.)"""
 from __future__ import annotations
 
-
-def escape(text: str) -> str:
-    """Plain text → Slack mrkdwn: Slack asks for exactly &, < and > to be escaped."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+from flywheel.mrkdwn import escape
 
 
 def escape_within(text: str, limit: int) -> str:

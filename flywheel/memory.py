@@ -31,6 +31,7 @@ from sqlmodel import Session
 
 from flywheel.embedding import from_bytes, to_bytes
 from flywheel.logs import get_logger
+from flywheel.mrkdwn import escape
 from flywheel.prompt import with_notes
 from flywheel.redact import redact
 from store.documents import SECTION_SOURCE
@@ -296,7 +297,7 @@ def citation(plan: MemoryPlan) -> str | None:
 
 def _mrkdwn(text: str) -> str:
     """Text safe inside Slack mrkdwn: its three control characters escaped, no stray bold."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("*", "")
+    return escape(text).replace("*", "")
 
 
 def _taught_citation(items: list[Recalled], *, direct: bool) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ def test_a_run_that_cannot_start_is_failed_once_and_retried_with_back_off(settin
         queued = queue_run(s, queued_by="UADMIN001")
     assert watch(settings, max_cycles=4) == 4
     assert len(attempts) == 4
-    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    gaps = [b - a for a, b in pairwise(attempts)]
     assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2  # doubling, not every poll
     with session_scope(get_engine(sqlite_url)) as s:
         runs = list_runs(s)

@@ -135,7 +135,7 @@ def test_the_rollback_button_compares_and_swaps_under_the_alias_lock(team, monke
     import bot.admin
     from store.versions import rollback_target
 
-    settings, slack, client = team
+    settings, _slack, _client = team
 
     class Gateway:
         def request_sync(self):

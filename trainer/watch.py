@@ -44,7 +44,10 @@ def watch(settings, *, max_cycles: int | None = None, once: bool = False, stop: 
     """Poll until stopped (SIGTERM/SIGINT or `stop`); returns the number of cycles started. A cycle
     that fails before its run starts (trainer.cycle.RunNotStarted) is retried, due or not, after a
     back-off that doubles up to watch_max_backoff_s. `on_stall`: run_cycle's."""
-    from trainer.cycle import RunNotStarted, run_cycle  # torch, transformers: only when a cycle runs
+    from trainer.cycle import (  # its trainer.dataset loads `datasets`: only once a cycle runs
+        RunNotStarted,
+        run_cycle,
+    )
 
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():

@@ -23,6 +23,7 @@ from bot.forgetting import SUBTYPES as FORGETTING_SUBTYPES
 from bot.forgetting import Forgetting
 from bot.gateway_client import GatewayClient
 from bot.home import publish_home
+from bot.replays import once_only
 from bot.reports import on_report_button, on_watch_button
 from bot.review import Review
 from bot.settings import BotSettings
@@ -60,6 +61,7 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
         listener_executor=executor,
     )
     app.use(lane_middleware)  # commands and clicks never wait behind answers
+    app.use(once_only)  # a replayed command or click (signed, inside Slack's window) runs once
     memory = Memory()
     threading.Thread(target=memory.warm, name="memory-warm-up", daemon=True).start()
     visibility = ChannelVisibility(settings.channel_visibility_ttl_s)  # one channel-visibility cache

@@ -15,6 +15,7 @@ import logging
 import socket
 import sqlite3
 import threading
+import urllib.parse
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -22,7 +23,9 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
+from bot.replays import request_key
 from gateway.settings import GatewaySettings
+from store.audit import list_audit
 from store.conversations import get_message
 from store.db import session_scope
 from store.feedback import feedback_for_message
@@ -445,3 +448,31 @@ def test_a_refused_gateway_is_retried_until_it_is_back(env, tiny_model_dir):
     assert not final.args["text"].startswith(APOLOGY)
     answer = stored("CRESTART1", a_ts)
     assert answer.error is None and answer.model_version
+
+
+def test_a_replayed_command_runs_once(bot):
+    """A captured, signed `/flywheel share` sent again inside Slack's five-minute window is acked
+    and not run again (issue 25.7): a replayed `/flywheel rollback` would roll back once more."""
+    def shares() -> int:
+        with session_scope() as s:
+            return sum(e.action == "channel.share" for e in list_audit(s))
+
+    sender = bot.sender
+    body = urllib.parse.urlencode(sender.command_fields(f"share <#{PRIVATE}|platform>", user=ADMIN_USER))
+    headers = sender.headers(body, content_type="application/x-www-form-urlencoded")
+    before = shares()
+    assert sender.client.post(sender.url, content=body.encode(), headers=headers).status_code == 200
+    wait_until(lambda: shares() == before + 1, timeout=30)
+    replay = sender.client.post(sender.url, content=body.encode(), headers=headers)
+    assert replay.status_code == 200  # acked, so Slack (or whoever replays) sees nothing to retry
+    sender.command(f"unshare <#{PRIVATE}|platform>", user=ADMIN_USER)  # a fresh request still runs
+    with session_scope() as s:
+        wait_until(lambda: any(e.action == "channel.unshare" for e in list_audit(s)), timeout=30)
+    assert shares() == before + 1
+
+
+def test_replay_keys_name_each_command_and_interaction_once():
+    assert request_key({"type": "event_callback", "event_id": "Ev1"}, "{}") is None
+    assert request_key({"type": "block_actions", "trigger_id": "1.2.abc"}, "x") == "trigger:1.2.abc"
+    assert request_key({"command": "/flywheel", "trigger_id": "9.9.z"}, "x") == "trigger:9.9.z"
+    assert request_key({"ssl_check": "1"}, "a") != request_key({"ssl_check": "1"}, "b")

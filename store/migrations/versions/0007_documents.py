@@ -3,7 +3,7 @@
 A section answers as a memory item of its own kind (source 'document', key
 'section:<id>:<version>'), so the memory's table, index and vector column are unchanged.
 
-Revision ID: 0009
+Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-03
 """
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-revision: str = '0009'
+revision: str = '0007'
 down_revision: Union[str, None] = '0006'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None

@@ -10,7 +10,7 @@ GEMMA_DIR ?= models/gemma-3-270m
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup postgres promtool model model-gemma vllm test test-fast demo run lint k8s clean
+.PHONY: setup postgres promtool model model-gemma vllm test test-fast test-deploy demo run lint k8s clean
 
 setup: $(VENV)/.installed postgres promtool
 
@@ -68,6 +68,12 @@ test: setup model vllm
 
 test-fast: setup model
 	$(BIN)/python -m pytest -p randomly -m "not slow" $(PYTEST_ARGS)
+
+# The image, built on a Debian base made offline (debootstrap + docker import: no Docker Hub), and
+# the compose file's services in real containers on the host network (deploy/test-deploy.sh).
+# Needs root, docker.io and debootstrap (Debian packages). Not part of `make test`.
+test-deploy: setup model
+	deploy/test-deploy.sh
 
 demo: setup model
 	$(BIN)/flywheel demo run

@@ -37,7 +37,7 @@ from flywheel.redact import redact
 from store.documents import SECTION_SOURCE
 from store.memory import (
     has_memory,
-    memory_changed_since,
+    memory_changed_after,
     search_memory,
     upsert_memory_item,
     vector_search,
@@ -103,8 +103,7 @@ class MemoryIndex:
 
     def __init__(self) -> None:
         self._rows: dict[int, tuple] = {}  # id → (Recalled without score, visible_in, vector)
-        self._since: datetime | None = None
-        self._seen: dict[int, datetime] = {}  # id → the updated_at last applied
+        self._after = 0  # the last change number applied (store.memory.next_change)
         self._matrix = np.zeros((0, 0), dtype=np.float32)
         self._meta: list[Recalled] = []
         self._scope = np.zeros(0, dtype=np.int32)  # 0: everywhere, else the code of its channel
@@ -116,13 +115,10 @@ class MemoryIndex:
         return len(self._rows)
 
     def refresh(self, session: Session) -> None:
-        changed = memory_changed_since(session, self._since)
+        changed = memory_changed_after(session, self._after)
         with self._lock:
             for row in changed:
-                self._since = row.updated_at if self._since is None else max(self._since, row.updated_at)
-                if self._seen.get(row.id) == row.updated_at:
-                    continue  # the query is `>= since`, so the newest rows come back once more
-                self._seen[row.id] = row.updated_at
+                self._after = max(self._after, row.change_seq)
                 if not row.active:
                     self._dirty |= self._rows.pop(row.id, None) is not None
                     continue

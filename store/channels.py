@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlmodel import Session, col, select
 
+from store.memory import touch_memory_item
 from store.models import Channel, MemoryItem, Visibility, utcnow
 
 
@@ -32,7 +33,8 @@ def record_channel_visibility(session: Session, channel: str, visibility: Visibi
 def _restrict_memory(session: Session, channel: str) -> None:
     stmt = select(MemoryItem).where(MemoryItem.channel == channel, col(MemoryItem.visible_in).is_(None))
     for item in session.exec(stmt).all():
-        item.visible_in, item.updated_at = channel, utcnow()
+        item.visible_in = channel
+        touch_memory_item(session, item)
         session.add(item)
 
 

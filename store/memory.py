@@ -1,12 +1,12 @@
 """Correction memory rows: write one (keyed, so a newer correction of the same answer replaces
-the older), read what changed since a moment (readers keep an index in memory and refresh it),
+the older), read what changed after a change number (readers keep an index in memory and refresh
+it; every change takes the next number of the database's `memory` counter, in commit order),
 or, on PostgreSQL with pgvector (migration 0006), search them in the database by the HNSW index
 over `memoryitem.embedding`, a column the model does not map (SQLite has no such type)."""
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from datetime import datetime
 
 import numpy as np
 from pgvector.sqlalchemy import VECTOR
@@ -14,7 +14,7 @@ from sqlalchemy import bindparam, literal_column, or_, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
-from store.models import MemoryItem, utcnow
+from store.models import Counter, MemoryItem, utcnow
 
 EMBEDDING = "embedding"  # the unmapped vector column (migrations/env.py leaves it out of the drift check)
 _SET_EMBEDDING = text("UPDATE memoryitem SET embedding = :v WHERE id = :id").bindparams(bindparam("v", type_=VECTOR()))
@@ -37,6 +37,7 @@ class VectorSearch:
     iterative_scan: bool  # pgvector >= 0.8 scans on until k items pass the visibility filter
 
 
+_NEXT_CHANGE = text("UPDATE counter SET value = value + 1 WHERE name = 'memory' RETURNING value")
 _vector_search: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine → VectorSearch
 
 
@@ -57,6 +58,24 @@ def vector_search(session: Session) -> VectorSearch | None:
     return found
 
 
+def next_change(session: Session) -> int:
+    """The next memory change number. The counter row stays locked until this transaction ends
+    (SQLite: the database), so numbers are handed out in commit order: a reader that saw N and
+    asks for `> N` never skips a change that commits later with a smaller number."""
+    value = session.execute(_NEXT_CHANGE).scalar()
+    if value is None:  # a store made before migration 0008's row (or wiped): start the counter
+        session.add(Counter(name="memory", value=1))
+        session.flush()
+        return 1
+    return int(value)
+
+
+def touch_memory_item(session: Session, row: MemoryItem) -> None:
+    """Mark a changed item: the next change number (first, so every writer locks the counter
+    before its items) and the time, for people."""
+    row.change_seq, row.updated_at = next_change(session), utcnow()
+
+
 def _set_embedding(session: Session, item_id: int, vector: bytes) -> None:
     """Mirror the item's vector into the database's vector column, where there is one (left empty
     for another embedder's dimension: the memory then searches in process)."""
@@ -72,14 +91,15 @@ def upsert_memory_item(session: Session, *, key: str, question: str, answer: str
                        vector: bytes) -> MemoryItem:
     """Insert or replace the item under `key` (and switch it back on)."""
     for _attempt in range(2):
+        seq = next_change(session)
         row = session.exec(select(MemoryItem).where(MemoryItem.key == key)).first()
         if row is None:
             row = MemoryItem(key=key, question=question, answer=answer, source=source, author=author,
-                             channel=channel, visible_in=visible_in, vector=vector)
+                             channel=channel, visible_in=visible_in, vector=vector, change_seq=seq)
         else:
             row.question, row.answer, row.source, row.author = question, answer, source, author
             row.channel, row.visible_in, row.vector, row.active = channel, visible_in, vector, True
-            row.updated_at = utcnow()
+            row.change_seq, row.updated_at = seq, utcnow()
         session.add(row)
         try:
             session.flush()
@@ -97,7 +117,8 @@ def deactivate_memory_item(session: Session, key: str) -> bool:
     row = session.exec(select(MemoryItem).where(MemoryItem.key == key)).first()
     if row is None or not row.active:
         return False
-    row.active, row.updated_at = False, utcnow()
+    row.active = False
+    touch_memory_item(session, row)
     session.add(row)
     session.commit()
     return True
@@ -111,7 +132,7 @@ def erase_memory_items(session: Session, rows: list[MemoryItem]) -> int:
     for row in rows:
         erased += bool(row.question or row.answer or row.vector)
         row.question, row.answer, row.vector, row.active = "", "", b"", False
-        row.updated_at = utcnow()
+        touch_memory_item(session, row)
         session.add(row)
         session.flush()
         _set_embedding(session, row.id, b"")
@@ -138,11 +159,10 @@ def list_memory_items(session: Session, *, search: str | None = None, limit: int
     return list(session.exec(stmt).all())
 
 
-def memory_changed_since(session: Session, since: datetime | None) -> list[MemoryItem]:
-    """Items (active or not) updated after `since`, oldest first; all of them when None."""
-    stmt = select(MemoryItem).order_by(col(MemoryItem.updated_at), col(MemoryItem.id))
-    if since is not None:
-        stmt = stmt.where(MemoryItem.updated_at >= since)
+def memory_changed_after(session: Session, change: int) -> list[MemoryItem]:
+    """Items (active or not) whose last change is numbered above `change`, in change order
+    (0: all of them)."""
+    stmt = select(MemoryItem).where(MemoryItem.change_seq > change).order_by(col(MemoryItem.change_seq))
     return list(session.exec(stmt).all())
 
 

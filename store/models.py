@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -295,7 +295,17 @@ class MemoryItem(SQLModel, table=True):
     vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # float32, unit length
     active: bool = Field(default=True, index=True)
     created_at: datetime = Field(default_factory=utcnow)
-    updated_at: datetime = Field(default_factory=utcnow, index=True)
+    updated_at: datetime = Field(default_factory=utcnow)
+    # the database's order of changes (store.memory.next_change): readers refresh by it, not by a host's clock
+    change_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, index=True))
+
+
+class Counter(SQLModel, table=True):
+    """A database-side counter, one row each: `memory` numbers memory item changes in commit
+    order (the row stays locked by the writer until its transaction ends)."""
+
+    name: str = Field(primary_key=True, max_length=32)
+    value: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
 
 
 class Document(SQLModel, table=True):

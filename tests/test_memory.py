@@ -6,7 +6,7 @@ without pgvector) and the search in the database (PostgreSQL with pgvector, migr
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -26,7 +26,7 @@ from flywheel.memory import (
     plan,
 )
 from store.db import get_engine, session_scope
-from store.memory import memory_search_query, upsert_memory_item, vector_search
+from store.memory import memory_changed_after, memory_search_query, upsert_memory_item, vector_search
 from store.migrate import alembic_config, check_drift, upgrade
 
 WHEN = datetime(2026, 11, 20, 9, 30, tzinfo=timezone.utc)
@@ -198,9 +198,29 @@ def test_store_round_trip_replace_and_refresh(memory_db_url):
         assert off.plan_for("lunch time?", channel="C9", session=s).used == []
 
 
+def test_an_item_from_a_writer_whose_clock_runs_behind_is_seen_at_the_next_refresh(db_url, monkeypatch):
+    """Readers refresh by the database's change numbers, not a host's clock: a correction
+    re-taught by a host an hour behind (its updated_at older than everything the reader has
+    seen) reaches the reader's index at once (issue 25.7; by `updated_at >= since` the old
+    answer stayed until a restart)."""
+    memory = Memory(MemorySettings(), embedder=FakeEmbedder())
+    with session_scope() as s:
+        memory.remember(s, key="message:1", question="when is lunch?", answer="At noon.", source="correction",
+                        author="UALICE01", channel="C1", visible_in=None)
+        memory.index.refresh(s)
+        assert len(memory.index) == 1
+    behind = datetime.now(timezone.utc) - timedelta(hours=1)
+    monkeypatch.setattr("store.memory.utcnow", lambda: behind)
+    with session_scope() as s:
+        memory.remember(s, key="message:1", question="when is lunch?", answer="At one.", source="correction",
+                        author="UBOB0001", channel="C1", visible_in=None)
+        memory.index.refresh(s)
+        assert [row[0].answer for row in memory.index._rows.values()] == ["At one."]
+
+
 def test_refresh_without_changes_keeps_the_built_matrix(db_url):
-    """The refresh query is `>= since`; the newest row coming back must not rebuild the matrix on
-    every question (that rebuild was 10 ms at 10k items)."""
+    """A refresh that finds no change must not rebuild the matrix on every question (that rebuild
+    was 10 ms at 10k items)."""
     memory = Memory(MemorySettings(), embedder=FakeEmbedder())
     with session_scope() as s:
         memory.remember(s, key="message:1", question="when is lunch?", answer="At noon.", source="correction",
@@ -292,17 +312,22 @@ def test_migration_adds_the_vector_search_only_where_pgvector_is(memory_db_url, 
 
 
 def test_migration_fills_the_vector_column_from_existing_items(pgvector_server):
-    """Items stored before 0006 keep their bytes and get their vectors; a downgrade drops only
-    the database search."""
+    """Items stored before 0006 keep their bytes and get their vectors, and (0008) change
+    numbers in the order they changed; a downgrade drops only the database search."""
     url = pgvector_server.create_database()
     upgrade(url, "0005")
     vectors = item_vectors(FakeEmbedder(), [("when is lunch?", "At noon."), ("where?", "Tartu")])
-    with session_scope(get_engine(url)) as s:
+    with get_engine(url).begin() as conn:  # as the code of that time wrote them; q1 changed first
         for i, v in enumerate(vectors):
-            upsert_memory_item(s, key=f"k{i}", question=f"q{i}", answer="a", source="import", author=None,
-                               channel=None, visible_in=None, vector=to_bytes(v))
+            conn.execute(text("INSERT INTO memoryitem (key, question, answer, source, vector, active, created_at, "
+                              "updated_at) VALUES (:k, :q, 'a', 'import', :v, true, :t, :t)"),
+                         {"k": f"k{i}", "q": f"q{i}", "v": to_bytes(v), "t": datetime(2026, 1, 2 - i, tzinfo=timezone.utc)})
     upgrade(url)
     with session_scope(get_engine(url)) as s:
+        assert [(r.question, r.change_seq) for r in memory_changed_after(s, 0)] == [("q1", 1), ("q0", 2)]
+        upsert_memory_item(s, key="k2", question="q2", answer="a", source="import", author=None,
+                           channel=None, visible_in=None, vector=to_bytes(-vectors[0]))  # found last
+        assert [r.change_seq for r in memory_changed_after(s, 2)] == [3]
         search = vector_search(s)
         assert search is not None and search.dims == DIMS
         found = DatabaseSearch(s, ef_search=40).search(vectors[1], channel=None, k=2)

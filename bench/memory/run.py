@@ -91,8 +91,8 @@ def fill_sqlite(url: str, n: int, dims: int, seed: int = 0) -> None:
             conn.execute(insert(MemoryItem), [
                 {"key": f"bench:{i}", "question": f"question {i}", "answer": f"answer {i}", "source": "import",
                  "visible_in": None if i % 10 else f"D{i:08d}", "vector": v.tobytes(), "active": True,
-                 # one moment each, as items taught one by one: the refresh's `>= since` brings back the newest only
-                 "created_at": now, "updated_at": now + timedelta(microseconds=i)}
+                 # one change number each, as items taught one by one
+                 "created_at": now, "updated_at": now + timedelta(microseconds=i), "change_seq": i + 1}
                 for i, v in enumerate(vectors, start)])
 
 
@@ -103,7 +103,7 @@ def bench_inprocess(items: int, n_queries: int) -> dict:
     from flywheel.embedding import from_bytes, load_embedder
     from flywheel.memory import MemoryIndex, MemorySettings, search_k
     from store.db import get_engine, session_scope
-    from store.memory import memory_changed_since
+    from store.memory import memory_changed_after
 
     settings = MemorySettings()
     embedder = load_embedder(str(ROOT / settings.embed_model))
@@ -136,7 +136,7 @@ def bench_inprocess(items: int, n_queries: int) -> dict:
     for q in asked[:BASELINE_QUESTIONS]:  # baseline: every vector read back from the store for the question
         t0 = time.perf_counter()
         with session_scope(engine) as s:
-            rows = [r for r in memory_changed_since(s, None) if r.active]
+            rows = [r for r in memory_changed_after(s, 0) if r.active]
         matrix = np.stack([from_bytes(r.vector) for r in rows])
         visible = np.array([r.visible_in in (None, ASKER) for r in rows])
         vec = embedder.embed_one(q)
@@ -250,19 +250,20 @@ def load(url: str, data: Synthetic) -> dict:
         t0 = time.perf_counter()
         with conn.cursor().copy(
                 "COPY memoryitem (id, key, question, answer, source, visible_in, vector, active, created_at, "
-                "updated_at, embedding) FROM STDIN (FORMAT BINARY)") as copy:
+                "updated_at, change_seq, embedding) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(["int4", "varchar", "text", "text", "varchar", "varchar", "bytea", "bool",
-                            "timestamptz", "timestamptz", "vector"])
+                            "timestamptz", "timestamptz", "int8", "vector"])
             for c in range(data.chunks):
                 for j, vec in enumerate(data.chunk(c)):
                     i = c * CHUNK + j
                     visible_in, active = visibility(i)
                     copy.write_row((i + 1, f"bench:{i}", f"question {i}", f"answer {i}", "import", visible_in,
-                                    vec.tobytes(), active, now, now, vec))
+                                    vec.tobytes(), active, now, now, i + 1, vec))
                 print(f"pgvector: loaded {min((c + 1) * CHUNK, data.items)} items "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
         loaded = time.perf_counter() - t0
         conn.execute("SELECT setval('memoryitem_id_seq', %s)", (data.items,))
+        conn.execute("UPDATE counter SET value = %s WHERE name = 'memory'", (data.items,))
         conn.execute("ANALYZE memoryitem")
         t0 = time.perf_counter()
         conn.execute(indexdef)

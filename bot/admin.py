@@ -111,9 +111,9 @@ def run_line(run) -> str:
 
 
 class Admin:
-    def __init__(self, settings: BotSettings, gateway: GatewayClient, review=None, canary: Canary | None = None) -> None:
-        self.settings, self.gateway, self.review = settings, gateway, review  # review: bot.review.Review
-        self.canary = canary or Canary(settings)
+    def __init__(self, settings: BotSettings, gateway: GatewayClient, *, review, canary: Canary) -> None:
+        """`review`: the bot's bot.review.Review, None where there is no review queue (the CLI)."""
+        self.settings, self.gateway, self.review, self.canary = settings, gateway, review, canary
 
     # -- entry points ----------------------------------------------------------------------------
     def run_command(self, user: str, text: str) -> Reply:
@@ -302,13 +302,12 @@ class Admin:
                      "`/flywheel canary stop` ends it.", public=True)
 
     def stop_canary(self, user: str, expected: str | None = None) -> Reply:
+        """`expected`: stop only if that version is still the canary (a button under an old alert
+        must not stop a canary started since), compared under the alias lock (move_alias)."""
         with session_scope() as s:
-            version = alias_target(s, CANDIDATE)
-            if version is None:
+            if expected is None and alias_target(s, CANDIDATE) is None:
                 raise ValueError("no canary is running")
-            if expected is not None and version != expected:
-                raise ValueError(f"the canary is `{version}` now, not `{expected}`; nothing was stopped")
-            move_alias(s, CANDIDATE, None, actor=user, reason="canary stopped")
+            version = move_alias(s, CANDIDATE, None, actor=user, reason="canary stopped", expected=expected)["from"]
         self.canary.forget()
         return Reply(f":octagonal_sign: <@{user}> stopped the canary of `{version}`: production answers everyone.",
                      public=True)

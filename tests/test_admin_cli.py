@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bot.admin import Admin
+from bot.canary import Canary
 from bot.settings import BotSettings
 from flywheel.app.cli import app
 from store.audit import list_audit
@@ -75,7 +76,8 @@ def test_cli_and_slack_leave_the_same_audit_trail_and_state(two_stores):
     """The same sequence (promote, promote, refused promote, forced promote, rollback) through
     the Slack command on one store and through the CLI on the other."""
     two_stores(0)
-    slack = Admin(BotSettings(admins=[SLACK_ADMIN]), gateway=QuietGateway())
+    slack = Admin(BotSettings(admins=[SLACK_ADMIN]), gateway=QuietGateway(), review=None,
+                  canary=Canary(BotSettings(admins=[SLACK_ADMIN])))
     for text in ("promote ft-0001", "promote ft-0002", "promote ft-0003", 'promote ft-0003 --force "hotfix"',
                  "rollback"):
         slack.run_command(SLACK_ADMIN, text)
@@ -118,7 +120,7 @@ def test_rollback_with_expect_changes_nothing_when_another_version_is_live(two_s
     assert _cli("promote", "ft-0001")[0] == 0
     assert _cli("promote", "ft-0002")[0] == 0
     code, out = _cli("rollback", "--expect", "ft-0001")
-    assert code == 1 and "nothing was rolled back" in out
+    assert code == 1 and "nothing was changed" in out
     assert _state()[0] == "ft-0002"
     code, out = _cli("rollback", "--expect", "ft-0002")
     assert code == 0 and "rolled production back from `ft-0002` to `ft-0001`" in out

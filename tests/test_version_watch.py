@@ -10,13 +10,14 @@ import pytest
 from slack_sdk import WebClient
 
 from bot.admin import Admin
+from bot.canary import Canary
 from bot.settings import BotSettings
 from bot.watch import VersionWatch, compare, describe
 from flywheel.app.demo.slack_double import SlackDouble
 from store.conversations import record_message
 from store.db import get_engine, session_scope
 from store.feedback import upsert_vote
-from store.versions import PRODUCTION, alias_target, move_alias, register_version
+from store.versions import CANDIDATE, PRODUCTION, alias_target, move_alias, register_version
 
 ADMIN, CHANNEL = "UADMIN01", "CADMIN001"
 MIN_ANSWERS = 30
@@ -102,7 +103,7 @@ def test_too_few_answers_are_not_judged_and_the_command_says_so(team):
     week("ft-0001", 40, bad_per_10=1)
     promote("ft-0002")
     assert week("ft-0002", MIN_ANSWERS - 1, bad_per_10=9, watch=VersionWatch(settings, client)) == []
-    text = Admin(settings, gateway=None).run_command("UBOB0001", "watch").text
+    text = Admin(settings, gateway=None, review=None, canary=Canary(settings)).run_command("UBOB0001", "watch").text
     assert f"judged after {MIN_ANSWERS} answers ({MIN_ANSWERS - 1} until now)" in text
     assert "`ft-0001`: 40 answers" in text
 
@@ -114,7 +115,7 @@ def test_the_rollback_button_rolls_back_only_the_version_it_names(team):
         def request_sync(self):
             return "the gateway will pick it up within seconds"
 
-    admin = Admin(settings, gateway=Gateway())
+    admin = Admin(settings, gateway=Gateway(), review=None, canary=Canary(settings))
     promote("ft-0002")
     assert "Only Flywheel admins" in admin.admin_action("UBOB0001", "rollback", "ft-0002",
                                                         lambda: admin.rollback("UBOB0001", expected="ft-0002")).text
@@ -152,8 +153,34 @@ def test_the_rollback_button_compares_and_swaps_under_the_alias_lock(team, monke
         return target
 
     monkeypatch.setattr(bot.admin, "rollback_target", promoted_meanwhile)
-    admin = Admin(settings, gateway=Gateway())
+    admin = Admin(settings, gateway=Gateway(), review=None, canary=Canary(settings))
     late = admin.admin_action(ADMIN, "rollback", "ft-0002", lambda: admin.rollback(ADMIN, expected="ft-0002"))
     assert "production is `ft-0003` now, not `ft-0002`; nothing was changed" in late.text and not late.public
     with session_scope() as s:
         assert alias_target(s, PRODUCTION) == "ft-0003"
+
+
+def test_the_stop_canary_button_compares_and_swaps_under_the_alias_lock(team, monkeypatch):
+    """A new canary started between the click and the swap: the button names ft-0001, the canary
+    is ft-0002 when the alias is moved, so nothing is stopped (a check of the canary before
+    taking the lock would have stopped ft-0002)."""
+    import bot.admin
+
+    settings, _slack, _client = team
+    with session_scope() as s:
+        move_alias(s, CANDIDATE, "ft-0001", actor=ADMIN, reason="canary")
+
+    def started_meanwhile(session, alias, version, **kw):
+        with session_scope() as other:  # another admin, in another transaction
+            move_alias(other, CANDIDATE, "ft-0002", actor=ADMIN, reason="canary")
+        return move_alias(session, alias, version, **kw)
+
+    monkeypatch.setattr(bot.admin, "move_alias", started_meanwhile)
+    admin = Admin(settings, gateway=None, review=None, canary=Canary(settings))
+    late = admin.admin_action(ADMIN, "canary", "ft-0001", lambda: admin.stop_canary(ADMIN, expected="ft-0001"))
+    assert "is `ft-0002` now, not `ft-0001`; nothing was changed" in late.text and not late.public
+    with session_scope() as s:
+        assert alias_target(s, CANDIDATE) == "ft-0002"
+    monkeypatch.setattr(bot.admin, "move_alias", move_alias)  # nobody else now
+    done = admin.admin_action(ADMIN, "canary", "ft-0002", lambda: admin.stop_canary(ADMIN, expected="ft-0002"))
+    assert done.public and "stopped the canary of `ft-0002`" in done.text

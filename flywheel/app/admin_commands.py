@@ -45,12 +45,13 @@ def _run_admin_action(actor: str, action: str, target: str, command: list[str], 
     (after the audit) when it was refused or failed."""
     # the bot's admin side (Slack SDK, Bolt's helpers) adds ~0.7-1.2 s to every `flywheel` command: only here
     from bot.admin import Admin
+    from bot.canary import Canary
     from bot.gateway_client import GatewayClient
     from bot.settings import BotSettings
 
     settings = BotSettings().model_copy(update={"admins": [actor]})
     gateway = GatewayClient(settings)
-    admin = Admin(settings, gateway)
+    admin = Admin(settings, gateway, review=None, canary=Canary(settings))
     done = {}
 
     def attempt():

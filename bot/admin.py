@@ -17,6 +17,7 @@ from flywheel.logs import get_logger
 from store.audit import add_audit, record_audit
 from store.channels import set_training_share, shared_channels
 from store.db import session_scope
+from store.documents import list_documents, remove_document
 from store.errors import NotFoundError, StoreError
 from store.forget import Forgotten, forget_user
 from store.memory import deactivate_memory_item, list_memory_items, memory_item_by_id
@@ -57,11 +58,12 @@ HELP = """*`/flywheel` commands*
 • `canary <version>` / `canary stop`: let a version answer FLYWHEEL_CANARY_PERCENT of people before promoting it _(admin)_
 • `share #channel` / `unshare #channel` / `share`: let a private channel's teaching train the model everyone uses, take it back, list such channels _(admin)_
 • `forget @user`: remove a person's messages, feedback and memory items from the store _(admin)_
-• `memory [search TEXT]` / `memory remove ID`: list or search the memory items answers use, switch one off _(admin)_"""
+• `memory [search TEXT]` / `memory remove ID`: list or search the memory items answers use, switch one off _(admin)_
+• `docs` / `docs remove ID`: the imported documents answers cite (`flywheel docs import` adds them), remove one _(admin)_"""
 
 VERSIONS_PER_PAGE = 30
 ADMIN_COMMANDS = {"train", "approve", "promote", "reject", "rollback", "canary", "share", "unshare", "forget",
-                  "memory"}
+                  "memory", "docs"}
 CHANNEL_REF = re.compile(r"^<#([CG][A-Z0-9]{2,})(?:\|[^>]*)?>$|^([CG][A-Z0-9]{2,})$")
 USER_REF = re.compile(r"^<@([UW][A-Z0-9]{2,})(?:\|[^>]*)?>$|^([UW][A-Z0-9]{2,})$")
 MEMORY_LISTED = 20
@@ -122,7 +124,7 @@ class Admin:
         except CommandError as exc:
             return Reply(f":x: {exc}\n\n{HELP}")
         if name in ADMIN_COMMANDS:
-            target = args[0] if args else "memory" if name == "memory" else PRODUCTION
+            target = args[0] if args else name if name in ("memory", "docs") else PRODUCTION
             return self.admin_action(user, name, target, lambda: self._dispatch(user, name, args, force),
                                      detail={"command": text})
         handler = {"help": lambda: Reply(HELP), "status": self.status, "versions": lambda: self.versions(*args[:1]),
@@ -178,6 +180,8 @@ class Admin:
             return self.forget(user, args)
         if name == "memory":
             return self.memory(user, args)
+        if name == "docs":
+            return self.docs(user, args)
         if name == "rollback":
             return self.rollback(user)
         if name == "canary":
@@ -267,6 +271,28 @@ class Admin:
             deactivate_memory_item(s, item.key)  # commits the audit event with it
         return Reply(f":wastebasket: <@{user}> removed memory item {item_id}: answers no longer use it. "
                      "Training still uses what it came from (the correction or import stays).")
+
+    def docs(self, user: str, args: list[str]) -> Reply:
+        """`/flywheel docs [remove ID]`: the imported documents whose sections answers cite."""
+        if args[:1] == ["remove"]:
+            if len(args) != 2 or not args[1].lstrip("#").isdigit():
+                raise ValueError("usage: /flywheel docs remove ID (the number `/flywheel docs` shows)")
+            with session_scope() as s:
+                doc = remove_document(s, int(args[1].lstrip("#")))
+                record_audit(s, actor=user, action="docs.remove", target=f"document {doc.id}",
+                             detail={"source": doc.source, "title": doc.title})
+            return Reply(f":wastebasket: <@{user}> removed document {doc.id}, _{escape_within(doc.title, 150)}_: "
+                         "answers no longer cite it.", public=True)
+        if args:
+            raise ValueError("usage: /flywheel docs | docs remove ID")
+        with session_scope() as s:
+            rows = list_documents(s)
+        if not rows:
+            return Reply("No documents imported yet: `flywheel docs import PATH|URL` on the server adds them.")
+        lines = ["*Imported documents* (`/flywheel docs remove ID` removes one)"]
+        lines += [document_line(doc, n) for doc, n in rows]
+        text = "\n".join(lines)
+        return Reply(text[:3000], blocks=sections(text))
 
     def approve(self, user: str, version: str, force: str | None = None) -> Reply:
         """Approve and promote: the production alias moves (audited in the same transaction),
@@ -422,6 +448,13 @@ def memory_line(item) -> str:
     who = f" by <@{item.author}>" if item.author else ""
     return (f"• `{item.id}` _{escape_within(item.question, 150)}_ → {escape_within(item.answer, 200)} "
             f"({item.source}{who}, {where}, {item.created_at:%Y-%m-%d})")
+
+
+def document_line(doc, sections: int) -> str:
+    """One imported document as `/flywheel docs` lists it."""
+    where = "everywhere" if doc.visible_in is None else f"only in <#{doc.visible_in}>"
+    return (f"• `{doc.id}` *{escape_within(doc.title, 150)}*: {sections} sections, v{doc.version}, {where}, "
+            f"updated {doc.updated_at:%Y-%m-%d} ({escape_within(doc.source, 200)})")
 
 
 def examples_summary(counts: dict[str, int]) -> str:

@@ -16,7 +16,7 @@ from store.db import session_scope
 from store.migrate import upgrade
 from store.versions import CANDIDATE, PRODUCTION, alias_target
 from tests.support.adapters import make_adapter, promote, register
-from tests.support.bot_harness import ADMIN_USER, BotServer, wait_answer
+from tests.support.bot_harness import ADMIN_USER, BotServer, command_reply, wait_answer
 from tests.support.gateway_server import GatewayServer
 
 
@@ -51,12 +51,6 @@ def env(tiny_model_dir, tmp_path_factory):
         gateway.stop()
 
 
-def command(bot: BotServer, text: str, user: str = ADMIN_USER) -> str:
-    assert bot.sender.command(text, user=user).status_code == 200
-    rid = bot.sender.last_response_id
-    return bot.double.wait_for("response", lambda c: c.args["response_id"] == rid, timeout=60)[0].args["text"]
-
-
 def converse(bot: BotServer, user: str, channel: str) -> list[str]:
     """A question and a follow-up in its thread; the versions that answered them."""
     q_ts, _ = bot.sender.mention(f"What is the plan, {user}?", channel=channel, user=user)
@@ -69,8 +63,8 @@ def converse(bot: BotServer, user: str, channel: str) -> list[str]:
 
 def test_the_canary_answers_its_share_sticky_by_person_until_stopped(env):
     bot = env
-    assert "Only Flywheel admins" in command(bot, "canary ft-0002", user="UBOB0001")
-    assert "started a canary" in command(bot, "canary ft-0002")
+    assert "Only Flywheel admins" in command_reply(bot, "canary ft-0002", user="UBOB0001")
+    assert "started a canary" in command_reply(bot, "canary ft-0002")
     with session_scope() as s:
         assert alias_target(s, CANDIDATE) == "ft-0002" and alias_target(s, PRODUCTION) == "ft-0001"
     people = [f"UPER{i:04d}" for i in range(40)]
@@ -84,9 +78,9 @@ def test_the_canary_answers_its_share_sticky_by_person_until_stopped(env):
     assert c.canary and c.new.version == "ft-0002" and c.old.version == "ft-0001"
     assert c.new.answers >= 4 and c.old.answers >= 4
 
-    assert "stopped the canary" in command(bot, "canary stop")
+    assert "stopped the canary" in command_reply(bot, "canary stop")
     assert converse(bot, inside[0], "CCANSTOP1") == ["ft-0001", "ft-0001"]
     with session_scope() as s:
         moves = [(e.detail["to"], e.detail["reason"]) for e in list_audit(s, action="alias.move", target=CANDIDATE)]
     assert moves == [(None, "canary stopped"), ("ft-0002", "canary")]
-    assert "no canary is running" in command(bot, "canary stop")
+    assert "no canary is running" in command_reply(bot, "canary stop")

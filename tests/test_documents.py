@@ -27,7 +27,7 @@ from store.documents import (
     sections_of,
 )
 from store.memory import memory_items_by_key
-from tests.support.bot_harness import ADMIN_USER, BotServer, store_and_gateway, wait_answer
+from tests.support.bot_harness import ADMIN_USER, BotServer, command_reply, store_and_gateway, wait_answer
 from tests.test_memory import memory_db_url, real_embedder_dir, stores  # noqa: F401 (a fixture)
 from trainer.docparse import parse
 from trainer.docsource import (
@@ -293,6 +293,14 @@ def test_an_answer_through_the_bot_cites_the_section(tiny_model_dir, tmp_path, m
             ts = bot.sender.next_ts()
             bot.sender.mention(f"<@UFLYWHEEL> {LAPTOP_Q}", user=ADMIN_USER, channel="CDOCS001", ts=ts)
             _answer_ts, final = wait_answer(bot, "CDOCS001", ts)
+            listed = command_reply(bot, "docs")  # admins see and remove imports from Slack too
+            assert "*Imported documents*" in listed and "Onboarding" in listed and "everywhere" in listed
+            assert "Only Flywheel admins" in command_reply(bot, "docs", user="UBOB0001")
+            with session_scope() as s:
+                (doc, _n), = list_documents(s)
+            assert f"removed document {doc.id}" in command_reply(bot, f"docs remove {doc.id}")
+            assert "no imported document" in command_reply(bot, f"docs remove {doc.id}")
+            assert "No documents imported yet" in command_reply(bot, "docs")
         finally:
             bot.stop()
             double.stop()

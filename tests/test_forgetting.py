@@ -27,11 +27,13 @@ from store.feedback import feedback_for_message, upsert_vote
 from store.forget import forget_message, purge_untaught
 from store.memory import memory_item, memory_items_by_key, upsert_memory_item
 from store.models import Conversation, Feedback, MemoryItem, Message, ReviewState, Role, utcnow
+from store.review import decide_review
 from store.versions import register_version
 from tests.support.bot_harness import (
     ADMIN_CHANNEL,
     ADMIN_USER,
     BotServer,
+    command_reply,
     store_and_gateway,
     suggest_correction,
     wait_answer,
@@ -111,10 +113,7 @@ def train_on(snapshot_id: int) -> str:
 
 
 def command(bot: BotServer, text: str, user: str = ADMIN_USER) -> str:
-    """A /flywheel command and the bot's reply to it."""
-    assert bot.sender.command(text, user=user, channel=PUBLIC).status_code == 200
-    rid = bot.sender.last_response_id
-    return bot.double.wait_for("response", lambda c: c.args["response_id"] == rid)[0].args["text"]
+    return command_reply(bot, text, user=user, channel=PUBLIC)
 
 
 def edit(bot: BotServer, ts: str, old: str, new: str, user: str) -> None:
@@ -229,6 +228,9 @@ def test_forget_a_person(bot, tmp_path):
     with session_scope() as s:
         admin_answer_id = get_message(s, PUBLIC, admin_answer).id
     wait_until(lambda: {f.kind for f in _feedback_of(BOB)} >= {"reaction", "correction"}, 30)
+    with session_scope() as s:  # Bob's 👍 waits for review like his correction; an admin approves the 👍
+        decide_review(s, next(f.id for f in _feedback_of(BOB) if f.kind == "reaction"), actor=ADMIN_USER,
+                      approve=True)
     before, snap_id = snapshot(tmp_path / "before")
     assert bob_q in before and admin_q in before
     version = train_on(snap_id)

@@ -125,6 +125,18 @@ def suggest_correction(bot: BotServer, channel: str, answer_ts: str, text: str, 
     return bot.double.wait_for("chat.postEphemeral", to_author, count=before + 1)[-1].args["text"]
 
 
+def last_reply(bot: BotServer, timeout: float = 60.0) -> dict:
+    """What the bot sent to the response_url of the request sent last."""
+    rid = bot.sender.last_response_id
+    return bot.double.wait_for("response", lambda c: c.args["response_id"] == rid, timeout=timeout)[0].args
+
+
+def command_reply(bot: BotServer, text: str, *, user: str = ADMIN_USER, channel: str = "CGENERAL1") -> str:
+    """A /flywheel command through the bot (acked at once) and the text it answers with."""
+    assert bot.sender.command(text, user=user, channel=channel).status_code == 200
+    return last_reply(bot)["text"]
+
+
 def wait_answer(bot: BotServer, channel: str, thread_ts: str | None, *, after: int = 0, timeout: float = 60):
     """The placeholder the bot posted for a question, and the final update that filled it in."""
     def in_thread(c):

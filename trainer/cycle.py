@@ -36,6 +36,7 @@ from store.runs import (
     update_run,
 )
 from store.versions import alias_version, next_version_name, register_version
+from trainer.augment import augment_examples
 from trainer.dataset import build_snapshot
 from trainer.lease import TrainerLease
 from trainer.settings import TrainerSettings
@@ -172,10 +173,7 @@ def _snapshot(settings: TrainerSettings, lease: TrainerLease, engine):
     reason instead of leaving the queued run waiting, and raises RunNotStarted."""
     try:
         with session_scope(engine) as s:
-            augmenter = None
-            if settings.augment:
-                from trainer.augment import augment_examples as augmenter
-            return build_snapshot(s, settings, augmenter=augmenter)
+            return build_snapshot(s, settings, augmenter=augment_examples if settings.augment else None)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         log.error("run could not start", error=error, trace=traceback.format_exc(limit=5))

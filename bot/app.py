@@ -102,12 +102,12 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
 
     # -- feedback --------------------------------------------------------------------------------
     @app.event("reaction_added")
-    def _reaction_added(event, body, context):
-        feedback.on_reaction(event, body, context.bot_user_id, removed=False)
+    def _reaction_added(event, body, client, context):
+        feedback.on_reaction(event, body, client, context.bot_user_id, removed=False)
 
     @app.event("reaction_removed")
-    def _reaction_removed(event, body, context):
-        feedback.on_reaction(event, body, context.bot_user_id, removed=True)
+    def _reaction_removed(event, body, client, context):
+        feedback.on_reaction(event, body, client, context.bot_user_id, removed=True)
 
     app.action(blocks.FEEDBACK_ACTION)(feedback.on_vote_button)
     app.action(re.compile("^(" + "|".join(blocks.VOTE_ACTIONS) + ")$"))(feedback.on_vote_button)

@@ -106,23 +106,25 @@ def _excerpt(text: str | None, n: int = 600) -> str:
 
 
 def review_item_blocks(*, feedback_id: int, author: str, where: str, question: str | None, answer: str,
-                       suggestion: str) -> list[dict]:
-    """One pending correction: what was asked, what the bot said, what the person suggests, and
-    Approve / Edit / Reject (the value is the correction's feedback id)."""
+                       suggestion: str | None, what: str = "Correction") -> list[dict]:
+    """One item waiting for review: `what` it is (a correction, a 👍, an "Add to training data")
+    and whose, what was asked, what the bot said, the suggested answer (corrections only; None
+    otherwise), and Approve / Edit / Reject (the value is the item's feedback id)."""
     value = str(feedback_id)
-    return [
-        {"type": "section", "text": mrkdwn(f"*Correction by <@{author}>* {where}")},
+    shown = [
+        {"type": "section", "text": mrkdwn(f"*{what} by <@{author}>* {where}")},
         {"type": "section", "text": mrkdwn(f"*Question*\n{_excerpt(question) or '_(not found)_'}")},
         {"type": "section", "text": mrkdwn(f"*Bot's answer*\n{_excerpt(answer)}")},
-        {"type": "section", "text": mrkdwn(f"*Suggested answer*\n{_excerpt(suggestion, 2000)}")},
-        {"type": "actions", "block_id": f"review_{value}", "elements": [
-            {"type": "button", "action_id": REVIEW_APPROVE, "text": plain("Approve"), "style": "primary",
-             "value": value},
-            {"type": "button", "action_id": REVIEW_EDIT, "text": plain("Edit"), "value": value},
-            {"type": "button", "action_id": REVIEW_REJECT, "text": plain("Reject"), "style": "danger",
-             "value": value},
-        ]},
     ]
+    if suggestion is not None:
+        shown.append({"type": "section", "text": mrkdwn(f"*Suggested answer*\n{_excerpt(suggestion, 2000)}")})
+    return [*shown, {"type": "actions", "block_id": f"review_{value}", "elements": [
+        {"type": "button", "action_id": REVIEW_APPROVE, "text": plain("Approve"), "style": "primary",
+         "value": value},
+        {"type": "button", "action_id": REVIEW_EDIT, "text": plain("Edit"), "value": value},
+        {"type": "button", "action_id": REVIEW_REJECT, "text": plain("Reject"), "style": "danger",
+         "value": value},
+    ]}]
 
 
 def review_edit_modal(*, feedback_id: int, suggestion: str, reply_to: dict) -> dict:

@@ -70,8 +70,21 @@ class Feedback:
         return row
 
     def needs_review(self, user: str) -> bool:
-        """Corrections from people who are neither admins nor reviewers wait for a reviewer."""
+        """What people who are neither admins nor reviewers teach (a correction, a 👍, "Add to
+        training data") waits for a reviewer while review is on."""
         return self.settings.review_corrections and not self.settings.is_reviewer(user)
+
+    def _teach(self, client: WebClient, msg: Message, user: str, kind: str, value: str) -> FeedbackRow:
+        """Store a vote; a 👍 or an "Add to training data" that needs review waits (and is posted
+        for it), one by an admin or a reviewer is approved as given; review off: as before (None)."""
+        teaches = value == "up" or kind == FeedbackKind.shortcut
+        review = None
+        if teaches and self.settings.review_corrections:
+            review = ReviewState.pending if self.needs_review(user) else ReviewState.approved
+        row = self._vote(msg, user, kind, value, review=review)
+        if review == ReviewState.pending and self.review is not None:
+            self.review.submitted(client, row, msg)
+        return row
 
     def until_stored(self, what: str, store):
         """Run `store()`; while the database is away (a restart, a network blip) try again with
@@ -95,11 +108,12 @@ class Feedback:
                 delay = min(delay * 2, 5.0)
 
     # -- reactions -------------------------------------------------------------------------------
-    def on_reaction(self, event: dict, body: dict, bot_user_id: str | None, removed: bool) -> None:
+    def on_reaction(self, event: dict, body: dict, client: WebClient, bot_user_id: str | None,
+                    removed: bool) -> None:
         claimed: set[str] = set()  # this delivery's receipt, once written: a retry must not read it as a duplicate
-        self.until_stored("reaction", lambda: self._on_reaction(event, body, bot_user_id, removed, claimed))
+        self.until_stored("reaction", lambda: self._on_reaction(event, body, client, bot_user_id, removed, claimed))
 
-    def _on_reaction(self, event: dict, body: dict, bot_user_id: str | None, removed: bool,
+    def _on_reaction(self, event: dict, body: dict, client: WebClient, bot_user_id: str | None, removed: bool,
                      claimed: set[str]) -> None:
         meaning = self.reaction_meaning(event.get("reaction", ""))
         item = event.get("item") or {}
@@ -133,10 +147,10 @@ class Feedback:
                 metrics.FEEDBACK.labels(kind, "retracted").inc()
                 log.info("feedback retracted", kind=kind, value=value, message_id=msg.id, user=event["user"])
         else:
-            self._vote(msg, event["user"], kind, value)
+            self._teach(client, msg, event["user"], kind, value)
 
     # -- buttons under an answer -----------------------------------------------------------------
-    def on_vote_button(self, ack, body: dict, respond) -> None:
+    def on_vote_button(self, ack, body: dict, respond, client: WebClient) -> None:
         ack()
         action = body["actions"][0]
         value = action.get("value")
@@ -151,13 +165,16 @@ class Feedback:
         if msg is False:
             respond(text=NOT_AN_ANSWER, response_type="ephemeral", replace_original=False)
             return
-        if self.until_stored("button", lambda: self._vote(msg, body["user"]["id"], FeedbackKind.button.value,
-                                                          value)) is None:
+        row = self.until_stored("button", lambda: self._teach(client, msg, body["user"]["id"],
+                                                              FeedbackKind.button.value, value))
+        if row is None:
             respond(text="Sorry, I could not save that vote right now; please try again in a minute.",
                     response_type="ephemeral", replace_original=False)
             return
         if action.get("type") == "button":  # classic buttons show no state of their own
-            respond(text=f"Thanks, noted {'👍' if value == 'up' else '👎'}", response_type="ephemeral",
+            later = (": a reviewer checks this answer before I learn from it"
+                     if row.review == ReviewState.pending else "")
+            respond(text=f"Thanks, noted {'👍' if value == 'up' else '👎'}{later}", response_type="ephemeral",
                     replace_original=False)
 
     def on_suggest(self, ack, body: dict, client: WebClient, respond) -> None:
@@ -243,14 +260,18 @@ class Feedback:
             return False
 
     # -- message shortcuts -----------------------------------------------------------------------
-    def on_include_shortcut(self, ack, body: dict, respond) -> None:
+    def on_include_shortcut(self, ack, body: dict, respond, client: WebClient) -> None:
         ack()
         msg = find_answer(body.get("channel", {}).get("id"), (body.get("message") or {}).get("ts"))
         if msg is None:
             respond(text=NOT_AN_ANSWER, response_type="ephemeral")
             return
-        self._vote(msg, body["user"]["id"], FeedbackKind.shortcut.value, "include")
-        respond(text="Added to the training data. Thanks!", response_type="ephemeral")
+        row = self._teach(client, msg, body["user"]["id"], FeedbackKind.shortcut.value, "include")
+        if row.review == ReviewState.pending:
+            respond(text="Thanks! A reviewer checks this answer before it goes into the training data.",
+                    response_type="ephemeral")
+        else:
+            respond(text="Added to the training data. Thanks!", response_type="ephemeral")
 
     def on_golden_shortcut(self, ack, body: dict, respond, client: WebClient) -> None:
         """Admins mark an answer as a golden (regression) item; others are refused and audited."""

@@ -1,8 +1,10 @@
-"""The correction review queue in Slack. A correction from someone who is neither an admin nor a
-reviewer waits: it is posted to the admin channel with Approve / Edit / Reject (one from a DM or a
-private channel is not: its text stays out of shared channels and reviewers see it with
-`/flywheel review`, which only they can open). Approval puts it in the memory and the training
-data; every decision, and every refused attempt, is audited."""
+"""The review queue in Slack. While review is on, what someone who is neither an admin nor a
+reviewer teaches waits: a correction, a 👍 (the answer as written) and "Add to training data" (the
+question and this answer). Each is posted to the admin channel with Approve / Edit / Reject (one
+from a DM or a private channel is not: its text stays out of shared channels and reviewers see it
+with `/flywheel review`, which only they can open). Approval puts it in the training data, and a
+correction (or a reviewer's edit) in the memory too; every decision, and every refused attempt,
+is audited. Until then a 👍 still counts as a signal in reports and the watch."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,34 +24,50 @@ from store.conversations import previous_user_message
 from store.db import session_scope
 from store.errors import StoreError
 from store.models import Feedback as FeedbackRow
-from store.models import Message
-from store.review import count_pending, decide_correction, get_correction, pending_corrections
+from store.models import FeedbackKind, Message
+from store.review import count_pending, decide_review, get_reviewable, pending_reviews, subject, waits_already
 
 log = get_logger("bot.review")
 LISTED = 8  # five blocks each: Slack takes at most 50 blocks in a message
-NOT_A_REVIEWER = ":no_entry: Only Flywheel admins and reviewers can review corrections. This attempt was logged."
+NOT_A_REVIEWER = (":no_entry: Only Flywheel admins and reviewers can review what Flywheel learns. "
+                  "This attempt was logged.")
+# what each kind of item is called in the admin channel and the queue
+WHAT = {"correction": "correction", "vote": "👍", "shortcut": "\"Add to training data\""}
+TOLD = {  # what the author hears after a decision: (approved, rejected)
+    "correction": ("A reviewer approved your suggested answer: I use it from now on and in the next training.",
+                   "A reviewer did not take your suggested answer this time."),
+    "vote": ("A reviewer approved the answer you gave a 👍: I learn from it in the next training.",
+             "A reviewer did not take the answer you gave a 👍 for training; your vote still counts as feedback."),
+    "shortcut": ("A reviewer approved the answer you added to the training data: I learn from it in the next training.",
+                 "A reviewer did not add that answer to the training data this time."),
+}
 
 
 class Review:
     def __init__(self, settings: BotSettings, feedback: Feedback) -> None:
         self.settings, self.feedback = settings, feedback
 
-    # -- a correction arrives --------------------------------------------------------------------
+    # -- something to review arrives -------------------------------------------------------------
     def submitted(self, client: WebClient, row: FeedbackRow, msg: Message) -> None:
-        """Ask for a review in the admin channel (public origins only)."""
+        """Ask for a review in the admin channel (public origins only); a 👍 or an "Add to training
+        data" on an answer that already waits joins that item without a second post."""
         metrics.REVIEW.labels("pending").inc()
         if not self.settings.admin_channel:
             return
+        with session_scope() as s:
+            if waits_already(s, row):
+                return
         private = self.feedback.visibility.visible_in(client, msg.channel) is not None
+        what = WHAT[subject(row)]
         try:
             if private:
                 client.chat_postMessage(channel=self.settings.admin_channel, text=(
-                    f"A correction from a private conversation waits for review: `/flywheel review` "
+                    f"A {what} from a private conversation waits for review: `/flywheel review` "
                     f"shows it to admins and reviewers ({self._waiting()} waiting)."))
             else:
                 item = self._item_blocks(row, msg)
                 client.chat_postMessage(channel=self.settings.admin_channel, blocks=item,
-                                        text=f"A correction by <@{row.user}> waits for review")
+                                        text=f"A {what} by <@{row.user}> waits for review")
         except SlackApiError as exc:  # it stays pending; `/flywheel review` lists it
             log.warning("cannot post the review request", error=exc.response.get("error"))
 
@@ -62,9 +80,10 @@ class Review:
             question = previous_user_message(s, msg)
         where = "in a DM" if msg.channel.startswith("D") else f"in <#{msg.channel}>"
         text = normalize(question.text, bot_user_id=self.feedback.prompt.bot_user_id) if question else None
+        correction = row.kind == FeedbackKind.correction
         return blocks.review_item_blocks(feedback_id=row.id, author=row.user, where=where,
-                                         question=text, answer=msg.text,
-                                         suggestion=row.correction or "")
+                                         question=text, answer=msg.text, what=_capital(WHAT[subject(row)]),
+                                         suggestion=(row.correction or "") if correction else None)
 
     # -- `/flywheel review` ----------------------------------------------------------------------
     def pending_reply(self, user: str) -> Reply:
@@ -73,10 +92,10 @@ class Review:
             return Reply(NOT_A_REVIEWER)
         with session_scope() as s:
             waiting = count_pending(s)
-            items = pending_corrections(s, limit=LISTED)
+            items = pending_reviews(s, limit=LISTED)
         if not items:
-            return Reply("No corrections wait for review.")
-        head = f"*{waiting} correction{'s' if waiting != 1 else ''} wait for review*" + (
+            return Reply("Nothing waits for review.")
+        head = f"*{waiting} item{'s' if waiting != 1 else ''} wait for review*" + (
             f" (the oldest {LISTED} below)" if waiting > LISTED else "")
         out = [{"type": "section", "text": blocks.mrkdwn(head)}]
         for row, msg in items:
@@ -94,7 +113,7 @@ class Review:
             return False, NOT_A_REVIEWER, _nothing
         try:
             with session_scope() as s:
-                row, edited = decide_correction(s, feedback_id, actor=user, approve=approve, text=text)
+                row, edited = decide_review(s, feedback_id, actor=user, approve=approve, text=text)
                 msg = s.get(Message, row.message_id)
         except StoreError as exc:
             with session_scope() as s:
@@ -103,22 +122,23 @@ class Review:
             metrics.REVIEW.labels("error").inc()
             return False, f":x: {exc}", _nothing
         metrics.REVIEW.labels("approved" if approve else "rejected").inc()
-        log.info("correction reviewed", feedback_id=feedback_id, decision=verb, by=user)
-
+        log.info("review decided", feedback_id=feedback_id, item=subject(row), decision=verb, by=user)
+        # what the memory learns: a correction's text (an edit: the reviewer's), else only an edit
+        taught = edited or (row.correction if row.kind == FeedbackKind.correction else None)
         editor = user if edited else row.user  # the memory cites who wrote the text it holds
 
         def follow_up() -> None:
-            if approve and msg is not None:
-                self.feedback.remember(client, msg, editor, row.correction or "", source="correction")
+            if approve and msg is not None and taught:
+                self.feedback.remember(client, msg, editor, taught, source="correction")
             if msg is not None:
                 self._tell_author(client, row, msg, approve)
 
         done = ":white_check_mark: approved" if approve else ":no_entry_sign: rejected"
-        return True, f"{done}{' (edited)' if edited else ''} by <@{user}>: <@{row.user}>'s correction", follow_up
+        whose = f"<@{row.user}>'s {WHAT[subject(row)]}"
+        return True, f"{done}{' (edited)' if edited else ''} by <@{user}>: {whose}", follow_up
 
     def _tell_author(self, client: WebClient, row: FeedbackRow, msg: Message, approve: bool) -> None:
-        text = ("A reviewer approved your suggested answer: I use it from now on and in the next training."
-                if approve else "A reviewer did not take your suggested answer this time.")
+        text = TOLD[subject(row)][0 if approve else 1]
         try:
             client.chat_postEphemeral(channel=msg.channel, user=row.user, text=text)
         except SlackApiError as exc:
@@ -156,11 +176,13 @@ class Review:
             respond(text=NOT_A_REVIEWER, response_type="ephemeral", replace_original=False)
             return
         with session_scope() as s:
-            found = get_correction(s, feedback_id)
+            found = get_reviewable(s, feedback_id)
         if found is None:
-            respond(text=f":x: correction {feedback_id} not found", response_type="ephemeral", replace_original=False)
+            respond(text=f":x: review item {feedback_id} not found", response_type="ephemeral", replace_original=False)
             return
-        view = blocks.review_edit_modal(feedback_id=feedback_id, suggestion=found[0].correction or "",
+        row, msg = found
+        suggestion = row.correction if row.kind == FeedbackKind.correction else msg.text
+        view = blocks.review_edit_modal(feedback_id=feedback_id, suggestion=suggestion or "",
                                         reply_to={"response_url": body.get("response_url")})
         try:
             client.views_open(trigger_id=body["trigger_id"], view=view)
@@ -190,6 +212,10 @@ class Review:
                                                          blocks=[{"type": "section", "text": blocks.mrkdwn(reply)}])
             except Exception as exc:  # the decision stands; only the review message stays as it was
                 log.info("could not update the review message", error=f"{type(exc).__name__}: {exc}")
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _nothing() -> None:

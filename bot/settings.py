@@ -67,10 +67,11 @@ class BotSettings(BaseSettings):
     temperature: float = Field(default=0.2, ge=0)
 
     admins: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # People who may approve corrections besides the admins (they cannot promote models).
+    # People who may approve corrections, 👍s and "Add to training data" besides the admins (they
+    # cannot promote models).
     reviewers: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Corrections from people who are neither admins nor reviewers wait for a review before the
-    # memory or the trainer use them; off: every correction counts at once.
+    # Corrections, 👍s and "Add to training data" from people who are neither admins nor reviewers
+    # wait for a review before the memory or the trainer use them; off: all count at once.
     review_corrections: bool = True
     admin_channel: str | None = None
 

@@ -35,7 +35,8 @@ class FeedbackKind(StrEnum):
 
 
 class ReviewState(StrEnum):
-    """A correction's review: non-admins' corrections wait until a reviewer decides."""
+    """Review of what someone teaches (a correction, a 👍, "Add to training data"): while review is
+    on, those of people who are neither admins nor reviewers wait until a reviewer decides."""
     pending = "pending"
     approved = "approved"
     rejected = "rejected"
@@ -118,7 +119,8 @@ class Feedback(SQLModel, table=True):
     correction: Optional[str] = Field(default=None, sa_column=Column(Text))
     is_admin: bool = False
     retracted: bool = False
-    # Corrections only: pending / approved / rejected (None: not reviewed, e.g. from before reviews).
+    # Corrections, 👍 votes and shortcuts: pending / approved / rejected (None: not reviewed, e.g.
+    # review off or from before reviews covered it; counts as before). 👎 and labels: None.
     review: Optional[str] = Field(default=None, max_length=16, index=True)
     reviewed_by: Optional[str] = Field(default=None, max_length=64)
     reviewed_at: Optional[datetime] = None

@@ -5,10 +5,13 @@ The bot runs for real (uvicorn, Bolt, the local Slack double, a gateway with the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from gateway.settings import GatewaySettings
+from trainer.dataset import build_snapshot
+from trainer.settings import TrainerSettings
 from store.audit import list_audit
 from store.conversations import get_message
 from store.db import session_scope
@@ -18,7 +21,8 @@ from store.feedback import feedback_for_message, upsert_vote
 from store.memory import memory_item
 from store.migrate import upgrade
 from store.models import FeedbackKind, ReviewState
-from store.review import count_pending, decide_correction
+from store.feedback import count_feedback
+from store.review import count_pending, decide_review
 from tests.support.bot_harness import ADMIN_CHANNEL, ADMIN_USER, BotServer, suggest_correction
 from tests.support.gateway_server import GatewayServer
 from tests.support.waiting import wait_until
@@ -208,7 +212,7 @@ def test_review_queue_command_and_private_corrections(bot):
     assert f'"value": "{row.id}"' in json.dumps(listed["blocks"]) and len(listed["blocks"]) <= 50
     with session_scope() as s:
         waiting = count_pending(s)
-    assert f"{waiting} correction" in listed["text"]
+    assert f"{waiting} item" in listed["text"]
     resp = bot.sender.command("review", user=BOB)
     rid = bot.sender.last_response_id
     refused = bot.double.wait_for("response", lambda c: c.args["response_id"] == rid, timeout=60)[0].args
@@ -229,6 +233,112 @@ def test_an_admins_correction_counts_at_once(bot):
     assert len(examples_answering(gold)) == 1
 
 
+# -- a 👍 and "Add to training data" wait like corrections -------------------------------------------
+def snapshot_text(tmp: Path) -> str:
+    """Every row of a fresh snapshot (derived with FLYWHEEL_ADMINS = the admin), as the trainer reads it."""
+    with session_scope() as s:
+        snap = build_snapshot(s, TrainerSettings(data_dir=tmp / "data", runs_dir=tmp / "runs", admins=[ADMIN_USER],
+                                                 adapters_dir=tmp / "adapters", augment=False))
+    rows = [row for split in snap.dataset.values() for row in split]
+    return json.dumps(rows, ensure_ascii=False) + "".join(
+        p.read_text(errors="replace") for p in Path(snap.row.path).rglob("*.jsonl"))
+
+
+def reply(bot: BotServer) -> dict:
+    """The bot's answer through the response_url of the last click or shortcut."""
+    rid = bot.sender.last_response_id
+    return bot.double.wait_for("response", lambda c: c.args["response_id"] == rid, timeout=60)[0].args
+
+
+def vote_of(message_id: int, user: str, kind: str):
+    def stored_vote():
+        with session_scope() as s:
+            return next((f for f in feedback_for_message(s, message_id) if f.user == user and f.kind == kind), None)
+    return wait_until(stored_vote, what=f"{user}'s {kind} stored")
+
+
+def test_a_users_thumbs_up_trains_only_once_a_reviewer_approves_it(bot, tmp_path):
+    question = "Which floor is the Lumenfold mail room on?"
+    a_ts = ask(bot, question, "CREVIEW31")
+    msg = stored("CREVIEW31", a_ts)
+    with session_scope() as s:
+        ups_before = count_feedback(s).get("reaction:up", 0)
+    bot.sender.reaction("+1", channel="CREVIEW31", ts=a_ts, user=BOB)
+    row = vote_of(msg.id, BOB, "reaction")
+    assert row.review == ReviewState.pending
+    post = review_request(bot, row.id)
+    assert f"👍 by <@{BOB}>" in json.dumps(post.args["blocks"], ensure_ascii=False)
+    # a second 👍 joins the same item: one post, one item in the queue
+    bot.sender.block_action(action_id="vote_up", value="up", channel="CREVIEW31", message_ts=a_ts, user=ALICE)
+    assert "a reviewer checks this answer before I learn from it" in reply(bot)["text"]
+    second = vote_of(msg.id, ALICE, "button")
+    assert len([c for c in bot.double.calls_to("chat.postMessage") if c.args.get("channel") == ADMIN_CHANNEL
+                and f'"value": "{second.id}"' in json.dumps(c.args.get("blocks"))]) == 0
+    # still a signal: the reports count it
+    with session_scope() as s:
+        assert count_feedback(s).get("reaction:up", 0) == ups_before + 1
+    assert question not in snapshot_text(tmp_path / "pending")
+    done = click(bot, "review_approve", row.id, REVIEWER, post)
+    assert f"approved by <@{REVIEWER}>" in done["text"]
+    with session_scope() as s:
+        decided = [f for f in feedback_for_message(s, msg.id) if f.kind in ("reaction", "button")]
+        assert memory_item(s, f"message:{msg.id}") is None  # a 👍 teaches training, not the memory
+    assert {(f.user, f.review) for f in decided} == {(BOB, ReviewState.approved), (ALICE, ReviewState.approved)}
+    assert question in snapshot_text(tmp_path / "approved")
+
+
+def test_add_to_training_data_waits_and_a_rejection_keeps_it_out(bot, tmp_path):
+    question = "Who signs off Lumenfold travel over 2000 EUR?"
+    a_ts = ask(bot, question, "CREVIEW32")
+    msg = stored("CREVIEW32", a_ts)
+    bot.sender.message_shortcut(callback_id="add_to_training", channel="CREVIEW32", message_ts=a_ts, user=BOB)
+    told = reply(bot)
+    assert "before it goes into the training data" in told["text"]
+    row = vote_of(msg.id, BOB, "shortcut")
+    assert row.review == ReviewState.pending
+    post = review_request(bot, row.id)
+    assert "Add to training data" in json.dumps(post.args["blocks"], ensure_ascii=False)
+    assert question not in snapshot_text(tmp_path / "pending")
+    rejected = click(bot, "review_reject", row.id, ADMIN_USER, post)
+    assert f"rejected by <@{ADMIN_USER}>" in rejected["text"]
+    bot.double.wait_for("chat.postEphemeral", lambda c: c.args.get("user") == BOB
+                        and "did not add that answer" in c.args.get("text", ""))
+    assert question not in snapshot_text(tmp_path / "rejected")
+    with session_scope() as s:
+        assert not [e for e in list_examples(s, status=None) if e.message_id == msg.id]
+        assert list_audit(s, action="shortcut.reject", target=f"feedback {row.id}")[0].actor == ADMIN_USER
+
+
+def test_an_admins_thumbs_up_and_shortcut_count_at_once(bot, tmp_path):
+    up_q, added_q = "What is the Lumenfold VPN hostname?", "Where are Lumenfold invoices archived?"
+    up_ts, added_ts = ask(bot, up_q, "CREVIEW33"), ask(bot, added_q, "CREVIEW33")
+    bot.sender.reaction("+1", channel="CREVIEW33", ts=up_ts, user=ADMIN_USER)
+    bot.sender.message_shortcut(callback_id="add_to_training", channel="CREVIEW33", message_ts=added_ts,
+                                user=ADMIN_USER)
+    up = vote_of(stored("CREVIEW33", up_ts).id, ADMIN_USER, "reaction")
+    added = vote_of(stored("CREVIEW33", added_ts).id, ADMIN_USER, "shortcut")
+    assert up.review == added.review == ReviewState.approved
+    text = snapshot_text(tmp_path / "admin")
+    assert up_q in text and added_q in text
+    asked = [c for c in bot.double.calls_to("chat.postMessage") if c.args.get("channel") == ADMIN_CHANNEL
+             and any(f'"value": "{r.id}"' in json.dumps(c.args.get("blocks")) for r in (up, added))]
+    assert asked == []  # nothing to review
+
+
+def test_with_review_off_a_users_thumbs_up_and_shortcut_count_at_once(bot, tmp_path, monkeypatch):
+    monkeypatch.setattr(bot.settings, "review_corrections", False)
+    up_q, added_q = "When is the Lumenfold summer party?", "How many Lumenfold parking spots are there?"
+    up_ts, added_ts = ask(bot, up_q, "CREVIEW34"), ask(bot, added_q, "CREVIEW34")
+    bot.sender.reaction("+1", channel="CREVIEW34", ts=up_ts, user=BOB)
+    bot.sender.message_shortcut(callback_id="add_to_training", channel="CREVIEW34", message_ts=added_ts, user=BOB)
+    assert "Added to the training data" in reply(bot)["text"]
+    up = vote_of(stored("CREVIEW34", up_ts).id, BOB, "reaction")
+    added = vote_of(stored("CREVIEW34", added_ts).id, BOB, "shortcut")
+    assert up.review is None and added.review is None
+    text = snapshot_text(tmp_path / "off")
+    assert up_q in text and added_q in text
+
+
 # -- the rules without Slack --------------------------------------------------------------------------
 def _thread(session, question: str, answer: str, channel: str = "CRULES01"):
     from store.conversations import record_message
@@ -242,10 +352,10 @@ def test_a_decision_is_taken_once_and_audited_with_it(session):
     msg = _thread(session, "Where is the printer?", "No idea.")
     row = upsert_vote(session, message_id=msg.id, user=BOB, kind="correction", value="correction",
                       correction="Next to the kitchen.", review=ReviewState.pending)
-    decided, edited = decide_correction(session, row.id, actor=REVIEWER, approve=True)
+    decided, edited = decide_review(session, row.id, actor=REVIEWER, approve=True)
     assert decided.review == ReviewState.approved and not edited
     with pytest.raises(InvalidStateError, match="already approved"):
-        decide_correction(session, row.id, actor=ADMIN_USER, approve=False)
+        decide_review(session, row.id, actor=ADMIN_USER, approve=False)
     assert [e.actor for e in list_audit(session, action="correction.approve")] == [REVIEWER]
     # a new correction by the same person waits again
     upsert_vote(session, message_id=msg.id, user=BOB, kind="correction", value="correction",

@@ -3,11 +3,14 @@
 The rules (per answer message, over live, non-retracted feedback):
 Who is an admin is decided here, at training time, from FLYWHEEL_ADMINS (`admins`), never from
 what a vote recorded when it was cast: a removed admin's old votes count as anyone's.
+- Review (FLYWHEEL_REVIEW_CORRECTIONS, store.review): a correction, a 👍 or an "Add to training data"
+  waiting for a reviewer, or rejected by one, counts for nothing here; a 👍 or an "Add to
+  training data" by someone who is an admin now counts at once. Votes still count as signals
+  elsewhere (reports, the watch), only not as targets.
 - Votes (reactions and buttons, "up"/"down"): when any admin voted, the admins' net decides;
   otherwise everyone's net. Net > 0: the answer is a positive target; net < 0: it is never a
   target and is kept as a rejected answer; net == 0 (mixed): nothing is derived from votes.
 - Corrections beat everything: an admin's correction beats a user's, then the newest one wins.
-  Corrections waiting for a review, or rejected by a reviewer, count for nothing.
   The bot's answer becomes the rejected answer of a corrected item.
 - "Add to training data" (shortcut "include") on an answer makes it a target unless its net vote
   is negative; on a user message, the next bot answer in the thread is the target.
@@ -33,10 +36,10 @@ from store.channels import training_scope
 from store.conversations import conversation_messages
 from store.examples import exclude_examples, list_examples, set_example_status, upsert_example
 from store.feedback import active_feedback
-from store.models import ExampleStatus, Feedback, FeedbackKind, Message, ReviewState, Role
+from store.models import ExampleStatus, Feedback, FeedbackKind, Message, Role
+from store.review import VOTE_KINDS, held_back
 
 log = get_logger("trainer.targets")
-VOTE_KINDS = (FeedbackKind.reaction, FeedbackKind.button)
 DERIVED_SOURCES = ("feedback", "correction", "shortcut", "label", "rejected")
 STALE = "stale: its feedback changed"
 
@@ -59,10 +62,16 @@ def net_votes(votes: list[Feedback], admins: frozenset[str]) -> int:
 
 def best_correction(corrections: list[Feedback], admins: frozenset[str]) -> Feedback | None:
     usable = [c for c in corrections if (c.correction or "").strip()
-              and c.review not in (ReviewState.pending, ReviewState.rejected)]
+              and not held_back(c)]
     if not usable:
         return None
     return max(usable, key=lambda c: (c.user in admins, c.updated_at, c.id))
+
+
+def reviewed(rows: list[Feedback], admins: frozenset[str]) -> list[Feedback]:
+    """The votes and "Add to training data" that may make a target: an admin's at once, anyone
+    else's unless it waits for a reviewer or was rejected."""
+    return [r for r in rows if r.user in admins or not held_back(r)]
 
 
 def winning_label(labels: list[Feedback], admins: frozenset[str]) -> str | None:
@@ -149,10 +158,10 @@ def derive_examples(session: Session, *, admins: frozenset[str], context_turns: 
             _derive_label(session, thread, msg, labels, admins, kept, result)
         if msg.role != Role.assistant:
             continue
-        votes = [f for k in VOTE_KINDS for f in kinds.get(k, [])]
+        votes = reviewed([f for k in VOTE_KINDS for f in kinds.get(k, [])], admins)
         net = net_votes(votes, admins)
         correction = best_correction(kinds.get(FeedbackKind.correction, []), admins)
-        shortcut = kinds.get(FeedbackKind.shortcut, [])
+        shortcut = reviewed(kinds.get(FeedbackKind.shortcut, []), admins)
         golden_marks = [f for f in kinds.get(FeedbackKind.golden, []) if f.user in admins]
         if not (votes or correction or shortcut or golden_marks):
             continue

@@ -27,7 +27,7 @@ from bot.replays import once_only
 from bot.reports import on_report_button, on_watch_button
 from bot.review import Review
 from bot.settings import BotSettings
-from bot.workers import LaneExecutor, lane_middleware
+from bot.workers import FairQueue, LaneExecutor, lane_middleware
 from flywheel.logs import describe_exception, get_logger
 from flywheel.memory import Memory
 
@@ -53,7 +53,9 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     if not socket_mode:
         settings.require_http_credentials()
     gateway = gateway or GatewayClient(settings)
-    executor = LaneExecutor(settings.listener_threads, settings.command_threads)
+    executor = LaneExecutor(settings.event_threads, settings.command_threads)
+    answers = FairQueue(settings.listener_threads, user_running=settings.answer_user_running,
+                        user_waiting=settings.answer_user_queue, capacity=settings.answer_queue)
     app = App(
         client=make_web_client(settings),
         signing_secret=settings.slack_signing_secret or "", request_verification_enabled=not socket_mode,
@@ -68,24 +70,24 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     feedback = Feedback(settings, memory, visibility)
     assistant = Assistant(settings, visibility)
     canary = Canary(settings)  # one view of the canary alias: a command's move shows at the next answer
-    answerer = Answerer(settings, gateway, memory, visibility, assistant=assistant, canary=canary)
+    answerer = Answerer(settings, gateway, memory, visibility, answers, assistant=assistant, canary=canary)
     review = feedback.review = Review(settings, feedback)
     admin = Admin(settings, gateway, review=review, canary=canary)
     forgetting = Forgetting(settings, feedback, review)
     app.flywheel = {"settings": settings, "gateway": gateway, "admin": admin,  # for the server
-                    "executor": executor}
+                    "executor": executor, "answers": answers, "answerer": answerer}
 
     # -- questions -------------------------------------------------------------------------------
     @app.event("app_mention")
     def _mention(event, body, client, context):
-        answerer.on_app_mention(event, body, client, context.bot_user_id)
+        answerer.on_app_mention(event, body, client, context.bot_user_id, context["arrived"])
 
     @app.event("message")
     def _message(event, body, client, context):
         if event.get("subtype") in FORGETTING_SUBTYPES:  # deleted or edited: what it taught changes
             forgetting.on_message(event, client, context.bot_user_id)
             return
-        answerer.on_message(event, body, client, context.bot_user_id)
+        answerer.on_message(event, body, client, context.bot_user_id, context["arrived"])
 
     @app.event("assistant_thread_started")
     def _assistant_thread(event, client, context):

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bot import metrics
+from bot.answering import PlaceholderSweeper
 from bot.app import create_app
 from bot.forgetting import RetentionSweeper
 from bot.gateway_client import GatewayClient
@@ -38,6 +39,14 @@ def prestart(executor: ThreadPoolExecutor, threads: int) -> None:
     barrier.wait(10)
 
 
+def drain(bolt, dispatcher: ThreadPoolExecutor, timeout_s: float) -> None:
+    """Shutdown, in order: the events received are dispatched and their placeholders posted,
+    then the answers finish (or apologise at `timeout_s`), so none is left "Thinking…"."""
+    dispatcher.shutdown(wait=True, cancel_futures=False)
+    bolt.flywheel["executor"].shutdown(wait=True)
+    bolt.flywheel["answerer"].drain(timeout_s)
+
+
 def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = False) -> Starlette:
     """The bot as an ASGI app for uvicorn; `app.state.bolt` is the Bolt app inside."""
     settings = settings or BotSettings()
@@ -48,6 +57,7 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
         gateway.close()
         raise
     poller = ReportPoller(settings, bolt.client)
+    placeholders = PlaceholderSweeper(settings, bolt.client)
     sweeper = RetentionSweeper(settings)
     holder: dict = {}
 
@@ -97,6 +107,8 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
         lanes = bolt.flywheel["executor"]
         for lane, pool in lanes.pools.items():
             await anyio.to_thread.run_sync(prestart, pool, lanes.sizes[lane])
+        bolt.flywheel["answers"].start()
+        placeholders.start()  # what a crash left "Thinking…" becomes an apology
         if settings.reports_enabled:
             poller.start()
         sweeper.start()
@@ -114,8 +126,9 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
                 holder["socket"].close()
             await anyio.to_thread.run_sync(poller.stop)
             await anyio.to_thread.run_sync(sweeper.stop)
-            dispatcher.shutdown(wait=True, cancel_futures=False)
-            gateway.close()
+            await anyio.to_thread.run_sync(placeholders.stop)
+            await anyio.to_thread.run_sync(drain, bolt, dispatcher, settings.answer_drain_s)
+            gateway.close()  # only now: no answer is left to need it
 
     routes = [Route("/healthz", healthz), Route("/metrics", prometheus)]
     if not socket_mode:

@@ -107,7 +107,21 @@ class BotSettings(BaseSettings):
     reports_enabled: bool = True
     # Runs older than this are never reported (a bot configured late does not flood the channel).
     report_backlog_days: float = Field(default=7.0, gt=0)
+    # Answer workers. Questions wait for one in a line per person, the lines served in turn: one
+    # person has at most answer_user_running answers being written and answer_user_queue waiting
+    # (beyond that, or with answer_queue waiting in all, they are told to try again in a moment).
+    # So a person flooding the bot delays anyone else's question by no more than answering with
+    # answer_user_running fewer workers would (keep it below listener_threads).
     listener_threads: int = Field(default=16, ge=1)
+    answer_user_running: int = Field(default=2, ge=1)
+    answer_user_queue: int = Field(default=5, ge=1)
+    answer_queue: int = Field(default=256, ge=1)
+    # Threads that take events as they arrive (store the question, post "Thinking…" at once, queue
+    # it for an answer worker; reactions, App Home).
+    event_threads: int = Field(default=8, ge=1)
+    # On SIGTERM: how long the answers being written and waiting may take to finish before the rest
+    # turn into apologies (HTTP mode: the front waits this long and 5 s more for its worker).
+    answer_drain_s: float = Field(default=15.0, ge=0)
     # How long a channel's visibility (public, private, Slack Connect) is trusted before Slack is
     # asked again; Slack's channel_shared / channel_unshared / made-private events refresh it at once.
     channel_visibility_ttl_s: float = Field(default=600.0, gt=0)

@@ -8,7 +8,9 @@ imports none of that (no Bolt, torch, transformers, sqlmodel or numpy) and does 
 request: the size and signature checks of bot/slack_http.py on the raw bytes, then
 
 - Events API deliveries (`event_callback`): 200 at once, and the body with Slack's headers handed
-  to the worker in the background by a few forwarder tasks from a bounded queue. When the queue
+  to the worker in the background by a few forwarder tasks from a bounded queue (each kept and
+  retried until the worker has taken it; lost, logged and counted, only if the worker exits or the
+  front stops first). When the queue
   is full (the worker falls behind) or the worker is down, the event is refused with 503 instead,
   so Slack delivers it again: an event is acked only when it can be handed on.
 - everything else (interactivity, slash commands, url_verification): passed to the worker and
@@ -61,11 +63,13 @@ FORWARDED_HEADERS = ("content-type", "x-slack-signature", "x-slack-request-times
 FORWARDERS = 8  # events handed to the worker at once
 CONNECTIONS = 32  # to the worker, all requests together
 FORWARD_TIMEOUT_S = 30.0
-FORWARD_ATTEMPTS = 3  # an acked event whose connection failed while the worker is alive
+FORWARD_ATTEMPTS = 3  # failed hand-offs of one event before new events get 503 until the worker answers
+FORWARD_BACKOFF_MAX_S = 2.0  # between hand-offs of an acked event the worker has not taken yet
 HEALTH_TIMEOUT_S = 5.0
 DRAIN_TIMEOUT_S = 10.0  # at shutdown, for acked events still to be handed on
 WORKER_START_TIMEOUT_S = 180.0
 WORKER_STOP_TIMEOUT_S = 20.0
+WORKER_STOP_MARGIN_S = 5.0  # past the worker's answer drain (FLYWHEEL_ANSWER_DRAIN_S)
 
 
 class Worker(Protocol):
@@ -148,38 +152,50 @@ def create_front(settings: BotSettings, worker: Worker, *, forwarders: int = FOR
                         headers={"content-type": content_type} if content_type else None)
 
     async def hand_on(target: str, body: bytes, passed: dict) -> None:
-        """One acked event to the worker. A failed connection is tried again while the worker
-        runs (the bot drops a delivery it already has by its event id); anything else is logged."""
-        for attempt in range(1, FORWARD_ATTEMPTS + 1):
+        """One acked event to the worker, kept until the worker has taken it: a failed connection,
+        a timeout or a 5xx is tried again, backing off, for as long as the worker process runs
+        (the bot drops a delivery it already has by its event id). Lost (logged, counted) only when
+        the worker is gone for good, or when the front stops first (see lifespan)."""
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 async with held["session"].post(WORKER_URL + target, data=body, headers=passed) as resp:
                     await resp.read()
                     unreachable.clear()
-                    if resp.status < 300:
-                        metrics.FORWARDS.labels("ok").inc()
-                    else:
-                        metrics.FORWARDS.labels("failed").inc()
-                        log.error("acked event refused by the bot worker", status=resp.status)
-                    return
-            except TimeoutError as exc:
-                metrics.FORWARDS.labels("failed").inc()
-                log.error("acked event: the bot worker did not answer in time", error=describe_exception(exc),
-                          timeout_s=FORWARD_TIMEOUT_S)
-                return
+                    if resp.status < 500:
+                        delivered(resp.status)
+                        return
+                    reason = f"status {resp.status}"
+            except TimeoutError:
+                reason = f"no answer in {FORWARD_TIMEOUT_S:.0f} s"
             except aiohttp.ClientConnectionError as exc:
-                if attempt == FORWARD_ATTEMPTS or not worker_up():
-                    unreachable.set()
-                    metrics.FORWARDS.labels("failed").inc()
-                    log.error("acked event lost: the bot worker could not take it", attempts=attempt,
-                              worker_alive=worker_up(), error=describe_exception(exc))
-                    return
-                await asyncio.sleep(0.2 * attempt)
+                reason = describe_exception(exc)
+            if not worker_up():
+                metrics.FORWARDS.labels("failed").inc()
+                log.error("acked event lost: the bot worker exited", attempts=attempt, reason=reason)
+                return
+            if attempt == FORWARD_ATTEMPTS:  # more than a blip: new events get 503 meanwhile
+                unreachable.set()
+                log.error("the bot worker cannot take an acked event; kept and retried", reason=reason)
+            await asyncio.sleep(min(FORWARD_BACKOFF_MAX_S, 0.2 * attempt))
+
+    def delivered(status: int) -> None:
+        if status < 300:
+            metrics.FORWARDS.labels("ok").inc()
+        else:  # the worker read it and said no (it checks the signature again): retrying will not help
+            metrics.FORWARDS.labels("failed").inc()
+            log.error("acked event refused by the bot worker", status=status)
 
     async def forward() -> None:
         while True:
             target, body, passed = await queue.get()
             try:
                 await hand_on(target, body, passed)
+            except asyncio.CancelledError:  # the front stops with this event not yet taken
+                metrics.FORWARDS.labels("failed").inc()
+                log.error("acked event lost: the front stopped before the worker took it")
+                raise
             except Exception as exc:  # noqa: BLE001 - a bug must not stop the forwarder
                 metrics.FORWARDS.labels("failed").inc()
                 log.error("acked event lost", error=describe_exception(exc))
@@ -238,7 +254,9 @@ def create_front(settings: BotSettings, worker: Worker, *, forwarders: int = FOR
             try:  # the server stopped taking requests; hand on what was acked
                 await asyncio.wait_for(queue.join(), DRAIN_TIMEOUT_S)
             except TimeoutError:
-                log.error("acked events not handed to the bot worker at shutdown", count=queue.qsize())
+                if queue.qsize():  # those being handed on count themselves when cancelled
+                    metrics.FORWARDS.labels("failed").inc(queue.qsize())
+                    log.error("acked events lost: not handed to the bot worker at shutdown", count=queue.qsize())
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -400,7 +418,7 @@ def serve(settings: BotSettings, host: str, port: int, *, fd: int | None = None,
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)  # stopping already: a second signal must not cut it short
-        worker.stop()
+        worker.stop(settings.answer_drain_s + WORKER_STOP_MARGIN_S)  # its answers drain first
 
 
 def main(argv: list[str] | None = None) -> int:

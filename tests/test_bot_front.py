@@ -398,15 +398,16 @@ def test_a_worker_that_falls_behind_gets_events_refused_not_lost(tmp_path):
         wait_until(lambda: "EvHELDAFTER0001" in worker.received, what="the later event at the worker")
 
 
-def test_a_worker_out_of_reach_gets_events_refused_until_it_answers_again(tmp_path):
-    """The worker's process runs but its socket does not answer: the event that finds out is
-    acked and lost (logged and counted, it could not be known), the next ones get 503 until the
-    socket answers again."""
+def failed_forwards() -> float:
     from prometheus_client import REGISTRY
 
-    def failed() -> float:
-        return REGISTRY.get_sample_value("flywheel_bot_forwards_total", {"outcome": "failed"}) or 0.0
+    return REGISTRY.get_sample_value("flywheel_bot_forwards_total", {"outcome": "failed"}) or 0.0
 
+
+def test_a_worker_out_of_reach_gets_events_refused_until_it_answers_again(tmp_path):
+    """The worker's process runs but its socket does not answer: the event that finds out was
+    acked, so it is kept and handed on again until the worker takes it (issue 25.5: not lost);
+    the next ones get 503 until the socket answers again."""
     path = str(tmp_path / "worker.sock")
     worker = HeldWorker(path).__enter__()
     worker.release()
@@ -414,17 +415,48 @@ def test_a_worker_out_of_reach_gets_events_refused_until_it_answers_again(tmp_pa
         assert mention(sender, "EvREACH000000001").status_code == 200
         wait_until(lambda: "EvREACH000000001" in worker.received, what="the first event at the worker")
         worker.__exit__()  # its server stops (connections closed, socket removed); `alive()` stays true
-        before = failed()
-        assert mention(sender, "EvREACH000000002").status_code == 200
-        wait_until(lambda: failed() > before, what="the lost event counted")
-        refused = mention(sender, "EvREACH000000003")
-        assert (refused.status_code, refused.json()) == (503, {"error": "worker unreachable"})
+        before = failed_forwards()
+        sent: dict[str, httpx.Response] = {}
+
+        def refused_yet():  # events acked until the front knows; each one kept
+            event_id = f"EvREACH2{len(sent):08d}"
+            sent[event_id] = mention(sender, event_id)
+            return sent[event_id].status_code == 503 and sent[event_id]
+
+        refused = wait_until(refused_yet, what="events refused while the worker is out of reach")
+        assert refused.json() == {"error": "worker unreachable"}
+        acked = [e for e, r in sent.items() if r.status_code == 200]
+        assert acked and all(r.status_code in (200, 503) for r in sent.values())
         health = httpx.get(sender.url.replace("/slack/events", "/healthz"), timeout=10)
         assert (health.status_code, health.json()["reason"]) == (503, "worker unreachable")
 
         worker = HeldWorker(path, received=worker.received).__enter__()  # back on the same socket
         worker.release()
+        wait_until(lambda: set(acked) <= set(worker.received), what="the kept events at the worker")
         wait_until(lambda: mention(sender, "EvREACH000000004").status_code == 200, what="events acked again")
         wait_until(lambda: "EvREACH000000004" in worker.received, what="the event at the worker again")
-        assert "EvREACH000000003" not in worker.received
+        refused_ids = {e for e, r in sent.items() if r.status_code == 503}
+        assert not refused_ids & set(worker.received) and failed_forwards() == before
     worker.__exit__()
+
+
+class ExitingWorker(HeldWorker):
+    """A worker whose process can be made to exit (`gone`)."""
+
+    gone = False
+
+    def alive(self) -> bool:
+        return not self.gone
+
+
+def test_an_acked_event_is_lost_logged_and_counted_only_when_the_worker_is_gone(tmp_path):
+    worker = ExitingWorker(str(tmp_path / "worker.sock")).__enter__()
+    worker.release()
+    with front_before(worker) as sender:
+        worker.__exit__()  # out of reach, still running: what is acked now is kept...
+        before = failed_forwards()
+        assert mention(sender, "EvGONE0000000001").status_code == 200
+        time.sleep(1.0)
+        assert failed_forwards() == before
+        worker.gone = True  # ...until the worker exits for good
+        wait_until(lambda: failed_forwards() == before + 1, what="the lost event counted")

@@ -52,7 +52,7 @@ class FakeGateway:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                question = body["messages"][-1]["content"]
+                question = body["messages"][-1]["content"] if body.get("messages") else ""
                 with outer.cond:
                     outer.arrived.append((time.monotonic(), question))
                     outer.cond.notify_all()

@@ -170,7 +170,7 @@ class Answerer:
         watchdog.daemon = True
         watchdog.start()
         job = functools.partial(self._write, placeholder, reply, watchdog, prompt, bot_user_id, deadline,
-                                self.canary.model_for(user))
+                                self.canary.model_for(user), question_ts=event["ts"])
         if not self.queue.offer(user, job):  # the line filled up since has_room
             watchdog.cancel()
             if reply.apologize(TOO_MANY):
@@ -199,12 +199,13 @@ class Answerer:
             return None
 
     def _write(self, placeholder: Placeholder, reply: UpdatedReply, watchdog: threading.Timer,
-               prompt: PromptSettings, bot_user_id: str | None, deadline: float, model: str | None) -> None:
+               prompt: PromptSettings, bot_user_id: str | None, deadline: float, model: str | None, *,
+               question_ts: str) -> None:
         """On an answer worker: write the answer into the placeholder, unless the deadline's
         apology already shows there (it passed while the question waited)."""
         try:
             if not reply.final:
-                self._fill(reply, prompt, placeholder, bot_user_id, deadline, model=model)
+                self._fill(reply, prompt, placeholder, bot_user_id, deadline, model=model, question_ts=question_ts)
         except Exception as exc:  # the database, a bug, anything: never leave "Thinking…" behind
             metrics.ANSWERS.labels("error").inc()
             log.error("answer failed; apology shown", channel=reply.channel, ts=reply.ts,
@@ -251,11 +252,14 @@ class Answerer:
         return len(left)
 
     def _fill(self, reply: UpdatedReply, prompt: PromptSettings, placeholder: Placeholder,
-              bot_user_id: str | None, deadline: float, model: str | None = None) -> None:
-        """Ask for the answer (memory or model), store it, and show it in the placeholder."""
+              bot_user_id: str | None, deadline: float, *, model: str | None, question_ts: str) -> None:
+        """Ask for the answer (memory or model), store it, and show it in the placeholder. The
+        context ends at the question (`question_ts`): questions asked in the thread while this
+        one waited are answered in their own turn."""
         channel, answer_ts, conversation = reply.channel, reply.ts, placeholder.conversation
         with session_scope() as s:
-            history = thread_messages(s, channel, conversation, limit=prompt.context_max_messages * 2)
+            history = thread_messages(s, channel, conversation, limit=prompt.context_max_messages * 2,
+                                      until_ts=question_ts)
             messages = build_messages(history, prompt)
             plan = self._plan(messages, channel, s)
         metrics.MEMORY.labels("answer" if plan.direct else "notes" if plan.notes else "none").inc()

@@ -64,8 +64,11 @@ def get_message_by_id(session: Session, message_id: int) -> Message | None:
     return session.get(Message, message_id)
 
 
-def thread_messages(session: Session, channel: str, thread_ts: str, limit: int = 50) -> list[Message]:
-    """The last `limit` messages of a thread, oldest first (the dialogue context)."""
+def thread_messages(session: Session, channel: str, thread_ts: str, limit: int = 50,
+                    until_ts: str | None = None) -> list[Message]:
+    """The last `limit` messages of a thread, oldest first (the dialogue context); `until_ts`:
+    only those up to that message (an answer's context ends at its question, whatever was asked
+    in the thread since)."""
     stmt = (
         select(Message)
         .join(Conversation, Conversation.id == Message.conversation_id)
@@ -73,6 +76,8 @@ def thread_messages(session: Session, channel: str, thread_ts: str, limit: int =
         .order_by(col(Message.ts).desc(), col(Message.id).desc())
         .limit(limit)
     )
+    if until_ts is not None:
+        stmt = stmt.where(col(Message.ts) <= until_ts)
     return list(reversed(session.exec(stmt).all()))
 
 

@@ -137,3 +137,18 @@ def test_a_placeholder_left_by_a_crash_becomes_an_apology_at_start_up(gateway):
             close_placeholder(s, young)
             assert s.get(SlackEventReceipt, f"{KIND}:DCRASH001:{posted['ts']}:dm") is None
         assert "stopped" in json.dumps(double.message("DCRASH001", posted["ts"]))
+
+
+def test_each_answer_in_a_busy_dm_is_to_its_own_question(gateway):
+    """Questions stored on arrival and answered later: two asked in one DM while the only worker
+    is busy are each answered to themselves (the context ends at the question), not both to
+    the newer one, and no request reaches the gateway without a question."""
+    with bot_on(gateway, listener_threads=1) as bot:
+        dm(bot, "UFIRST02", "[hold] slow one")
+        gateway.wait_arrived("slow one")
+        dm(bot, "UTWICE01", "question one")
+        dm(bot, "UTWICE01", "question two")
+        gateway.release.set()
+        wait_until(lambda: shown(bot.double, "DUTWICE01").count("All fine.") == 2, what="both answers")
+        assert sorted(gateway.questions("question")) == ["question one", "question two"]
+        assert "" not in gateway.questions("")

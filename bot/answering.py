@@ -15,6 +15,7 @@ from bot.assistant import Assistant
 from bot.canary import Canary
 from bot.channels import MADE_PRIVATE_SUBTYPE, ChannelVisibility
 from bot.gateway_client import Answer, GatewayClient, GatewayError
+from bot.periodic import Periodic
 from bot.replies import Progress, ReplyOpener, UpdatedReply
 from bot.settings import BotSettings
 from bot.workers import FairQueue
@@ -350,24 +351,13 @@ class PlaceholderSweeper:
 
     def __init__(self, settings: BotSettings, client: WebClient) -> None:
         self.settings, self.client = settings, client
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="placeholder-sweep", daemon=True)
+        self.rounds = Periodic("placeholder-sweep", settings.answer_deadline_s, self.sweep_once)
 
     def start(self) -> None:
-        self._thread.start()
+        self.rounds.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sweep_once()
-            except Exception as exc:  # the database is away: the next sweep tries again
-                log.warning("placeholder sweep failed", error=describe_exception(exc))
-            self._stop.wait(self.settings.answer_deadline_s)
+        self.rounds.stop()
 
     def sweep_once(self) -> int:
         """Apologise in every orphaned placeholder; how many."""

@@ -8,16 +8,16 @@ trainer may be a CronJob that runs rarely or not at all, and untaught conversati
 a snapshot anyway (only feedback derives examples), so nothing waits on the trainer."""
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
 
 from slack_sdk.web import WebClient
 
 from bot import metrics
 from bot.feedback import Feedback
+from bot.periodic import Periodic
 from bot.review import Review
 from bot.settings import BotSettings
-from flywheel.logs import describe_exception, get_logger
+from flywheel.logs import get_logger
 from store.db import session_scope
 from store.forget import edit_message, forget_message, purge_untaught
 from store.memory import deactivate_memory_item, memory_item
@@ -103,33 +103,20 @@ class RetentionSweeper:
 
     def __init__(self, settings: BotSettings) -> None:
         self.settings = settings
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.rounds = Periodic("retention-sweep", settings.retention_sweep_s, self.sweep_once)
 
     def start(self) -> None:
-        if self.settings.retention_days <= 0:
-            return
-        self._thread = threading.Thread(target=self._loop, name="retention-sweep", daemon=True)
-        self._thread.start()
+        if self.settings.retention_days > 0:
+            self.rounds.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sweep_once()
-            except Exception as exc:  # the database is away: the next sweep tries again
-                log.warning("retention sweep failed", error=describe_exception(exc))
-            self._stop.wait(self.settings.retention_sweep_s)
+        self.rounds.stop()
 
     def sweep_once(self) -> int:
         """Purge every expired, untaught conversation; returns how many went."""
         before = utcnow() - timedelta(days=self.settings.retention_days)
         total = 0
-        while not self._stop.is_set():
+        while not self.rounds.stopping:
             with session_scope() as s:
                 gone = purge_untaught(s, before=before)
             if not gone.anything:

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import socket
-import threading
 import time
 from datetime import timedelta
 
@@ -16,6 +15,7 @@ from slack_sdk.web import WebClient
 from bot import metrics
 from bot.admin import Admin, run_line
 from bot.blocks import REPORT_APPROVE, REPORT_REJECT, WATCH_STOP_CANARY, mrkdwn, plain
+from bot.periodic import Periodic
 from bot.settings import BotSettings
 from bot.slack_text import escape, escape_within
 from bot.watch import VersionWatch
@@ -138,30 +138,18 @@ class ReportPoller:
         self._plans = True  # task / plan blocks until the workspace refuses them
         self.watch = VersionWatch(settings, client)
         self._watched_at = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.rounds = Periodic("report-poller", settings.report_interval_s, self.poll_once)
 
     def start(self) -> None:
         if not self.settings.admin_channel:
             log.warning("FLYWHEEL_ADMIN_CHANNEL unset: training reports will not be posted")
             return
-        self._thread = threading.Thread(target=self._loop, name="report-poller", daemon=True)
-        self._thread.start()
+        self.rounds.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
+        if self.rounds.stop():
             with session_scope() as s:
                 release_lease(s, LEASE, self.owner)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll_once()
-            except Exception:  # keep polling: the next round may succeed (database back, etc.)
-                log.exception("report poll failed")
-            self._stop.wait(self.settings.report_interval_s)
 
     def poll_once(self) -> int:
         """Post or update every unreported run's message; returns how many Slack writes it made."""

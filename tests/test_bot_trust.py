@@ -17,7 +17,6 @@ import sqlite3
 import threading
 import urllib.parse
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -33,6 +32,7 @@ from store.migrate import upgrade
 from store.versions import PRODUCTION, alias_target, move_alias
 from tests.support.adapters import make_adapter, register
 from tests.support.bot_harness import ADMIN_USER, BotServer
+from tests.support.fake_gateway import GOOD, FakeGateway
 from tests.support.gateway_server import GatewayServer
 from flywheel.app.demo.slack_double import BOT_USER_ID, SlackDouble
 from tests.support.waiting import wait_until
@@ -75,76 +75,24 @@ def bot(env):
     double.stop()
 
 
-class BrokenGateway:
-    """A real HTTP server on loopback that answers chat completions the way a broken gateway
+class BrokenGateway(FakeGateway):
+    """The fake gateway (a real HTTP server on loopback) answering the way a broken gateway
     would, chosen by a word in the question: [garbage] a stream of JSON that is not chunks,
     [cut] a stream that breaks off, [notjson] a 200 whose body is not JSON, [hold] nothing
-    until released, then a good answer. It records which questions arrived."""
+    until released, then a good answer."""
 
-    GOOD = ('data: {"choices":[{"delta":{"content":"All fine."},"finish_reason":"stop"}],'
-            '"model":"base"}\n\ndata: [DONE]\n\n')
-
-    def __init__(self) -> None:
-        self.arrived: list[str] = []
-        self.cond = threading.Condition()
-        self.release = threading.Event()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-    def wait_arrived(self, word: str, count: int = 1, timeout: float = 60) -> None:
-        with self.cond:
-            if not self.cond.wait_for(lambda: sum(word in q for q in self.arrived) >= count, timeout):
-                raise AssertionError(f"{count} question(s) with {word!r} never reached the gateway: {self.arrived}")
-
-    def _handler(self):
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def _send(self, status: int, ctype: str, body: bytes, length: int | None = None) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body) if length is None else length))
-                self.end_headers()
-                self.wfile.write(body)
-                self.wfile.flush()
-
-            def do_POST(self) -> None:
-                try:
-                    self._answer()
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the bot gave up on this one first (its deadline)
-
-            def _answer(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                question = body["messages"][-1]["content"]
-                with outer.cond:
-                    outer.arrived.append(question)
-                    outer.cond.notify_all()
-                if "[garbage]" in question:
-                    self._send(200, "text/event-stream", b"data: [1, 2, 3]\n\ndata: [DONE]\n\n")
-                elif "[cut]" in question:  # promises more than it sends, then hangs up
-                    self._send(200, "text/event-stream",
-                               b'data: {"choices":[{"delta":{"content":"All"}}]}\n\n', length=10_000)
-                    self.close_connection = True
-                elif "[notjson]" in question:
-                    self._send(200, "application/json", b"<html>upstream hiccup</html>")
-                else:  # [hold] and anything else: wait for the test, then answer well
-                    outer.release.wait()
-                    self._send(200, "text/event-stream", outer.GOOD.encode())
-
-        return Handler
+    def respond(self, handler, question: str) -> None:
+        if "[garbage]" in question:
+            handler._send(200, "text/event-stream", b"data: [1, 2, 3]\n\ndata: [DONE]\n\n")
+        elif "[cut]" in question:  # promises more than it sends, then hangs up
+            handler._send(200, "text/event-stream", b'data: {"choices":[{"delta":{"content":"All"}}]}\n\n',
+                          length=10_000)
+            handler.close_connection = True
+        elif "[notjson]" in question:
+            handler._send(200, "application/json", b"<html>upstream hiccup</html>")
+        else:  # [hold] and anything else: wait for the test, then answer well
+            self.release.wait()
+            handler._send(200, "text/event-stream", GOOD)
 
 
 @pytest.fixture(scope="module")

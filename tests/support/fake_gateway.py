@@ -38,6 +38,13 @@ class FakeGateway:
             if not self.cond.wait_for(lambda: sum(word in q for _t, q in self.arrived) >= count, timeout):
                 raise AssertionError(f"{count} question(s) with {word!r} never reached the gateway")
 
+    def respond(self, handler, question: str) -> None:
+        """The answer to one request (`handler._send(status, content type, body)`); a subclass
+        answers like a broken gateway."""
+        if "[hold]" in question:
+            self.release.wait()
+        handler._send(200, "text/event-stream", GOOD)
+
     def _handler(self):
         outer = self
 
@@ -56,17 +63,15 @@ class FakeGateway:
                 with outer.cond:
                     outer.arrived.append((time.monotonic(), question))
                     outer.cond.notify_all()
-                if "[hold]" in question:
-                    outer.release.wait()
                 try:
-                    self._send(200, "text/event-stream", GOOD)
+                    outer.respond(self, question)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the bot gave up first
 
-            def _send(self, status: int, ctype: str, body: bytes) -> None:
+            def _send(self, status: int, ctype: str, body: bytes, length: int | None = None) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(len(body) if length is None else length))
                 self.end_headers()
                 self.wfile.write(body)
                 self.wfile.flush()

@@ -43,27 +43,18 @@ def make_web_client(settings: BotSettings) -> WebClient:
                         RateLimitErrorRetryHandler(max_retry_count=settings.slack_retries)])
 
 
-def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | None = None,
-               socket_mode: bool = False) -> App:
-    """Build the Bolt app. Over HTTP every request must carry a valid Slack signature at most
-    five minutes old (Bolt's verification); Socket Mode needs no signing secret."""
-    settings = settings or BotSettings()
+def create_app(settings: BotSettings, *, gateway: GatewayClient, socket_mode: bool = False) -> App:
+    """Build the Bolt app: the shared objects once, then the listeners by subject. Over HTTP every
+    request must carry a valid Slack signature at most five minutes old (Bolt's verification);
+    Socket Mode needs no signing secret."""
     if not settings.slack_bot_token:
         raise ValueError("missing setting SLACK_BOT_TOKEN (the bot's xoxb- token)")
     if not socket_mode:
         settings.require_http_credentials()
-    gateway = gateway or GatewayClient(settings)
     executor = LaneExecutor(settings.event_threads, settings.command_threads)
     answers = FairQueue(settings.listener_threads, user_running=settings.answer_user_running,
                         user_waiting=settings.answer_user_queue, capacity=settings.answer_queue)
-    app = App(
-        client=make_web_client(settings),
-        signing_secret=settings.slack_signing_secret or "", request_verification_enabled=not socket_mode,
-        process_before_response=False, logger=logging.getLogger("slack_bolt"),
-        listener_executor=executor,
-    )
-    app.use(lane_middleware)  # commands and clicks never wait behind answers
-    app.use(once_only)  # a replayed command or click (signed, inside Slack's window) runs once
+    app = _bolt_app(settings, executor, socket_mode)
     memory = Memory()
     threading.Thread(target=memory.warm, name="memory-warm-up", daemon=True).start()
     visibility = ChannelVisibility(settings.channel_visibility_ttl_s)  # one channel-visibility cache
@@ -76,8 +67,33 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     forgetting = Forgetting(settings, feedback, review)
     app.flywheel = {"settings": settings, "gateway": gateway, "admin": admin,  # for the server
                     "executor": executor, "answers": answers, "answerer": answerer}
+    # Bolt runs only the first listener that matches a request: registration order is precedence.
+    register_question_listeners(app, answerer, assistant, forgetting)
+    register_visibility_listeners(app, visibility)
+    register_feedback_listeners(app, feedback)
+    register_admin_listeners(app, admin)
+    register_review_listeners(app, review)
+    register_home_listeners(app, settings, visibility, assistant)
+    app.error(_log_listener_error)
+    return app
 
-    # -- questions -------------------------------------------------------------------------------
+
+def _bolt_app(settings: BotSettings, executor: LaneExecutor, socket_mode: bool) -> App:
+    """The Bolt app with its client, signature check, listener lanes and middleware."""
+    app = App(
+        client=make_web_client(settings),
+        signing_secret=settings.slack_signing_secret or "", request_verification_enabled=not socket_mode,
+        process_before_response=False, logger=logging.getLogger("slack_bolt"),
+        listener_executor=executor,
+    )
+    app.use(lane_middleware)  # commands and clicks never wait behind answers
+    app.use(once_only)  # a replayed command or click (signed, inside Slack's window) runs once
+    return app
+
+
+def register_question_listeners(app: App, answerer: Answerer, assistant: Assistant,
+                                forgetting: Forgetting) -> None:
+    """Mentions, messages and the assistant view's threads; a deleted or edited message is forgotten."""
     @app.event("app_mention")
     def _mention(event, body, client, context):
         answerer.on_app_mention(event, body, client, context.bot_user_id, context["arrived"])
@@ -93,7 +109,9 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     def _assistant_thread(event, client, context):
         assistant.on_thread_started(event, client, context.bot_user_id)
 
-    # -- who may see a channel ----------------------------------------------------------------------
+
+def register_visibility_listeners(app: App, visibility: ChannelVisibility) -> None:
+    """Who may see a channel: its changes reset the cache; the assistant's open channel is ignored."""
     @app.event(re.compile("^(" + "|".join(CHANGE_EVENTS) + ")$"))
     def _channel_changed(event, client):
         visibility.changed(client, event.get("channel"))
@@ -102,7 +120,9 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     def _assistant_context(event):
         metrics.IGNORED.labels("assistant_context").inc()  # answers do not depend on the open channel
 
-    # -- feedback --------------------------------------------------------------------------------
+
+def register_feedback_listeners(app: App, feedback: Feedback) -> None:
+    """Reactions, vote and suggest buttons, the correction form and the message shortcuts."""
     @app.event("reaction_added")
     def _reaction_added(event, body, client, context):
         feedback.on_reaction(event, body, client, context.bot_user_id, removed=False)
@@ -118,7 +138,9 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     app.message_shortcut(blocks.SHORTCUT_INCLUDE)(feedback.on_include_shortcut)
     app.message_shortcut(blocks.SHORTCUT_GOLDEN)(feedback.on_golden_shortcut)
 
-    # -- admin -----------------------------------------------------------------------------------
+
+def register_admin_listeners(app: App, admin: Admin) -> None:
+    """The slash command (acked at once, run lazily) and the report and watch buttons."""
     def _ack_command(ack):
         ack()  # within Slack's 3 s, whatever the store or the gateway are doing
 
@@ -144,12 +166,17 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
     def _watch_button(ack, body, client, respond):
         on_watch_button(admin, ack, body, client, respond)
 
-    # -- correction review ------------------------------------------------------------------------
+
+def register_review_listeners(app: App, review: Review) -> None:
+    """The correction review's buttons and its edit form."""
     app.action(re.compile(f"^({blocks.REVIEW_APPROVE}|{blocks.REVIEW_EDIT}|{blocks.REVIEW_REJECT})$"))(
         review.on_button)
     app.view_submission(blocks.REVIEW_EDIT_VIEW)(review.on_edit_submit)
 
-    # -- App Home --------------------------------------------------------------------------------
+
+def register_home_listeners(app: App, settings: BotSettings, visibility: ChannelVisibility,
+                            assistant: Assistant) -> None:
+    """App Home: the home tab is published; the messages tab opens the agent view's conversation."""
     @app.event("app_home_opened")
     def _home(event, client, context):
         if event.get("tab", "home") == "home":
@@ -157,8 +184,6 @@ def create_app(settings: BotSettings | None = None, *, gateway: GatewayClient | 
         elif event.get("tab") == "messages":  # the agent view's conversation opened
             assistant.on_messages_opened(event, client, context.bot_user_id)
 
-    @app.error
-    def _error(error, body):
-        log.error("listener failed", error=describe_exception(error), type=(body or {}).get("type"))
 
-    return app
+def _log_listener_error(error, body):
+    log.error("listener failed", error=describe_exception(error), type=(body or {}).get("type"))

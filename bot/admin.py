@@ -20,7 +20,7 @@ from store.db import session_scope
 from store.documents import list_documents, remove_document
 from store.errors import NotFoundError, StoreError
 from store.forget import Forgotten, forget_user
-from store.memory import deactivate_memory_item, list_memory_items, memory_item_by_id
+from store.memory import deactivate_memory_item, list_memory_items, memory_item_by_id, memory_taught_since
 from store.models import VersionStatus
 from store.overview import overview
 from store.replicas import list_replicas
@@ -40,6 +40,7 @@ from store.versions import (
     rollback_target,
     set_version_status,
     version_label,
+    went_live_at,
 )
 
 log = get_logger("bot.admin")
@@ -58,7 +59,7 @@ HELP = """*`/flywheel` commands*
 • `canary <version>` / `canary stop`: let a version answer FLYWHEEL_CANARY_PERCENT of people before promoting it _(admin)_
 • `share #channel` / `unshare #channel` / `share`: let a private channel's teaching train the model everyone uses, take it back, list such channels _(admin)_
 • `forget @user`: remove a person's messages, feedback and memory items from the store _(admin)_
-• `memory [search TEXT]` / `memory remove ID`: list or search the memory items answers use, switch one off _(admin)_
+• `memory [search TEXT]` / `memory remove ID` / `memory retire VERSION`: list or search the memory items answers use, switch one off, or all taught since a version went live (a rollback offers it) _(admin)_
 • `docs` / `docs remove ID`: the imported documents answers cite (`flywheel docs import` adds them), remove one _(admin)_"""
 
 VERSIONS_PER_PAGE = 30
@@ -240,15 +241,19 @@ class Admin:
         return Reply(f":wastebasket: Forgot <@{person}>: {forgotten_summary(gone)}")
 
     def memory(self, user: str, args: list[str]) -> Reply:
-        """`/flywheel memory [search TEXT] | remove ID`: the items answers are taught from."""
+        """`/flywheel memory [search TEXT] | remove ID | retire VERSION`: the items answers are taught from."""
         if args[:1] == ["remove"]:
             if len(args) != 2 or not args[1].lstrip("#").isdigit():
                 raise ValueError("usage: /flywheel memory remove ID (the number `/flywheel memory` shows)")
             return self.remove_memory_item(user, int(args[1].lstrip("#")))
+        if args[:1] == ["retire"]:
+            if len(args) != 2:
+                raise ValueError("usage: /flywheel memory retire VERSION (a version that was in production)")
+            return self.retire_memory_since(user, args[1])
         if args[:1] == ["search"] and len(args) < 2:
             raise ValueError("usage: /flywheel memory search TEXT")
         if args and args[0] != "search":
-            raise ValueError("usage: /flywheel memory [search TEXT] | memory remove ID")
+            raise ValueError("usage: /flywheel memory [search TEXT] | memory remove ID | memory retire VERSION")
         search = " ".join(args[1:]) or None
         with session_scope() as s:
             items = list_memory_items(s, search=search, limit=MEMORY_LISTED)
@@ -271,6 +276,22 @@ class Admin:
             deactivate_memory_item(s, item.key)  # commits the audit event with it
         return Reply(f":wastebasket: <@{user}> removed memory item {item_id}: answers no longer use it. "
                      "Training still uses what it came from (the correction or import stays).")
+
+    def retire_memory_since(self, user: str, version: str) -> Reply:
+        """After a rollback, offered, not forced: switch off the memory items taught while
+        `version` was live (they may be what made it look worse); what they came from stays."""
+        with session_scope() as s:
+            since = went_live_at(s, version)
+            if since is None:
+                raise NotFoundError(f"`{version}` was never in production (`/flywheel history` shows what was)")
+            items = memory_taught_since(s, since)
+            add_audit(s, actor=user, action="memory.retire", target=f"since {version}",
+                      detail={"since": since.isoformat(), "items": [i.id for i in items]})
+            s.commit()
+            for item in items:
+                deactivate_memory_item(s, item.key)
+        return Reply(f":wastebasket: <@{user}> switched off {len(items)} memory item(s) taught since `{version}` "
+                     f"went live: answers no longer use them. The corrections they came from stay.", public=True)
 
     def docs(self, user: str, args: list[str]) -> Reply:
         """`/flywheel docs [remove ID]`: the imported documents whose sections answers cite."""
@@ -351,9 +372,10 @@ class Admin:
             version = find_version(s, target) if target else None
             force = version is not None and not version.gate_passed
             moved = move_alias(s, PRODUCTION, target, actor=user, reason="rollback", force=force, expected=expected)
+            offer = _retire_offer(s, moved["from"])
         sync = self.gateway.request_sync()
         return Reply(f":rewind: <@{user}> rolled production back from `{moved['from'] or 'base model'}` "
-                     f"to `{target or 'base model'}`. {sync}. {self._live(target)}", public=True)
+                     f"to `{target or 'base model'}`. {sync}. {self._live(target)}{offer}", public=True)
 
     # -- read-only -------------------------------------------------------------------------------
     def watch(self) -> Reply:
@@ -448,6 +470,16 @@ def memory_line(item) -> str:
     who = f" by <@{item.author}>" if item.author else ""
     return (f"• `{item.id}` _{escape_within(item.question, 150)}_ → {escape_within(item.answer, 200)} "
             f"({item.source}{who}, {where}, {item.created_at:%Y-%m-%d})")
+
+
+def _retire_offer(session, rolled_back: str | None) -> str:
+    """What a rollback offers: the memory items taught while the rolled-back version was live."""
+    since = went_live_at(session, rolled_back) if rolled_back else None
+    taught = len(memory_taught_since(session, since)) if since else 0
+    if not taught:
+        return ""
+    return (f"\n{taught} memory item(s) were taught while `{rolled_back}` was live; "
+            f"`/flywheel memory retire {rolled_back}` switches them off if they are part of the problem.")
 
 
 def document_line(doc, sections: int) -> str:

@@ -34,7 +34,6 @@ from flywheel.logs import get_logger
 from flywheel.mrkdwn import escape
 from flywheel.prompt import with_notes
 from flywheel.redact import redact
-from store.documents import SECTION_SOURCE
 from store.memory import (
     has_memory,
     memory_changed_after,
@@ -42,6 +41,7 @@ from store.memory import (
     upsert_memory_item,
     vector_search,
 )
+from store.models import SECTION_SOURCE
 
 log = get_logger("flywheel.memory")
 

@@ -1,5 +1,5 @@
 """Imported documents and their sections (issue 28). A section answers through the memory as an
-item of its own kind (`SECTION_SOURCE`), keyed by the section's id and version, so a changed
+item of its own kind (`store.models.SECTION_SOURCE`), keyed by the section's id and version, so a changed
 section gets a new item (cited with the date its text was imported) and the old one goes.
 
 The importer (trainer/documents.py) diffs a new import against `sections_of`, embeds what is new
@@ -15,7 +15,6 @@ from store.errors import NotFoundError
 from store.memory import deactivate_memory_item, memory_items_by_key
 from store.models import Document, DocumentSection, utcnow
 
-SECTION_SOURCE = "document"  # MemoryItem.source of a section's item
 
 
 def section_key(section: DocumentSection) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 from pgvector.sqlalchemy import VECTOR
@@ -14,7 +15,7 @@ from sqlalchemy import bindparam, literal_column, or_, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
-from store.models import Counter, MemoryItem, utcnow
+from store.models import SECTION_SOURCE, Counter, MemoryItem, utcnow
 
 EMBEDDING = "embedding"  # the unmapped vector column (migrations/env.py leaves it out of the drift check)
 _SET_EMBEDDING = text("UPDATE memoryitem SET embedding = :v WHERE id = :id").bindparams(bindparam("v", type_=VECTOR()))
@@ -163,6 +164,15 @@ def memory_changed_after(session: Session, change: int) -> list[MemoryItem]:
     """Items (active or not) whose last change is numbered above `change`, in change order
     (0: all of them)."""
     stmt = select(MemoryItem).where(MemoryItem.change_seq > change).order_by(col(MemoryItem.change_seq))
+    return list(session.exec(stmt).all())
+
+
+def memory_taught_since(session: Session, since: datetime) -> list[MemoryItem]:
+    """Active items people taught (corrections, golden answers, imports; not document sections)
+    since `since`, oldest first."""
+    stmt = (select(MemoryItem)
+            .where(col(MemoryItem.active), MemoryItem.source != SECTION_SOURCE, MemoryItem.created_at >= since)
+            .order_by(col(MemoryItem.id)))
     return list(session.exec(stmt).all())
 
 

@@ -280,6 +280,9 @@ class Channel(SQLModel, table=True):
     checked_at: datetime = Field(default_factory=utcnow)
 
 
+SECTION_SOURCE = "document"  # MemoryItem.source of an imported document's section (store.documents)
+
+
 class MemoryItem(SQLModel, table=True):
     """What the team taught, retrievable by meaning at answer time (no retrain needed): an
     approved correction, a golden item or an imported example, with its sentence vector.
@@ -290,7 +293,7 @@ class MemoryItem(SQLModel, table=True):
     key: str = Field(max_length=128, unique=True)  # message:<id> or example:<id>
     question: str = Field(sa_column=Column(Text, nullable=False))
     answer: str = Field(sa_column=Column(Text, nullable=False))
-    source: str = Field(max_length=32)  # correction / golden / import
+    source: str = Field(max_length=32)  # correction / golden / import / SECTION_SOURCE
     author: Optional[str] = Field(default=None, max_length=64)
     channel: Optional[str] = Field(default=None, max_length=64)  # where it was taught
     visible_in: Optional[str] = Field(default=None, max_length=64, index=True)

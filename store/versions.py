@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
@@ -213,6 +214,14 @@ def alias_history(session: Session, alias: str = PRODUCTION, limit: int = 50) ->
          "reason": e.detail.get("reason")}
         for e in list_audit(session, action=ALIAS_MOVE, target=alias, limit=limit)
     ]
+
+
+def went_live_at(session: Session, version_name: str, alias: str = PRODUCTION) -> datetime | None:
+    """When `alias` last moved to this version (None: it never did)."""
+    for move in alias_history(session, alias, limit=200):
+        if move["to"] == version_name:
+            return move["at"]
+    return None
 
 
 def rollback_target(session: Session, alias: str = PRODUCTION) -> str | None:

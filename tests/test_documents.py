@@ -20,13 +20,13 @@ from flywheel.memory import Memory, MemoryPlan, MemorySettings, Recalled, citati
 from flywheel.prompt import with_notes
 from store.db import session_scope
 from store.documents import (
-    SECTION_SOURCE,
     list_documents,
     remove_document,
     section_key,
     sections_of,
 )
 from store.memory import memory_items_by_key
+from store.models import SECTION_SOURCE
 from tests.support.bot_harness import ADMIN_USER, BotServer, command_reply, store_and_gateway, wait_answer
 from tests.test_memory import memory_db_url, real_embedder_dir, stores  # noqa: F401 (a fixture)
 from trainer.docparse import parse

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from slack_sdk import WebClient
 
@@ -14,9 +15,12 @@ from bot.canary import Canary
 from bot.settings import BotSettings
 from bot.watch import VersionWatch, compare, describe
 from flywheel.app.demo.slack_double import SlackDouble
+from store.audit import list_audit
 from store.conversations import record_message
 from store.db import get_engine, session_scope
 from store.feedback import upsert_vote
+from store.memory import memory_item, upsert_memory_item
+from store.models import SECTION_SOURCE
 from store.versions import CANDIDATE, PRODUCTION, alias_target, move_alias, register_version
 
 ADMIN, CHANNEL = "UADMIN01", "CADMIN001"
@@ -184,3 +188,38 @@ def test_the_stop_canary_button_compares_and_swaps_under_the_alias_lock(team, mo
     monkeypatch.setattr(bot.admin, "move_alias", move_alias)  # nobody else now
     done = admin.admin_action(ADMIN, "canary", "ft-0002", lambda: admin.stop_canary(ADMIN, expected="ft-0002"))
     assert done.public and "stopped the canary of `ft-0002`" in done.text
+
+
+def test_a_rollback_offers_to_retire_what_was_taught_while_the_version_was_live(team):
+    """Issue 25.2: a rollback names the memory items taught since the rolled-back version went
+    live and offers `/flywheel memory retire VERSION` (offered, not forced); retiring switches off
+    exactly those (document sections and older items stay), audited."""
+    settings, _slack, _client = team
+
+    class Gateway:
+        def request_sync(self):
+            return "synced"
+
+    def teach(key: str, source: str = "correction") -> None:
+        with session_scope() as s:
+            upsert_memory_item(s, key=key, question=f"q {key}", answer="a", source=source, author="UALICE01",
+                               channel="CTEAM0001", visible_in=None, vector=np.ones(4, np.float32).tobytes())
+
+    teach("message:1")  # before ft-0002
+    promote("ft-0002")
+    teach("message:2")
+    teach("section:9:1", source=SECTION_SOURCE)
+    admin = Admin(settings, gateway=Gateway(), review=None, canary=Canary(settings))
+    rolled = admin.run_command(ADMIN, "rollback")
+    assert "1 memory item(s) were taught while `ft-0002` was live" in rolled.text
+    assert "/flywheel memory retire ft-0002" in rolled.text
+    with session_scope() as s:
+        assert all(memory_item(s, k) is not None for k in ("message:1", "message:2", "section:9:1"))  # not forced
+    assert "was never in production" in admin.run_command(ADMIN, "memory retire ft-0042").text
+    assert "Only Flywheel admins" in admin.run_command("UBOB0001", "memory retire ft-0002").text
+    done = admin.run_command(ADMIN, "memory retire ft-0002")
+    assert done.public and "switched off 1 memory item(s)" in done.text
+    with session_scope() as s:
+        assert memory_item(s, "message:2") is None
+        assert memory_item(s, "message:1") is not None and memory_item(s, "section:9:1") is not None
+        assert [e.action for e in list_audit(s) if e.action == "memory.retire"] == ["memory.retire"]

@@ -20,7 +20,6 @@ from flywheel.embedding import to_bytes
 from flywheel.memory import Memory, item_vectors
 from flywheel.redact import redact
 from store.documents import (
-    SECTION_SOURCE,
     ImportPlan,
     SectionText,
     document_by_source,
@@ -30,7 +29,7 @@ from store.documents import (
     sections_of,
 )
 from store.memory import upsert_memory_item
-from store.models import Document
+from store.models import SECTION_SOURCE, Document
 from trainer.docparse import Parsed, parse
 from trainer.docsource import Source
 

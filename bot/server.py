@@ -10,7 +10,8 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from slack_bolt import BoltRequest
+from slack_bolt import App, BoltRequest
+from slack_bolt.adapter.socket_mode import SocketModeHandler
 from slack_sdk.signature import SignatureVerifier
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -47,9 +48,8 @@ def drain(bolt, dispatcher: ThreadPoolExecutor, timeout_s: float) -> None:
     bolt.flywheel["answerer"].drain(timeout_s)
 
 
-def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = False) -> Starlette:
+def create_asgi(settings: BotSettings, *, socket_mode: bool = False) -> Starlette:
     """The bot as an ASGI app for uvicorn; `app.state.bolt` is the Bolt app inside."""
-    settings = settings or BotSettings()
     gateway = GatewayClient(settings)
     try:
         bolt = create_app(settings, gateway=gateway, socket_mode=socket_mode)
@@ -59,18 +59,21 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
     poller = ReportPoller(settings, bolt.client)
     placeholders = PlaceholderSweeper(settings, bolt.client)
     sweeper = RetentionSweeper(settings)
-    holder: dict = {}
-
-    verifier = None if socket_mode else SignatureVerifier(settings.slack_signing_secret)
     dispatcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bot-dispatch")
+    routes = [Route("/healthz", health_endpoint(socket_mode)), Route("/metrics", prometheus)]
+    if not socket_mode:
+        routes.append(Route(EVENTS_PATH, events_endpoint(settings, bolt, dispatcher), methods=["POST"]))
+    lifespan = make_lifespan(settings, bolt, dispatcher, gateway, (poller, placeholders, sweeper),
+                             socket_mode=socket_mode)
+    asgi = Starlette(routes=routes, lifespan=lifespan)
+    asgi.state.bolt, asgi.state.poller, asgi.state.settings = bolt, poller, settings
+    asgi.state.sweeper = sweeper
+    return asgi
 
-    def dispatch_later(text: str, query: str, headers: dict) -> None:
-        try:  # the request is parsed here, off the event loop
-            resp = bolt.dispatch(BoltRequest(body=text, query=query, headers=headers))
-            if resp.status >= 400:
-                log.warning("event not handled", status=resp.status)
-        except Exception as exc:
-            log.error("event dispatch failed", error=describe_exception(exc))
+
+def events_endpoint(settings: BotSettings, bolt: App, dispatcher: ThreadPoolExecutor):
+    """The /slack/events endpoint of the HTTP Events API."""
+    verifier = SignatureVerifier(settings.slack_signing_secret)
 
     async def slack_events(request: Request) -> Response:
         """Nothing reads a request before its size and signature are checked; a refused one is
@@ -87,7 +90,7 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
         headers = dict(request.headers)
         query = request.url.query
         if kind == "event" and '"event_callback"' in text:
-            dispatcher.submit(dispatch_later, text, query, headers)
+            dispatcher.submit(dispatch_later, bolt, text, query, headers)
             metrics.REQUESTS.labels(kind).observe(time.perf_counter() - started)
             return Response(status_code=200)
         bolt_request = BoltRequest(body=text, query=query, headers=headers)
@@ -95,45 +98,70 @@ def create_asgi(settings: BotSettings | None = None, *, socket_mode: bool = Fals
         metrics.REQUESTS.labels(kind).observe(time.perf_counter() - started)
         return Response(content=resp.body, status_code=resp.status, headers=resp.first_headers_without_set_cookie())
 
+    return slack_events
+
+
+def dispatch_later(bolt: App, text: str, query: str, headers: dict) -> None:
+    """An acked event through Bolt, on a dispatcher thread; a failure is logged."""
+    try:  # the request is parsed here, off the event loop
+        resp = bolt.dispatch(BoltRequest(body=text, query=query, headers=headers))
+        if resp.status >= 400:
+            log.warning("event not handled", status=resp.status)
+    except Exception as exc:
+        log.error("event dispatch failed", error=describe_exception(exc))
+
+
+def health_endpoint(socket_mode: bool):
+    """/healthz: the process answers, and in which mode."""
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"ok": True, "mode": "socket" if socket_mode else "http"})
 
-    async def prometheus(_request: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return healthz
+
+
+async def prometheus(_request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def make_lifespan(settings: BotSettings, bolt: App, dispatcher: ThreadPoolExecutor, gateway: GatewayClient,
+                  background: tuple[ReportPoller, PlaceholderSweeper, RetentionSweeper], *, socket_mode: bool):
+    """Start-up (thread pools, answers, background rounds, the Socket Mode connection) and
+    shutdown in the reverse order, the gateway client closed last."""
+    poller, placeholders, sweeper = background
 
     @asynccontextmanager
     async def lifespan(_app):
-        await anyio.to_thread.run_sync(prestart, dispatcher, 2)
-        lanes = bolt.flywheel["executor"]
-        for lane, pool in lanes.pools.items():
-            await anyio.to_thread.run_sync(prestart, pool, lanes.sizes[lane])
+        await prestart_pools(bolt, dispatcher)
         bolt.flywheel["answers"].start()
         placeholders.start()  # what a crash left "Thinking…" becomes an apology
         if settings.reports_enabled:
             poller.start()
         sweeper.start()
-        if socket_mode:
-            from slack_bolt.adapter.socket_mode import SocketModeHandler
-
-            handler = SocketModeHandler(bolt, settings.slack_app_token)
-            await anyio.to_thread.run_sync(handler.connect)
-            holder["socket"] = handler
-            log.info("connected to Slack over Socket Mode")
+        socket = await connect_socket_mode(bolt, settings) if socket_mode else None
         try:
             yield
         finally:
-            if "socket" in holder:
-                holder["socket"].close()
+            if socket is not None:
+                socket.close()
             await anyio.to_thread.run_sync(poller.stop)
             await anyio.to_thread.run_sync(sweeper.stop)
             await anyio.to_thread.run_sync(placeholders.stop)
             await anyio.to_thread.run_sync(drain, bolt, dispatcher, settings.answer_drain_s)
             gateway.close()  # only now: no answer is left to need it
 
-    routes = [Route("/healthz", healthz), Route("/metrics", prometheus)]
-    if not socket_mode:
-        routes.append(Route(EVENTS_PATH, slack_events, methods=["POST"]))
-    asgi = Starlette(routes=routes, lifespan=lifespan)
-    asgi.state.bolt, asgi.state.poller, asgi.state.settings = bolt, poller, settings
-    asgi.state.sweeper = sweeper
-    return asgi
+    return lifespan
+
+
+async def prestart_pools(bolt: App, dispatcher: ThreadPoolExecutor) -> None:
+    """Every thread of the dispatcher and of the listener lanes started before the first request."""
+    await anyio.to_thread.run_sync(prestart, dispatcher, 2)
+    lanes = bolt.flywheel["executor"]
+    for lane, pool in lanes.pools.items():
+        await anyio.to_thread.run_sync(prestart, pool, lanes.sizes[lane])
+
+
+async def connect_socket_mode(bolt: App, settings: BotSettings) -> SocketModeHandler:
+    handler = SocketModeHandler(bolt, settings.slack_app_token)
+    await anyio.to_thread.run_sync(handler.connect)
+    log.info("connected to Slack over Socket Mode")
+    return handler

@@ -83,33 +83,191 @@ class Worker(Protocol):
 
 def create_front(settings: BotSettings, worker: Worker, *, forwarders: int = FORWARDERS) -> Starlette:
     """The front as an ASGI app for uvicorn: /slack/events, /healthz and /metrics."""
-    verifier = SignatureVerifier(settings.slack_signing_secret)
-    limit = settings.max_body_bytes
-    queue: asyncio.Queue = asyncio.Queue(maxsize=settings.bot_ack_queue)
-    metrics.FORWARD_QUEUE.set_function(queue.qsize)
+    link = WorkerLink(worker)
+    forwarder = Forwarder(link, settings.bot_ack_queue)
     registry = CollectorRegistry()
     for collector in (metrics.REQUESTS, metrics.REJECTED, metrics.FORWARDS, metrics.FORWARD_QUEUE):
         registry.register(collector)
-    held: dict = {}  # the client session, made in the server's event loop
-    mourned: list = []
-    # Set when an acked event could not reach a worker whose process runs (its socket gone, say):
-    # events are refused until a hand-off or a health check gets through again.
-    unreachable = asyncio.Event()
+    routes = [Route("/healthz", health_endpoint(link)), Route("/metrics", metrics_endpoint(link, registry)),
+              Route(EVENTS_PATH, events_endpoint(settings, link, forwarder), methods=["POST"])]
+    asgi = Starlette(routes=routes, lifespan=make_lifespan(link, forwarder, forwarders))
+    asgi.state.queue, asgi.state.worker = forwarder.queue, worker
+    return asgi
 
-    def worker_up() -> bool:
+
+class WorkerLink:
+    """The front's side of its worker: the client session over the Unix socket (made in the
+    server's event loop), whether the worker process runs, and whether its socket answers."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.session: aiohttp.ClientSession | None = None
+        self._mourned = False
+        # Set when an acked event could not reach a worker whose process runs (its socket gone, say):
+        # events are refused until a hand-off or a health check gets through again.
+        self.unreachable = asyncio.Event()
+
+    def open(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=self.worker.uds, limit=CONNECTIONS),
+            timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S))
+
+    async def close(self) -> None:
+        session, self.session = self.session, None
+        await session.close()
+
+    def up(self) -> bool:
         """Whether the worker runs; its death is logged once, by whichever request sees it first."""
-        if worker.alive():
+        if self.worker.alive():
             return True
-        if not mourned:
-            mourned.append(True)
+        if not self._mourned:
+            self._mourned = True
             log.error("the bot worker exited: events and /healthz get 503 until the bot is restarted",
-                      pid=worker.pid, returncode=getattr(worker, "returncode", None))
+                      pid=self.worker.pid, returncode=getattr(self.worker, "returncode", None))
         return False
 
-    def refuse(reason: str) -> Response:
-        metrics.FORWARDS.labels(reason).inc()
-        log.warning("event refused for Slack to retry", reason=reason, status=503)
-        return JSONResponse({"error": reason}, status_code=503)
+    async def watch(self) -> None:
+        """Notice the worker's death without a request, and its socket answering again."""
+        while self.up():
+            await asyncio.sleep(1.0)
+            if self.unreachable.is_set() and (await self.health())[0]:
+                self.unreachable.clear()
+                log.info("the bot worker is reachable again")
+
+    async def health(self) -> tuple[bool, str]:
+        try:
+            async with self.session.get(f"{WORKER_URL}/healthz",
+                                        timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as resp:
+                await resp.read()
+                return resp.status == 200, f"worker answered {resp.status}"
+        except TimeoutError:
+            return False, "worker did not answer in time"
+        except aiohttp.ClientError:
+            return False, "worker unreachable"
+
+    async def metrics(self) -> bytes:
+        """The worker's metrics (Prometheus text format); empty if it does not give them."""
+        try:
+            async with self.session.get(f"{WORKER_URL}/metrics",
+                                        timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as resp:
+                if resp.status == 200:
+                    return await resp.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.warning("cannot read the bot worker's metrics", error=describe_exception(exc))
+        return b""
+
+    async def relay(self, kind: str, target: str, body: bytes, passed: dict) -> Response:
+        """A request whose answer Slack reads: the worker's status, body and content type."""
+        if not self.up():
+            log.warning("request refused: the bot worker is down", kind=kind, status=503)
+            return JSONResponse({"error": "worker down"}, status_code=503)
+        try:
+            async with self.session.post(WORKER_URL + target, data=body, headers=passed) as resp:
+                content = await resp.read()
+                status, content_type = resp.status, resp.headers.get("content-type")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.error("the bot worker did not answer", kind=kind, error=describe_exception(exc))
+            return JSONResponse({"error": "worker unavailable"}, status_code=503)
+        return Response(content=content, status_code=status,
+                        headers={"content-type": content_type} if content_type else None)
+
+
+class Forwarder:
+    """Acked events handed to the worker in the background by a few tasks from a bounded queue."""
+
+    def __init__(self, link: WorkerLink, size: int) -> None:
+        self.link = link
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=size)
+        metrics.FORWARD_QUEUE.set_function(self.queue.qsize)
+
+    def offer(self, target: str, body: bytes, passed: dict) -> str | None:
+        """Queue an event to be acked, or say why it must be refused (for Slack to retry)."""
+        if not self.link.up():
+            return "worker down"
+        if self.link.unreachable.is_set():
+            return "worker unreachable"
+        try:
+            self.queue.put_nowait((target, body, passed))
+        except asyncio.QueueFull:
+            return "busy"
+        return None
+
+    def start(self, count: int) -> list[asyncio.Task]:
+        return [asyncio.create_task(self.forward(), name=f"forward-{i}") for i in range(count)]
+
+    async def forward(self) -> None:
+        while True:
+            target, body, passed = await self.queue.get()
+            try:
+                await self.hand_on(target, body, passed)
+            except asyncio.CancelledError:  # the front stops with this event not yet taken
+                metrics.FORWARDS.labels("failed").inc()
+                log.error("acked event lost: the front stopped before the worker took it")
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug must not stop the forwarder
+                metrics.FORWARDS.labels("failed").inc()
+                log.error("acked event lost", error=describe_exception(exc))
+            finally:
+                self.queue.task_done()
+
+    async def hand_on(self, target: str, body: bytes, passed: dict) -> None:
+        """One acked event to the worker, kept until the worker has taken it: a failed connection,
+        a timeout or a 5xx is tried again, backing off, for as long as the worker process runs
+        (the bot drops a delivery it already has by its event id). Lost (logged, counted) only when
+        the worker is gone for good, or when the front stops first (see `drain`)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self.link.session.post(WORKER_URL + target, data=body, headers=passed) as resp:
+                    await resp.read()
+                    self.link.unreachable.clear()
+                    if resp.status < 500:
+                        _count_delivered(resp.status)
+                        return
+                    reason = f"status {resp.status}"
+            except TimeoutError:
+                reason = f"no answer in {FORWARD_TIMEOUT_S:.0f} s"
+            except aiohttp.ClientConnectionError as exc:
+                reason = describe_exception(exc)
+            if not self.link.up():
+                metrics.FORWARDS.labels("failed").inc()
+                log.error("acked event lost: the bot worker exited", attempts=attempt, reason=reason)
+                return
+            if attempt == FORWARD_ATTEMPTS:  # more than a blip: new events get 503 meanwhile
+                self.link.unreachable.set()
+                log.error("the bot worker cannot take an acked event; kept and retried", reason=reason)
+            await asyncio.sleep(min(FORWARD_BACKOFF_MAX_S, 0.2 * attempt))
+
+    async def drain(self) -> None:
+        """At shutdown, once the server stopped taking requests: hand on what was acked, for up to
+        DRAIN_TIMEOUT_S; what is still queued then is lost (counted)."""
+        try:
+            await asyncio.wait_for(self.queue.join(), DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            if self.queue.qsize():  # those being handed on count themselves when cancelled
+                metrics.FORWARDS.labels("failed").inc(self.queue.qsize())
+                log.error("acked events lost: not handed to the bot worker at shutdown", count=self.queue.qsize())
+
+
+def _count_delivered(status: int) -> None:
+    if status < 300:
+        metrics.FORWARDS.labels("ok").inc()
+    else:  # the worker read it and said no (it checks the signature again): retrying will not help
+        metrics.FORWARDS.labels("failed").inc()
+        log.error("acked event refused by the bot worker", status=status)
+
+
+def _refuse(reason: str) -> Response:
+    metrics.FORWARDS.labels(reason).inc()
+    log.warning("event refused for Slack to retry", reason=reason, status=503)
+    return JSONResponse({"error": reason}, status_code=503)
+
+
+def events_endpoint(settings: BotSettings, link: WorkerLink, forwarder: Forwarder):
+    """/slack/events: checked, then an event acked and queued (or refused), anything else relayed."""
+    verifier = SignatureVerifier(settings.slack_signing_secret)
+    limit = settings.max_body_bytes
 
     async def slack_events(request: Request) -> Response:
         started = time.perf_counter()
@@ -122,151 +280,60 @@ def create_front(settings: BotSettings, worker: Worker, *, forwarders: int = FOR
         query = request.scope.get("query_string") or b""
         target = f"{EVENTS_PATH}?{query.decode('latin-1')}" if query else EVENTS_PATH
         if kind == "event" and b'"event_callback"' in body:
-            if not worker_up():
-                return refuse("worker down")
-            if unreachable.is_set():
-                return refuse("worker unreachable")
-            try:
-                queue.put_nowait((target, body, passed))
-            except asyncio.QueueFull:
-                return refuse("busy")
+            reason = forwarder.offer(target, body, passed)
+            if reason is not None:
+                return _refuse(reason)
             metrics.REQUESTS.labels(kind).observe(time.perf_counter() - started)
             return Response(status_code=200)
-        response = await relay(kind, target, body, passed)
+        response = await link.relay(kind, target, body, passed)
         metrics.REQUESTS.labels(kind).observe(time.perf_counter() - started)
         return response
 
-    async def relay(kind: str, target: str, body: bytes, passed: dict) -> Response:
-        """A request whose answer Slack reads: the worker's status, body and content type."""
-        if not worker_up():
-            log.warning("request refused: the bot worker is down", kind=kind, status=503)
-            return JSONResponse({"error": "worker down"}, status_code=503)
-        try:
-            async with held["session"].post(WORKER_URL + target, data=body, headers=passed) as resp:
-                content = await resp.read()
-                status, content_type = resp.status, resp.headers.get("content-type")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            log.error("the bot worker did not answer", kind=kind, error=describe_exception(exc))
-            return JSONResponse({"error": "worker unavailable"}, status_code=503)
-        return Response(content=content, status_code=status,
-                        headers={"content-type": content_type} if content_type else None)
+    return slack_events
 
-    async def hand_on(target: str, body: bytes, passed: dict) -> None:
-        """One acked event to the worker, kept until the worker has taken it: a failed connection,
-        a timeout or a 5xx is tried again, backing off, for as long as the worker process runs
-        (the bot drops a delivery it already has by its event id). Lost (logged, counted) only when
-        the worker is gone for good, or when the front stops first (see lifespan)."""
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                async with held["session"].post(WORKER_URL + target, data=body, headers=passed) as resp:
-                    await resp.read()
-                    unreachable.clear()
-                    if resp.status < 500:
-                        delivered(resp.status)
-                        return
-                    reason = f"status {resp.status}"
-            except TimeoutError:
-                reason = f"no answer in {FORWARD_TIMEOUT_S:.0f} s"
-            except aiohttp.ClientConnectionError as exc:
-                reason = describe_exception(exc)
-            if not worker_up():
-                metrics.FORWARDS.labels("failed").inc()
-                log.error("acked event lost: the bot worker exited", attempts=attempt, reason=reason)
-                return
-            if attempt == FORWARD_ATTEMPTS:  # more than a blip: new events get 503 meanwhile
-                unreachable.set()
-                log.error("the bot worker cannot take an acked event; kept and retried", reason=reason)
-            await asyncio.sleep(min(FORWARD_BACKOFF_MAX_S, 0.2 * attempt))
 
-    def delivered(status: int) -> None:
-        if status < 300:
-            metrics.FORWARDS.labels("ok").inc()
-        else:  # the worker read it and said no (it checks the signature again): retrying will not help
-            metrics.FORWARDS.labels("failed").inc()
-            log.error("acked event refused by the bot worker", status=status)
-
-    async def forward() -> None:
-        while True:
-            target, body, passed = await queue.get()
-            try:
-                await hand_on(target, body, passed)
-            except asyncio.CancelledError:  # the front stops with this event not yet taken
-                metrics.FORWARDS.labels("failed").inc()
-                log.error("acked event lost: the front stopped before the worker took it")
-                raise
-            except Exception as exc:  # noqa: BLE001 - a bug must not stop the forwarder
-                metrics.FORWARDS.labels("failed").inc()
-                log.error("acked event lost", error=describe_exception(exc))
-            finally:
-                queue.task_done()
-
-    async def watch() -> None:
-        """Notice the worker's death without a request, and its socket answering again."""
-        while worker_up():
-            await asyncio.sleep(1.0)
-            if unreachable.is_set() and (await worker_health())[0]:
-                unreachable.clear()
-                log.info("the bot worker is reachable again")
-
-    async def worker_health() -> tuple[bool, str]:
-        try:
-            async with held["session"].get(f"{WORKER_URL}/healthz",
-                                           timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as resp:
-                await resp.read()
-                return resp.status == 200, f"worker answered {resp.status}"
-        except TimeoutError:
-            return False, "worker did not answer in time"
-        except aiohttp.ClientError:
-            return False, "worker unreachable"
-
+def health_endpoint(link: WorkerLink):
+    """/healthz: 200 only while the worker runs and its own /healthz answers."""
     async def healthz(_request: Request) -> Response:
-        if not worker_up():
-            return JSONResponse({"ok": False, "reason": "worker exited", "worker_pid": worker.pid}, status_code=503)
-        ok, reason = await worker_health()
+        pid = link.worker.pid
+        if not link.up():
+            return JSONResponse({"ok": False, "reason": "worker exited", "worker_pid": pid}, status_code=503)
+        ok, reason = await link.health()
         if ok:
-            return JSONResponse({"ok": True, "mode": "http", "worker_pid": worker.pid})
-        return JSONResponse({"ok": False, "reason": reason, "worker_pid": worker.pid}, status_code=503)
+            return JSONResponse({"ok": True, "mode": "http", "worker_pid": pid})
+        return JSONResponse({"ok": False, "reason": reason, "worker_pid": pid}, status_code=503)
 
+    return healthz
+
+
+def metrics_endpoint(link: WorkerLink, registry: CollectorRegistry):
+    """/metrics: this process's request metrics, then the worker's."""
     async def prometheus(_request: Request) -> Response:
-        own, theirs = generate_latest(registry), b""
-        if worker_up():
-            try:
-                async with held["session"].get(f"{WORKER_URL}/metrics",
-                                               timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as resp:
-                    if resp.status == 200:
-                        theirs = await resp.read()
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                log.warning("cannot read the bot worker's metrics", error=describe_exception(exc))
+        own = generate_latest(registry)
+        theirs = await link.metrics() if link.up() else b""
         return Response(merge_exposition(own, theirs), media_type=CONTENT_TYPE_LATEST)
 
+    return prometheus
+
+
+def make_lifespan(link: WorkerLink, forwarder: Forwarder, forwarders: int):
+    """The session and the forwarder and watch tasks for the server's lifetime; at shutdown the
+    acked events are handed on first."""
     @asynccontextmanager
     async def lifespan(_app):
-        held["session"] = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=worker.uds, limit=CONNECTIONS),
-            timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S))
-        tasks = [asyncio.create_task(forward(), name=f"forward-{i}") for i in range(forwarders)]
-        tasks.append(asyncio.create_task(watch(), name="watch-worker"))
+        link.open()
+        tasks = forwarder.start(forwarders)
+        tasks.append(asyncio.create_task(link.watch(), name="watch-worker"))
         try:
             yield
         finally:
-            try:  # the server stopped taking requests; hand on what was acked
-                await asyncio.wait_for(queue.join(), DRAIN_TIMEOUT_S)
-            except TimeoutError:
-                if queue.qsize():  # those being handed on count themselves when cancelled
-                    metrics.FORWARDS.labels("failed").inc(queue.qsize())
-                    log.error("acked events lost: not handed to the bot worker at shutdown", count=queue.qsize())
+            await forwarder.drain()  # the server stopped taking requests
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await held.pop("session").close()
+            await link.close()
 
-    routes = [Route("/healthz", healthz), Route("/metrics", prometheus),
-              Route(EVENTS_PATH, slack_events, methods=["POST"])]
-    asgi = Starlette(routes=routes, lifespan=lifespan)
-    asgi.state.queue, asgi.state.worker = queue, worker
-    return asgi
+    return lifespan
 
 
 def merge_exposition(own: bytes, other: bytes) -> bytes:

@@ -14,6 +14,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
@@ -27,6 +28,13 @@ BOT_USER_ID = "UBOT0001"
 BOT_ID = "BBOT0001"
 TEAM_ID = "T0000001"
 APP_ID = "A0000001"
+
+# Methods whose Block Kit payload is checked against Slack's limits first.
+MESSAGE_METHODS = ("chat.postMessage", "chat.postEphemeral", "chat.update", "chat.stopStream")
+VIEW_METHODS = ("views.open", "views.publish", "views.update", "views.push")
+STREAM_METHODS = ("chat.startStream", "chat.appendStream", "chat.stopStream")
+ASSISTANT_METHODS = ("assistant.threads.setStatus", "assistant.threads.setTitle",
+                     "assistant.threads.setSuggestedPrompts")
 
 
 @dataclass
@@ -92,6 +100,7 @@ class SlackDouble:
         self.users = users or {}
         self.printer = printer
         self.state = _State()
+        self._methods = self._web_api()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -262,8 +271,38 @@ class SlackDouble:
 
     def handle(self, method: str, args: dict) -> dict:
         """One Web API call; `args` are the merged query, form and JSON arguments."""
-        st = self.state
-        if method in ("chat.postMessage", "chat.postEphemeral", "chat.update", "chat.stopStream"):
+        refused = self._check_payload(method, args)
+        if refused is not None:
+            return refused
+        answer = self._methods.get(method)
+        if answer is None:
+            return {"ok": False, "error": "unknown_method"}
+        return answer(args)
+
+    def _web_api(self) -> dict[str, Callable[[dict], dict]]:
+        """The Web API methods the double answers: name → handler of the call's arguments."""
+        return {
+            "api.test": lambda args: {"ok": True, "args": args},
+            "apps.connections.open": lambda args: {"ok": True, "url": self.socket_mode.url()},
+            "auth.test": self._auth_test,
+            "chat.postMessage": self._post,
+            "chat.postEphemeral": self._post_ephemeral,
+            "chat.update": self._update,
+            **{method: partial(self._stream, method) for method in STREAM_METHODS},
+            **{method: partial(self._assistant, method) for method in ASSISTANT_METHODS},
+            "reactions.add": self._add_reaction,
+            "users.info": self._users_info,
+            "conversations.info": self._conversations_info,
+            "conversations.replies": lambda args: {
+                "ok": True, "messages": self.thread(args.get("channel", ""), args.get("ts", "")), "has_more": False},
+            **{method: partial(self._view, method) for method in VIEW_METHODS},
+            "files.getUploadURLExternal": self._upload_url,
+            "files.completeUploadExternal": self._complete_upload,
+        }
+
+    def _check_payload(self, method: str, args: dict) -> dict | None:
+        """Slack's refusal of a message or view its Block Kit limits do not allow; None if none."""
+        if method in MESSAGE_METHODS:
             blocks = _maybe_json(args.get("blocks"))
             errors = message_errors({**args, "blocks": blocks})
             if errors:
@@ -271,95 +310,91 @@ class SlackDouble:
             if not self.plan_blocks and any(isinstance(b, dict) and b.get("type") in ("plan", "task_card")
                                             for b in blocks or []):
                 return {"ok": False, "error": "invalid_blocks"}  # not a bot bug: this workspace lacks them
-        if method in ("views.open", "views.publish", "views.update", "views.push"):
+        if method in VIEW_METHODS:
             errors = view_errors(_maybe_json(args.get("view")))
             if errors:
                 return self._refuse(method, errors)
-        if method == "api.test":
-            return {"ok": True, "args": args}
-        if method == "apps.connections.open":
-            return {"ok": True, "url": self.socket_mode.url()}
-        if method == "auth.test":
-            return {"ok": True, "url": "https://flywheel-test.slack.com/", "team": "Flywheel Test",
-                    "user": "flywheel", "team_id": self.team_id, "user_id": self.bot_user_id,
-                    "bot_id": BOT_ID, "is_enterprise_install": False}
-        if method == "chat.postMessage":
-            return self._post(args)
-        if method == "chat.postEphemeral":
-            if not args.get("user"):
-                return {"ok": False, "error": "user_not_found"}
-            return self._post(args, ephemeral=True)
-        if method == "chat.update":
-            key = (args.get("channel"), args.get("ts"))
-            msg = st.messages.get(key)
-            if msg is None:
-                return {"ok": False, "error": "message_not_found"}
-            msg["text"] = args.get("text", msg["text"])
-            if "blocks" in args:
-                msg["blocks"] = _maybe_json(args["blocks"]) or []
-            msg.setdefault("edits", 0)
-            msg["edits"] += 1
-            return {"ok": True, "channel": key[0], "ts": key[1], "text": msg["text"], "message": msg}
-        if method in ("chat.startStream", "chat.appendStream", "chat.stopStream"):
-            return self._stream(method, args)
-        if method in ("assistant.threads.setStatus", "assistant.threads.setTitle",
-                      "assistant.threads.setSuggestedPrompts"):
-            return self._assistant(method, args)
-        if method == "reactions.add":
-            key = (args.get("channel"), args.get("timestamp"))
-            if key not in st.messages:
-                return {"ok": True}  # user messages live in Slack only; accept like Slack does
-            reactions = st.messages[key].setdefault("reactions", [])
-            if any(r["name"] == args.get("name") for r in reactions):
-                return {"ok": False, "error": "already_reacted"}
-            reactions.append({"name": args.get("name"), "users": [self.bot_user_id], "count": 1})
-            return {"ok": True}
-        if method == "users.info":
-            if not args.get("user"):
-                return {"ok": False, "error": "user_not_found"}
-            return {"ok": True, "user": self._user(args["user"])}
-        if method == "conversations.info":
-            channel = args.get("channel") or ""
-            if not channel:
-                return {"ok": False, "error": "channel_not_found"}
-            is_im = channel.startswith("D")
-            return {"ok": True, "channel": {
-                "id": channel, "is_im": is_im, "is_mpim": False, "is_channel": not is_im,
-                "is_private": is_im or channel.startswith("G") or channel in self.private_channels,
-                "is_shared": channel in self.external_channels, "is_ext_shared": channel in self.external_channels}}
-        if method == "conversations.replies":
-            msgs = self.thread(args.get("channel", ""), args.get("ts", ""))
-            return {"ok": True, "messages": msgs, "has_more": False}
-        if method in ("views.open", "views.publish", "views.update", "views.push"):
-            view = _maybe_json(args.get("view"))
-            if not isinstance(view, dict) or "type" not in view:
-                return {"ok": False, "error": "invalid_arguments"}
-            if method == "views.open" and not args.get("trigger_id"):
-                return {"ok": False, "error": "invalid_trigger_id"}
-            view_id = args.get("view_id") or f"V{len(st.views) + 1:08d}"
-            full = {**view, "id": view_id, "team_id": self.team_id, "user_id": args.get("user_id")}
-            st.views[view_id] = full
-            return {"ok": True, "view": full}
-        if method == "files.getUploadURLExternal":
-            if not args.get("filename") or not str(args.get("length", "")).isdigit():
-                return {"ok": False, "error": "invalid_arguments"}
-            file_id = f"F{len(st.uploads) + 1:08d}"
-            st.uploads[file_id] = {"id": file_id, "name": args["filename"], "length": int(args["length"]),
-                                   "data": None}
-            return {"ok": True, "upload_url": f"{self.base_url}/upload/{file_id}", "file_id": file_id}
-        if method == "files.completeUploadExternal":
-            files = _maybe_json(args.get("files")) or []
-            done = []
-            for item in files:
-                up = st.uploads.get(item.get("id"))
-                if up is None or up["data"] is None:
-                    return {"ok": False, "error": "file_not_found"}
-                up.update(title=item.get("title"), channel=args.get("channel_id"),
-                          thread_ts=args.get("thread_ts"))
-                done.append({"id": up["id"], "name": up["name"], "title": up.get("title"),
-                             "size": len(up["data"])})
-            return {"ok": True, "files": done}
-        return {"ok": False, "error": "unknown_method"}
+        return None
+
+    def _auth_test(self, _args: dict) -> dict:
+        return {"ok": True, "url": "https://flywheel-test.slack.com/", "team": "Flywheel Test",
+                "user": "flywheel", "team_id": self.team_id, "user_id": self.bot_user_id,
+                "bot_id": BOT_ID, "is_enterprise_install": False}
+
+    def _post_ephemeral(self, args: dict) -> dict:
+        if not args.get("user"):
+            return {"ok": False, "error": "user_not_found"}
+        return self._post(args, ephemeral=True)
+
+    def _update(self, args: dict) -> dict:
+        key = (args.get("channel"), args.get("ts"))
+        msg = self.state.messages.get(key)
+        if msg is None:
+            return {"ok": False, "error": "message_not_found"}
+        msg["text"] = args.get("text", msg["text"])
+        if "blocks" in args:
+            msg["blocks"] = _maybe_json(args["blocks"]) or []
+        msg.setdefault("edits", 0)
+        msg["edits"] += 1
+        return {"ok": True, "channel": key[0], "ts": key[1], "text": msg["text"], "message": msg}
+
+    def _add_reaction(self, args: dict) -> dict:
+        key = (args.get("channel"), args.get("timestamp"))
+        if key not in self.state.messages:
+            return {"ok": True}  # user messages live in Slack only; accept like Slack does
+        reactions = self.state.messages[key].setdefault("reactions", [])
+        if any(r["name"] == args.get("name") for r in reactions):
+            return {"ok": False, "error": "already_reacted"}
+        reactions.append({"name": args.get("name"), "users": [self.bot_user_id], "count": 1})
+        return {"ok": True}
+
+    def _users_info(self, args: dict) -> dict:
+        if not args.get("user"):
+            return {"ok": False, "error": "user_not_found"}
+        return {"ok": True, "user": self._user(args["user"])}
+
+    def _conversations_info(self, args: dict) -> dict:
+        channel = args.get("channel") or ""
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        is_im = channel.startswith("D")
+        return {"ok": True, "channel": {
+            "id": channel, "is_im": is_im, "is_mpim": False, "is_channel": not is_im,
+            "is_private": is_im or channel.startswith("G") or channel in self.private_channels,
+            "is_shared": channel in self.external_channels, "is_ext_shared": channel in self.external_channels}}
+
+    def _view(self, method: str, args: dict) -> dict:
+        view = _maybe_json(args.get("view"))
+        if not isinstance(view, dict) or "type" not in view:
+            return {"ok": False, "error": "invalid_arguments"}
+        if method == "views.open" and not args.get("trigger_id"):
+            return {"ok": False, "error": "invalid_trigger_id"}
+        views = self.state.views
+        view_id = args.get("view_id") or f"V{len(views) + 1:08d}"
+        full = {**view, "id": view_id, "team_id": self.team_id, "user_id": args.get("user_id")}
+        views[view_id] = full
+        return {"ok": True, "view": full}
+
+    def _upload_url(self, args: dict) -> dict:
+        if not args.get("filename") or not str(args.get("length", "")).isdigit():
+            return {"ok": False, "error": "invalid_arguments"}
+        uploads = self.state.uploads
+        file_id = f"F{len(uploads) + 1:08d}"
+        uploads[file_id] = {"id": file_id, "name": args["filename"], "length": int(args["length"]), "data": None}
+        return {"ok": True, "upload_url": f"{self.base_url}/upload/{file_id}", "file_id": file_id}
+
+    def _complete_upload(self, args: dict) -> dict:
+        files = _maybe_json(args.get("files")) or []
+        done = []
+        for item in files:
+            up = self.state.uploads.get(item.get("id"))
+            if up is None or up["data"] is None:
+                return {"ok": False, "error": "file_not_found"}
+            up.update(title=item.get("title"), channel=args.get("channel_id"),
+                      thread_ts=args.get("thread_ts"))
+            done.append({"id": up["id"], "name": up["name"], "title": up.get("title"),
+                         "size": len(up["data"])})
+        return {"ok": True, "files": done}
 
     def _log(self, call: Call, response: dict) -> None:
         if self.printer is None:

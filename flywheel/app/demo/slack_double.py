@@ -77,6 +77,20 @@ class _State:
     def next_ts(self) -> str:
         return new_ts()
 
+    def failure(self, method: str) -> tuple[int, str, int] | None:
+        """The failure a call to `method` gets now (status, error, Retry-After), if any; the
+        caller holds the lock. A call before a 429's Retry-After has passed is limited again."""
+        now = time.monotonic()
+        early = self.limited_until.get(method, 0.0) - now
+        if early > 0:  # called again before the Retry-After we gave: still limited
+            failure = (429, "ratelimited", max(1, math.ceil(early)))
+        else:
+            pending = self.failures.get(method)
+            failure = pending.pop(0) if pending else None
+        if failure is not None and failure[0] == 429:
+            self.limited_until[method] = now + failure[2]
+        return failure
+
 
 class SlackDouble:
     """Start with `with SlackDouble() as slack:`; point WebClient at `slack.api_url`."""
@@ -454,111 +468,116 @@ def _indent(text: str) -> str:
     return "\n".join("    " + line for line in str(text).splitlines())
 
 
-def _make_handler(double: SlackDouble):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+def _make_handler(double: SlackDouble) -> type[BaseHTTPRequestHandler]:
+    """The request handler class of the double's HTTP server, bound to `double`."""
+    return type("Handler", (_Handler,), {"double": double})
 
-        def log_message(self, *args) -> None:  # quiet: calls are recorded instead
-            pass
 
-        def _reply(self, status: int, body: dict, headers: dict | None = None) -> None:
-            raw = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(raw)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(raw)
+class _Handler(BaseHTTPRequestHandler):
+    """The double over HTTP: /api/<method> (the Web API), /upload/<file id> (the bytes of an
+    external upload) and /response/<id> (a response_url); every request is recorded as a Call."""
 
-        def _args(self, raw: bytes) -> dict:
-            parsed = urllib.parse.urlsplit(self.path)
-            args = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query).items()}
-            ctype = self.headers.get("Content-Type", "")
-            if raw and "application/json" in ctype:
-                args.update(json.loads(raw))
-            elif raw and "application/x-www-form-urlencoded" in ctype:
-                args.update({k: v[-1] for k, v in urllib.parse.parse_qs(raw.decode()).items()})
-            return args
+    protocol_version = "HTTP/1.1"
+    double: SlackDouble  # set by _make_handler
 
-        def _handle(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            path = urllib.parse.urlsplit(self.path).path
-            st = double.state
-            if path.startswith("/upload/"):
-                file_id = path.rsplit("/", 1)[-1]
-                with st.lock:
-                    up = st.uploads.get(file_id)
-                    if up is not None:
-                        up["data"] = raw
-                    call = Call("upload", {"file_id": file_id, "bytes": len(raw)}, None)
-                    st.calls.append(call)
-                    st.lock.notify_all()
-                double._log(call, {})
-                self._reply(200 if up is not None else 404, {"ok": up is not None})
-                return
-            if path.startswith("/response/"):
-                try:
-                    args = json.loads(raw or b"{}")
-                except json.JSONDecodeError:
-                    self._reply(400, {"ok": False, "error": "invalid_json"})
-                    return
-                call = Call("response", {**args, "response_id": path.rsplit("/", 1)[-1]}, None)
-                errors = message_errors(args) if isinstance(args, dict) else ["response: not an object"]
-                with st.lock:
-                    st.calls.append(call)
-                    if errors:
-                        st.refused.append(("response", errors))
-                    st.lock.notify_all()
-                if errors:
-                    self._reply(400, {"ok": False, "error": "invalid_blocks", "response_metadata": {"messages": errors}})
-                    return
-                double._log(call, {})
-                self._reply(200, {"ok": True})
-                return
-            if not path.startswith("/api/"):
-                self._reply(404, {"ok": False, "error": "not_found"})
-                return
-            method = path[len("/api/"):]
-            try:
-                args = self._args(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                self._reply(200, {"ok": False, "error": "invalid_json"})
-                return
-            auth = self.headers.get("Authorization", "")
-            token = auth[len("Bearer "):] if auth.startswith("Bearer ") else args.pop("token", None)
-            call = Call(method, args, token)
-            with st.lock:
-                st.calls.append(call)
-                now = time.monotonic()
-                early = st.limited_until.get(method, 0.0) - now
-                if early > 0:  # called again before the Retry-After we gave: still limited
-                    failure = (429, "ratelimited", max(1, math.ceil(early)))
-                else:
-                    pending = st.failures.get(method)
-                    failure = pending.pop(0) if pending else None
-                if failure is not None and failure[0] == 429:
-                    st.limited_until[method] = now + failure[2]
-                if failure is not None:
-                    status, error, retry_after = failure
-                    response = {"ok": False, "error": error}
-                elif token != (double.app_token if method == "apps.connections.open" else double.bot_token):
-                    response = {"ok": False, "error": "invalid_auth" if token else "not_authed"}
-                else:
-                    response = double.handle(method, args)
-                call.response = response
-                st.lock.notify_all()
+    def log_message(self, *args) -> None:  # quiet: calls are recorded instead
+        pass
+
+    def _reply(self, status: int, body: dict, headers: dict | None = None) -> None:
+        raw = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(raw)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def _args(self, raw: bytes) -> dict:
+        parsed = urllib.parse.urlsplit(self.path)
+        args = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query).items()}
+        ctype = self.headers.get("Content-Type", "")
+        if raw and "application/json" in ctype:
+            args.update(json.loads(raw))
+        elif raw and "application/x-www-form-urlencoded" in ctype:
+            args.update({k: v[-1] for k, v in urllib.parse.parse_qs(raw.decode()).items()})
+        return args
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        path = urllib.parse.urlsplit(self.path).path
+        if path.startswith("/upload/"):
+            self._upload(path.rsplit("/", 1)[-1], raw)
+        elif path.startswith("/response/"):
+            self._response(path.rsplit("/", 1)[-1], raw)
+        elif path.startswith("/api/"):
+            self._api(path[len("/api/"):], raw)
+        else:
+            self._reply(404, {"ok": False, "error": "not_found"})
+
+    do_POST = _handle
+    do_GET = _handle
+
+    def _upload(self, file_id: str, raw: bytes) -> None:
+        st = self.double.state
+        with st.lock:
+            up = st.uploads.get(file_id)
+            if up is not None:
+                up["data"] = raw
+            call = Call("upload", {"file_id": file_id, "bytes": len(raw)}, None)
+            st.calls.append(call)
+            st.lock.notify_all()
+        self.double._log(call, {})
+        self._reply(200 if up is not None else 404, {"ok": up is not None})
+
+    def _response(self, response_id: str, raw: bytes) -> None:
+        try:
+            args = json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            self._reply(400, {"ok": False, "error": "invalid_json"})
+            return
+        call = Call("response", {**args, "response_id": response_id}, None)
+        errors = message_errors(args) if isinstance(args, dict) else ["response: not an object"]
+        st = self.double.state
+        with st.lock:
+            st.calls.append(call)
+            if errors:
+                st.refused.append(("response", errors))
+            st.lock.notify_all()
+        if errors:
+            self._reply(400, {"ok": False, "error": "invalid_blocks", "response_metadata": {"messages": errors}})
+            return
+        self.double._log(call, {})
+        self._reply(200, {"ok": True})
+
+    def _api(self, method: str, raw: bytes) -> None:
+        try:
+            args = self._args(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self._reply(200, {"ok": False, "error": "invalid_json"})
+            return
+        auth = self.headers.get("Authorization", "")
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else args.pop("token", None)
+        call = Call(method, args, token)
+        double, st = self.double, self.double.state
+        with st.lock:
+            st.calls.append(call)
+            failure = st.failure(method)
             if failure is not None:
-                self._reply(status, response, {"Retry-After": str(retry_after)})
-                return
-            double._log(call, response)
-            self._reply(200, response)
-
-        do_POST = _handle
-        do_GET = _handle
-
-    return Handler
+                status, error, retry_after = failure
+                response = {"ok": False, "error": error}
+            elif token != (double.app_token if method == "apps.connections.open" else double.bot_token):
+                response = {"ok": False, "error": "invalid_auth" if token else "not_authed"}
+            else:
+                response = double.handle(method, args)
+            call.response = response
+            st.lock.notify_all()
+        if failure is not None:
+            self._reply(status, response, {"Retry-After": str(retry_after)})
+            return
+        double._log(call, response)
+        self._reply(200, response)
 
 
 class SlackSender:

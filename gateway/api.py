@@ -7,6 +7,8 @@ streaming, Starlette does. JSON is encoded with orjson (about 20x faster than js
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import anyio
 import orjson
@@ -109,56 +111,103 @@ async def _serve(request: Request, endpoint: str, req) -> Response:
     return response
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One admitted request on the version it resolved to."""
+    gw: object
+    endpoint: str
+    path: str
+    req: object
+    version: str | None
+    label: str
+    started: float
+
+
 async def _run(request: Request, gw, endpoint: str, path: str, req, turn: float) -> Response:
-    metrics, registry = gw.metrics, gw.registry
+    """The request on the version it names, answered whole or streamed."""
     started = time.perf_counter()
+    version = await _resolve(request, gw, req, path)
+    call = _Call(gw, endpoint, path, req, version, gw.registry.label(version), started)
+    if req.stream:
+        return await _streamed(call, turn)
+    return await _full(call)
+
+
+async def _resolve(request: Request, gw, req, path: str) -> str | None:
+    """The version the request may run on; a registered one named directly is loaded first."""
     admin = is_admin(request)
     try:
         try:
-            version = registry.resolve(req.model, admin)
+            return gw.registry.resolve(req.model, admin)
         except GatewayError:
             if gw.syncer is None or gw.settings.max_extra_versions == 0:
                 raise
             await gw.syncer.ensure_loaded(req.model, admin)  # a registered version named directly
-            version = registry.resolve(req.model, admin)
+            return gw.registry.resolve(req.model, admin)
     except GatewayError as exc:
-        metrics.requests.labels(path, "none", str(exc.status)).inc()
+        gw.metrics.requests.labels(path, "none", str(exc.status)).inc()
         raise
-    label = registry.label(version)
-    headers = {VERSION_HEADER: label}
-    metrics.inflight.inc()
-    lease = registry.use(version)
-    lease.__enter__()
+
+
+@contextmanager
+def _in_flight(call: _Call):
+    """The request counted as running, and against the version it runs on (the registry's lease)."""
+    call.gw.metrics.inflight.inc()
     try:
-        if not req.stream:
-            try:
-                body = await gw.backend.generate(version, endpoint, req)
-            except GatewayError as exc:
-                exc.headers.setdefault(VERSION_HEADER, label)
-                metrics.requests.labels(path, label, str(exc.status)).inc()
-                _log_failure(path, label, exc)
-                raise
-            body["model"] = label
-            _count_tokens(gw, label, body.get("usage"))
-            metrics.requests.labels(path, label, "200").inc()
-            metrics.latency.labels(path, "false").observe(time.perf_counter() - started)
-            return Response(orjson.dumps(body), media_type="application/json", headers=headers)
-        chunks = gw.backend.sse(version, endpoint, req, label)
+        with call.gw.registry.use(call.version):
+            yield
+    finally:
+        call.gw.metrics.inflight.dec()
+
+
+def _failed(call: _Call, exc: GatewayError) -> None:
+    """A backend error before any answer was sent: counted, logged, and its version named."""
+    exc.headers.setdefault(VERSION_HEADER, call.label)
+    call.gw.metrics.requests.labels(call.path, call.label, str(exc.status)).inc()
+    _log_failure(call.path, call.label, exc)
+
+
+async def _full(call: _Call) -> Response:
+    """The whole answer in one JSON body."""
+    gw = call.gw
+    with _in_flight(call):
+        try:
+            body = await gw.backend.generate(call.version, call.endpoint, call.req)
+        except GatewayError as exc:
+            _failed(call, exc)
+            raise
+    body["model"] = call.label
+    _count_tokens(gw, call.label, body.get("usage"))
+    gw.metrics.requests.labels(call.path, call.label, "200").inc()
+    gw.metrics.latency.labels(call.path, "false").observe(time.perf_counter() - call.started)
+    return Response(orjson.dumps(body), media_type="application/json", headers={VERSION_HEADER: call.label})
+
+
+async def _streamed(call: _Call, turn: float) -> Response:
+    """Server-sent events. The lease and the admission turn are held until the stream closes
+    (_stream_response), unless it fails before its first chunk."""
+    held = ExitStack()
+    held.enter_context(_in_flight(call))
+    chunks = None
+    try:
+        chunks = call.gw.backend.sse(call.version, call.endpoint, call.req, call.label)
         try:  # errors found before the first chunk still get a proper status code
             first = await chunks.__anext__()
         except GatewayError as exc:
-            exc.headers.setdefault(VERSION_HEADER, label)
-            metrics.requests.labels(path, label, str(exc.status)).inc()
-            _log_failure(path, label, exc)
+            _failed(call, exc)
             raise
     except BaseException:
-        lease.__exit__(None, None, None)
-        metrics.inflight.dec()
-        if "chunks" in locals():
+        held.close()
+        if chunks is not None:
             with anyio.CancelScope(shield=True):
                 await chunks.aclose()
         raise
-    metrics.first_token.labels(path).observe(time.perf_counter() - started)
+    call.gw.metrics.first_token.labels(call.path).observe(time.perf_counter() - call.started)
+    return _stream_response(call, turn, held, chunks, first)
+
+
+def _stream_response(call: _Call, turn: float, held: ExitStack, chunks, first) -> Response:
+    gw, path, label = call.gw, call.path, call.label
     status = "200"
     closed = False
 
@@ -169,11 +218,10 @@ async def _run(request: Request, gw, endpoint: str, path: str, req, turn: float)
         if closed:
             return
         closed = True
-        lease.__exit__(None, None, None)
+        held.close()
         gw.admission.release(turn)
-        metrics.inflight.dec()
-        metrics.requests.labels(path, label, status).inc()
-        metrics.latency.labels(path, "true").observe(time.perf_counter() - started)
+        gw.metrics.requests.labels(path, label, status).inc()
+        gw.metrics.latency.labels(path, "true").observe(time.perf_counter() - call.started)
         with anyio.CancelScope(shield=True):
             await chunks.aclose()
 
@@ -196,7 +244,7 @@ async def _run(request: Request, gw, endpoint: str, path: str, req, turn: float)
         finally:
             await close()
 
-    headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    headers = {VERSION_HEADER: label, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return _Stream(body_iter(), close, media_type="text/event-stream", headers=headers)
 
 

@@ -144,22 +144,49 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
     Everything people taught trains; only never-taught items (voted-up answers) are held out."""
     prompt = prompt or PromptSettings()
     counts: Counter = Counter()
+    items, redactions = _cleaned(examples, prompt, settings.max_chars, counts)
+    items, rejected = _set_rejected_apart(items, counts)
+    winners = _one_per_context(items, counts)
+    labels = _labels_as_answers(winners)
+    _assign_splits(winners, settings.eval_fraction)
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    out["rejected"] = rejected
+    # Near duplicates: within the training set keep the first of each never-taught group (what people
+    # taught always stays); a never-taught eval item like a training item is dropped (it would
+    # measure memorization, and its twin trains anyway).
+    train_index = _fill_train(out, winners, settings, counts)
+    _fill_eval(out, winners, train_index, settings, counts)
+    taught = _augment_taught(out, settings, counts)
+    out["general"] = _general_items(general or [], prompt)
+    _count_splits(out, counts, len(taught), redactions)
+    return out, counts, labels
+
+
+def _cleaned(examples: list[Example], prompt: PromptSettings, max_chars: int,
+             counts: Counter) -> tuple[list[dict], Counter]:
+    """Each example cleaned and redacted, or dropped (empty, too long); and the redactions made
+    in the items kept."""
     redactions: Counter = Counter()
     items = []
     for ex in examples:
         found: Counter = Counter()  # tallied only for items kept
         try:
-            item = _clean_example(ex, prompt, found, settings.max_chars)
+            item = _clean_example(ex, prompt, found, max_chars)
         except _TooLong:
             counts["dropped_too_long"] += 1
             continue
         if item is None:
             counts["dropped_empty"] += 1
-        elif _too_long(item, settings.max_chars):
+        elif _too_long(item, max_chars):
             counts["dropped_too_long"] += 1
         else:
             redactions.update(found)
             items.append(item)
+    return items, redactions
+
+
+def _set_rejected_apart(items: list[dict], counts: Counter) -> tuple[list[dict], list[dict]]:
+    """(the items with a target, the rejected ones kept)."""
     # Voted down with nothing better taught: kept apart (one per context and answer), unless someone
     # taught an answer for the same context (then that item's pair says it better).
     rejected = [it for it in items if it["source"] == "rejected"]
@@ -174,6 +201,10 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
             continue
         seen_rejected.add(key)
         out_rejected.append(it)
+    return items, out_rejected
+
+
+def _one_per_context(items: list[dict], counts: Counter) -> list[dict]:
     # Exact duplicates and conflicts: one item per (kind, normalized context); the best source wins.
     groups: dict[str, list[dict]] = {}
     for item in items:
@@ -188,6 +219,11 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
         counts["exact_duplicates"] += len(group) - 1
         winners.append(best)
     winners.sort(key=lambda it: (-SOURCE_PRIORITY.get(it["source"], 0), it["example_id"]))
+    return winners
+
+
+def _labels_as_answers(winners: list[dict]) -> list[str]:
+    """The label set, sorted; each label item turned into an answer item in place."""
     # Labels become answers with a system prompt listing the label set, so one SFT recipe trains both.
     labels = sorted({it["label"] for it in winners if it["label"] is not None and it["answer"] is None})
     for it in winners:
@@ -195,6 +231,12 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
             it["messages"] = [{"role": "system", "content": label_system_prompt(labels)}, *it["messages"]]
             it["answer"] = it["label"]
             it["is_label"] = True
+    return labels
+
+
+def _assign_splits(winners: list[dict], eval_fraction: float) -> None:
+    """Taught items train; a paraphrase trains with its parent (None: the parent is gone); the
+    others are split by their question's hash."""
     by_id = {it["example_id"]: it for it in winners}
     for it in winners:
         if it["augmented"]:
@@ -203,12 +245,12 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
         elif it["source"] in TAUGHT_SOURCES or it["golden"]:
             it["split"] = "train"
         else:
-            it["split"] = hash_split(it["messages"][-1]["content"], settings.eval_fraction)
-    # Near duplicates: within the training set keep the first of each never-taught group (what people
-    # taught always stays); a never-taught eval item like a training item is dropped (it would
-    # measure memorization, and its twin trains anyway).
-    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    out["rejected"] = out_rejected
+            it["split"] = hash_split(it["messages"][-1]["content"], eval_fraction)
+
+
+def _fill_train(out: dict[str, list[dict]], winners: list[dict], settings: TrainerSettings,
+                counts: Counter) -> NearDupIndex:
+    """The training (and training-side golden) items; returns the index of their texts."""
     train_index = NearDupIndex(settings.near_dup_threshold, settings.minhash_perms)
     for it in winners:
         if it["split"] is None:
@@ -227,6 +269,11 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
             if not settings.train_on_golden:
                 continue
         out["train"].append(it)
+    return train_index
+
+
+def _fill_eval(out: dict[str, list[dict]], winners: list[dict], train_index: NearDupIndex,
+               settings: TrainerSettings, counts: Counter) -> None:
     eval_index = NearDupIndex(settings.near_dup_threshold, settings.minhash_perms)
     for it in winners:
         if it["split"] != "eval":
@@ -239,6 +286,10 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
         out["eval"].append(it)
         if it["golden"]:
             out["golden"].append(it)
+
+
+def _augment_taught(out: dict[str, list[dict]], settings: TrainerSettings, counts: Counter) -> list[dict]:
+    """The taught training items, each added in template paraphrases to train and to recall."""
     # Taught answers: learned in a few more phrasings, and recalled in held-out ones.
     taught = [it for it in out["train"] if not it["augmented"] and (it["source"] in TAUGHT_SOURCES or it["golden"])]
     for it in taught:
@@ -248,12 +299,20 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
             counts["augmented_templates"] += 1
         for alt in template_paraphrases(question, settings.recall_paraphrases, "recall"):
             out["recall"].append(_with_question(it, alt, augmented=True, parent=it["example_id"]))
-    for row in general or []:
-        msgs = build_messages([{"role": "user", "content": row["question"]}], prompt)
-        out["general"].append({"example_id": -1, "messages": msgs, "answer": row["answer"], "label": None,
-                               "rejected_answer": None, "source": "general", "golden": False,
-                               "augmented": False, "parent": None})
-    counts["taught"] = len(taught)
+    return taught
+
+
+def _general_items(general: list[dict], prompt: PromptSettings) -> list[dict]:
+    """General questions ({"question", "answer"}) as items, prompted as production prompts."""
+    return [{"example_id": -1, "messages": build_messages([{"role": "user", "content": row["question"]}], prompt),
+             "answer": row["answer"], "label": None, "rejected_answer": None, "source": "general",
+             "golden": False, "augmented": False, "parent": None}
+            for row in general]
+
+
+def _count_splits(out: dict[str, list[dict]], counts: Counter, n_taught: int, redactions: Counter) -> None:
+    """Each split sorted by example id, and the tallies of what was built."""
+    counts["taught"] = n_taught
     for split in SPLITS:
         out[split].sort(key=lambda it: it["example_id"])
         counts[split] = len(out[split])
@@ -261,7 +320,6 @@ def select_items(examples: list[Example], settings: TrainerSettings, prompt: Pro
     counts["label_items"] = sum(it["label"] is not None for s in ("train", "eval") for it in out[s])
     counts["never_taught"] = counts["eval"]
     counts.update({f"redacted_{k.lower()}": v for k, v in redactions.items()})
-    return out, counts, labels
 
 
 def content_hash(items: dict[str, list[dict]], params: dict) -> str:

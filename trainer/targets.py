@@ -123,82 +123,118 @@ def derive_examples(session: Session, *, admins: frozenset[str], context_turns: 
     """Upsert one Example per message that has a target (and one per labeled question); `admins`:
     the Slack user ids that are admins now (TrainerSettings.admins)."""
     result = Derivation()
+    by_message, messages = _feedback_by_message(session)
+    threads = _Threads(session)
+    _shortcuts_to_answers(by_message, messages, threads, result)
+    kept: set[str] = set()  # content hashes of examples that are current
+    for mid in sorted(by_message):
+        _derive_for_message(session, messages[mid], by_message[mid], threads.of(messages[mid]), admins,
+                            context_turns, kept, result)
+    _exclude_stale(session, kept, result)
+    for reason in result.skipped:
+        log.info("feedback skipped", reason=reason)
+    return result
+
+
+def _feedback_by_message(session: Session) -> tuple[dict[int, list[Feedback]], dict[int, Message]]:
+    """The live feedback grouped by the message it is on, and those messages by id."""
     by_message: dict[int, list[Feedback]] = defaultdict(list)
     messages: dict[int, Message] = {}
     for fb, msg in active_feedback(session):
         by_message[fb.message_id].append(fb)
         messages[msg.id] = msg
-    threads: dict[int, list[Message]] = {}
+    return by_message, messages
 
-    def thread_of(msg: Message) -> list[Message]:
-        if msg.conversation_id not in threads:
-            threads[msg.conversation_id] = conversation_messages(session, msg.conversation_id)
-        return threads[msg.conversation_id]
 
+class _Threads:
+    """Each conversation's messages, read from the store once."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.threads: dict[int, list[Message]] = {}
+
+    def of(self, msg: Message) -> list[Message]:
+        if msg.conversation_id not in self.threads:
+            self.threads[msg.conversation_id] = conversation_messages(self.session, msg.conversation_id)
+        return self.threads[msg.conversation_id]
+
+
+def _shortcuts_to_answers(by_message: dict[int, list[Feedback]], messages: dict[int, Message], threads: _Threads,
+                          result: Derivation) -> None:
     # A shortcut on a user message stands for "include the bot's reply to it".
     for mid, fbs in list(by_message.items()):
         msg = messages[mid]
         if msg.role == Role.user and any(f.kind == FeedbackKind.shortcut for f in fbs):
-            reply = _next_answer(thread_of(msg), msg)
+            reply = _next_answer(threads.of(msg), msg)
             if reply is None:
                 result.skipped.append(f"message {mid}: 'add to training data' on a question with no bot answer")
                 continue
             messages.setdefault(reply.id, reply)
             by_message[reply.id].extend(f for f in fbs if f.kind == FeedbackKind.shortcut)
 
-    kept: set[str] = set()  # content hashes of examples that are current
-    for mid in sorted(by_message):
-        msg, fbs = messages[mid], by_message[mid]
-        kinds = defaultdict(list)
-        for f in fbs:
-            kinds[f.kind].append(f)
-        thread = thread_of(msg)
-        labels = kinds.get(FeedbackKind.label, [])
-        if labels:
-            _derive_label(session, thread, msg, labels, admins, kept, result)
-        if msg.role != Role.assistant:
-            continue
-        votes = reviewed([f for k in VOTE_KINDS for f in kinds.get(k, [])], admins)
-        net = net_votes(votes, admins)
-        correction = best_correction(kinds.get(FeedbackKind.correction, []), admins)
-        shortcut = reviewed(kinds.get(FeedbackKind.shortcut, []), admins)
-        golden_marks = [f for f in kinds.get(FeedbackKind.golden, []) if f.user in admins]
-        if not (votes or correction or shortcut or golden_marks):
-            continue
-        context = _context_for(thread, msg, context_turns)
-        if context is None:
-            result.skipped.append(f"message {mid}: no user question before this answer")
-            continue
-        if correction is not None:
-            answer, source = correction.correction.strip(), "correction"
-            # an apology (a failed answer) is not something the model said: no pair from it
-            rejected = msg.text if msg.text.strip() != answer and not msg.error else None
-        elif net > 0 or (shortcut and net == 0) or (golden_marks and net >= 0):
-            answer, source, rejected = msg.text, ("feedback" if net > 0 else "shortcut"), None
-        elif net < 0 and msg.text.strip() and not golden_marks and not msg.error:
-            # voted down, nothing better taught: no SFT target, but KTO learns it is undesirable
-            answer, source, rejected = None, "rejected", msg.text
-            result.rejected_only += 1
-        else:
-            if golden_marks:
-                result.skipped.append(f"message {mid}: marked golden but its answer is voted down and uncorrected")
-            continue
-        golden = bool(golden_marks)
-        provenance = {"feedback_ids": sorted(f.id for f in fbs if f.kind != FeedbackKind.label),
-                      "message_id": mid, "net_votes": net}
-        if correction is not None:
-            provenance["correction_by"] = correction.user
-            provenance["by_admin"] = correction.user in admins
-        row, created = upsert_example(session, messages=context, answer=answer, source=source,
-                                      provenance=provenance, golden=golden, rejected_answer=rejected,
-                                      message_id=mid, visible_in=training_scope(session, msg.channel))
-        _count(session, row, created, kept, result)
+
+def _derive_for_message(session: Session, msg: Message, fbs: list[Feedback], thread: list[Message],
+                        admins: frozenset[str], context_turns: int, kept: set[str], result: Derivation) -> None:
+    """The label example of a labeled message, and the answer example of a bot answer with a target."""
+    mid = msg.id
+    kinds = defaultdict(list)
+    for f in fbs:
+        kinds[f.kind].append(f)
+    labels = kinds.get(FeedbackKind.label, [])
+    if labels:
+        _derive_label(session, thread, msg, labels, admins, kept, result)
+    if msg.role != Role.assistant:
+        return
+    votes = reviewed([f for k in VOTE_KINDS for f in kinds.get(k, [])], admins)
+    net = net_votes(votes, admins)
+    correction = best_correction(kinds.get(FeedbackKind.correction, []), admins)
+    shortcut = reviewed(kinds.get(FeedbackKind.shortcut, []), admins)
+    golden_marks = [f for f in kinds.get(FeedbackKind.golden, []) if f.user in admins]
+    if not (votes or correction or shortcut or golden_marks):
+        return
+    context = _context_for(thread, msg, context_turns)
+    if context is None:
+        result.skipped.append(f"message {mid}: no user question before this answer")
+        return
+    target = _target(msg, net, correction, bool(shortcut), bool(golden_marks), result)
+    if target is None:
+        return
+    answer, source, rejected = target
+    provenance = {"feedback_ids": sorted(f.id for f in fbs if f.kind != FeedbackKind.label),
+                  "message_id": mid, "net_votes": net}
+    if correction is not None:
+        provenance["correction_by"] = correction.user
+        provenance["by_admin"] = correction.user in admins
+    row, created = upsert_example(session, messages=context, answer=answer, source=source,
+                                  provenance=provenance, golden=bool(golden_marks), rejected_answer=rejected,
+                                  message_id=mid, visible_in=training_scope(session, msg.channel))
+    _count(session, row, created, kept, result)
+
+
+def _target(msg: Message, net: int, correction: Feedback | None, shortcut: bool, golden: bool,
+            result: Derivation) -> tuple[str | None, str, str | None] | None:
+    """(answer, source, rejected answer) of a bot answer, or None when it has no target."""
+    if correction is not None:
+        answer = correction.correction.strip()
+        # an apology (a failed answer) is not something the model said: no pair from it
+        rejected = msg.text if msg.text.strip() != answer and not msg.error else None
+        return answer, "correction", rejected
+    if net > 0 or (shortcut and net == 0) or (golden and net >= 0):
+        return msg.text, ("feedback" if net > 0 else "shortcut"), None
+    if net < 0 and msg.text.strip() and not golden and not msg.error:
+        # voted down, nothing better taught: no SFT target, but KTO learns it is undesirable
+        result.rejected_only += 1
+        return None, "rejected", msg.text
+    if golden:
+        result.skipped.append(f"message {msg.id}: marked golden but its answer is voted down and uncorrected")
+    return None
+
+
+def _exclude_stale(session: Session, kept: set[str], result: Derivation) -> None:
+    """Derived examples whose target is no longer current are excluded."""
     stale = [ex.id for ex in list_examples(session, status=ExampleStatus.active)
              if ex.source in DERIVED_SOURCES and ex.message_id is not None and ex.content_hash not in kept]
     result.excluded = exclude_examples(session, stale, STALE)
-    for reason in result.skipped:
-        log.info("feedback skipped", reason=reason)
-    return result
 
 
 def _count(session, row, created: bool, kept: set[str], result: Derivation) -> None:

@@ -120,13 +120,41 @@ def evaluate(model, tokenizer, splits: dict[str, list[dict]], labels: list[str],
     without the memory and with it (answers straight from the memory need no generation), plus
     eval loss on the recall slice and the golden results. Identical prompts are generated once.
     `on_batch`: called after each batch generated or scored (the trainer's progress)."""
+    variants = _load_variants(model, production)
+    rows = {name: list(splits.get(name, []))[: settings.max_eval_items] for name in SLICES}
+    plans = {name: plan_rows(memory, rows[name]) for name in SLICES if name != "golden"}
+    prompts, wanted = _prompts(rows, plans)
+    results: dict = {"variants": variants, "n_eval": len(rows["recall"]), "n_golden": len(rows["golden"]),
+                     "n": {name: len(rows[name]) for name in SLICES}, "memory": memory is not None,
+                     "memory_direct": {name: sum(bool(p.direct) for p in plans[name]) for name in plans},
+                     "production_version": production.name if production is not None else None}
+    answers: dict[str, dict] = {}
+    pairs = encode_pairs(tokenizer, rows["recall"], settings.max_length)  # taught vs voted down, asked anew
+    try:
+        for name in variants:
+            answers[name], results[name] = _evaluate_variant(model, tokenizer, name, rows, prompts, wanted, pairs,
+                                                             labels, settings, device, on_batch)
+    finally:
+        if PRODUCTION in variants:
+            model.delete_adapter(PRODUCTION)
+    results.update(_comparisons(rows, variants, answers, labels, settings))
+    return results
+
+
+def _load_variants(model, production) -> list[str]:
+    """The variants to score; production's adapter (checked against its digest) loaded beside
+    the candidate when there is one."""
     variants = [CANDIDATE, BASE]
     if production is not None:
         verify_adapter(production.adapter_path, expected_sha256=production.adapter_sha256)
         model.load_adapter(str(Path(production.adapter_path)), adapter_name=PRODUCTION, is_trainable=False)
         variants.insert(1, PRODUCTION)
-    rows = {name: list(splits.get(name, []))[: settings.max_eval_items] for name in SLICES}
-    plans = {name: plan_rows(memory, rows[name]) for name in SLICES if name != "golden"}
+    return variants
+
+
+def _prompts(rows: dict[str, list[dict]], plans: dict[str, list]) -> tuple[dict[str, list[dict]], list[tuple]]:
+    """The unique prompts to generate (key → messages), and each wanted answer: (slice, with the
+    memory, row index, prompt key, or the memory's direct answer)."""
     prompts: dict[str, list[dict]] = {}  # unique prompt key → messages
     wanted: list[tuple[str, bool, int, str | None, str | None]] = []  # slice, memory, i, key, direct
     for name in SLICES:
@@ -144,49 +172,56 @@ def evaluate(model, tokenizer, splits: dict[str, list[dict]], labels: list[str],
                 mkey = json.dumps(msgs, sort_keys=True)
                 prompts[mkey] = msgs
                 wanted.append((name, True, i, mkey, None))
+    return prompts, wanted
+
+
+def _evaluate_variant(model, tokenizer, name: str, rows: dict[str, list[dict]], prompts: dict[str, list[dict]],
+                      wanted: list[tuple], pairs, labels: list[str], settings, device: torch.device,
+                      on_batch: Callable[[], None] | None) -> tuple[dict, dict]:
+    """One variant's answers ((slice, with the memory, row index) → answer) and its metrics."""
     keys = list(prompts)
-    results: dict = {"variants": variants, "n_eval": len(rows["recall"]), "n_golden": len(rows["golden"]),
-                     "n": {name: len(rows[name]) for name in SLICES}, "memory": memory is not None,
-                     "memory_direct": {name: sum(bool(p.direct) for p in plans[name]) for name in plans},
-                     "production_version": production.name if production is not None else None}
-    answers: dict[str, dict] = {}
-    pairs = encode_pairs(tokenizer, rows["recall"], settings.max_length)  # taught vs voted down, asked anew
-    try:
-        for name in variants:
-            with variant(model, name):
-                prefs = preference_metrics(model, pairs, tokenizer.pad_token_id, device)
-                with inference_autocast(device, settings.inference_bf16):  # as the gateway serves
-                    generated = generate_answers(model, tokenizer, [prompts[k] for k in keys], device=device,
-                                                 max_new_tokens=settings.eval_max_new_tokens,
-                                                 batch_size=settings.eval_batch_size, on_batch=on_batch) if keys else []
-                loss_rows = rows["recall"] or rows["never_taught"]
-                loss = eval_loss(model, tokenizer, loss_rows, device, settings.eval_batch_size, on_batch)
-            by_key = dict(zip(keys, generated))
-            got = {(sl, mem, i): (direct if key is None else by_key[key]) for sl, mem, i, key, direct in wanted}
-            answers[name] = got
-            m: dict = {}
-            for sl in ("recall", "never_taught", "general"):
-                for mem in (False, True):
-                    preds = [got[(sl, mem, i)] for i in range(len(rows[sl]))]
-                    m[sl + ("_memory" if mem else "")] = score(rows[sl], preds, labels)
-            m.update({k: v for k, v in m["recall"].items() if k != "labels"})  # the headline: recall, no memory
-            for sl in ("recall", "never_taught"):  # label accuracy: taught labels asked anew, else held-out ones
-                if "labels" in m[sl]:
-                    m["labels"] = m[sl]["labels"]
-                    break
-            m["eval_loss"] = loss
-            m["perplexity"] = math.exp(min(loss, 50)) if loss is not None else None
-            m["preferences"] = _preferences(prefs, rows["recall"], [got[("recall", False, i)] for i in range(len(rows["recall"]))])
-            m["golden_passed"] = sum(golden_pass(got[("golden", False, i)], r, labels, settings.golden_pass_f1)
-                                     for i, r in enumerate(rows["golden"]))
-            m["golden_total"] = len(rows["golden"])
-            results[name] = m
-            log.info("evaluated", variant=name, recall_f1=m["recall"].get("token_f1"),
-                     recall_memory_f1=m["recall_memory"].get("token_f1"), eval_loss=loss,
-                     golden=f"{m['golden_passed']}/{len(rows['golden'])}")
-    finally:
-        if PRODUCTION in variants:
-            model.delete_adapter(PRODUCTION)
+    with variant(model, name):
+        prefs = preference_metrics(model, pairs, tokenizer.pad_token_id, device)
+        with inference_autocast(device, settings.inference_bf16):  # as the gateway serves
+            generated = generate_answers(model, tokenizer, [prompts[k] for k in keys], device=device,
+                                         max_new_tokens=settings.eval_max_new_tokens,
+                                         batch_size=settings.eval_batch_size, on_batch=on_batch) if keys else []
+        loss_rows = rows["recall"] or rows["never_taught"]
+        loss = eval_loss(model, tokenizer, loss_rows, device, settings.eval_batch_size, on_batch)
+    by_key = dict(zip(keys, generated))
+    got = {(sl, mem, i): (direct if key is None else by_key[key]) for sl, mem, i, key, direct in wanted}
+    m = _metrics(rows, got, prefs, loss, labels, settings)
+    log.info("evaluated", variant=name, recall_f1=m["recall"].get("token_f1"),
+             recall_memory_f1=m["recall_memory"].get("token_f1"), eval_loss=loss,
+             golden=f"{m['golden_passed']}/{len(rows['golden'])}")
+    return got, m
+
+
+def _metrics(rows: dict[str, list[dict]], got: dict, prefs, loss: float | None, labels: list[str],
+             settings) -> dict:
+    m: dict = {}
+    for sl in ("recall", "never_taught", "general"):
+        for mem in (False, True):
+            preds = [got[(sl, mem, i)] for i in range(len(rows[sl]))]
+            m[sl + ("_memory" if mem else "")] = score(rows[sl], preds, labels)
+    m.update({k: v for k, v in m["recall"].items() if k != "labels"})  # the headline: recall, no memory
+    for sl in ("recall", "never_taught"):  # label accuracy: taught labels asked anew, else held-out ones
+        if "labels" in m[sl]:
+            m["labels"] = m[sl]["labels"]
+            break
+    m["eval_loss"] = loss
+    m["perplexity"] = math.exp(min(loss, 50)) if loss is not None else None
+    m["preferences"] = _preferences(prefs, rows["recall"], [got[("recall", False, i)] for i in range(len(rows["recall"]))])
+    m["golden_passed"] = sum(golden_pass(got[("golden", False, i)], r, labels, settings.golden_pass_f1)
+                             for i, r in enumerate(rows["golden"]))
+    m["golden_total"] = len(rows["golden"])
+    return m
+
+
+def _comparisons(rows: dict[str, list[dict]], variants: list[str], answers: dict[str, dict], labels: list[str],
+                 settings) -> dict:
+    """The golden items answered by each variant, those the candidate lost against the reference
+    (production, else base), and a few recall samples side by side."""
     reference = PRODUCTION if PRODUCTION in variants else BASE
     golden = []
     for i, row in enumerate(rows["golden"]):
@@ -195,15 +230,16 @@ def evaluate(model, tokenizer, splits: dict[str, list[dict]], labels: list[str],
             got = answers[name][("golden", False, i)]
             entry[name] = {"answer": got, "passed": golden_pass(got, row, labels, settings.golden_pass_f1)}
         golden.append(entry)
-    results["golden"] = golden
-    # by example id: the gate's reasons go to the admin channel, and a question may come from a DM
-    results["golden_lost"] = [g["example_id"] for g in golden if g[reference]["passed"] and not g[CANDIDATE]["passed"]]
-    results["reference"] = reference
-    results["samples"] = [{"question": r["messages"][-1]["content"], "expected": r["answer"],
-                           **{name: answers[name][("recall", False, i)] for name in variants},
-                           **{f"{name}+memory": answers[name][("recall", True, i)] for name in variants}}
-                          for i, r in enumerate(rows["recall"][:5])]
-    return results
+    return {
+        "golden": golden,
+        # by example id: the gate's reasons go to the admin channel, and a question may come from a DM
+        "golden_lost": [g["example_id"] for g in golden if g[reference]["passed"] and not g[CANDIDATE]["passed"]],
+        "reference": reference,
+        "samples": [{"question": r["messages"][-1]["content"], "expected": r["answer"],
+                     **{name: answers[name][("recall", False, i)] for name in variants},
+                     **{f"{name}+memory": answers[name][("recall", True, i)] for name in variants}}
+                    for i, r in enumerate(rows["recall"][:5])],
+    }
 
 
 def _preferences(prefs, rows: list[dict], predictions: list[str]) -> dict | None:

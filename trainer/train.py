@@ -56,6 +56,7 @@ from trainer.modeling import (
     use_checkpointing,
 )
 from trainer.optim import make_optimizer, make_scheduler
+from trainer.preference import dpo_step_loss, kto_step_loss
 
 log = get_logger("trainer.train")
 CHECKPOINT = "checkpoint.pt"
@@ -248,6 +249,30 @@ def _gathered_adapter(accelerator: Accelerator, wrapped) -> dict | None:
     return get_peft_model_state_dict(accelerator.unwrap_model(wrapped).model, state_dict=inner)
 
 
+@dataclass
+class _Run:
+    """What the training loop works with, set up (and resumed from a checkpoint) before it starts."""
+    steps: list[list[list[int]]]  # every optimizer step's micro-batches (plan_steps)
+    start: int
+    rank: int
+    world: int
+    sharded: bool  # FSDP: no checkpoints, the adapter gathered at the end
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    forward: Callable  # see _engine
+    stepper: object
+    sync: Callable
+    objective: str  # sft / sft+dpo / kto
+    preference: Callable | None  # the DPO or KTO step loss, or None for SFT alone
+    pair_source: object  # the preference batches (_pair_batches)
+    checkpointing: Checkpointing
+    result: TrainResult
+
+    @property
+    def total(self) -> int:
+        return len(self.steps)
+
+
 def train_lora(model, encoded: list[Encoded], settings, *, device: torch.device, bf16: bool, pad_id: int,
                checkpoint_dir: Path | None = None, on_step: StepHook | None = None,
                progress: bool = True, n_facts: int | None = None, pairs: list | None = None,
@@ -257,9 +282,63 @@ def train_lora(model, encoded: list[Encoded], settings, *, device: torch.device,
     KTO) loss of a batch of them. With `accelerator` (join_processes) this process is one rank of
     a run several train together: it takes its share of every micro-batch (rank_share); rank 0
     alone shows progress and writes checkpoints (on_step is rank 0's to pass)."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    run = _set_up(model, encoded, settings, device, checkpoint_dir, n_facts, pairs, accelerator)
+    result, total, rank, world = run.result, run.total, run.rank, run.world
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    clip = accelerator.clip_grad_norm_ if accelerator else torch.nn.utils.clip_grad_norm_
+    model.train()
+    t0 = time.perf_counter()
+    with tqdm(total=total, initial=run.start, desc="training", unit="step", disable=not progress or rank > 0 or None,
+              dynamic_ncols=True) as bar, frozen_weights_in_bf16(model, bf16 and not run.sharded):
+        for step in range(run.start, total):
+            micro = run.steps[step]
+            step_targets = sum(max(0, sum(1 for x in encoded[i].labels[1:] if x != IGNORE)) for b in micro for i in b)
+            if step_targets == 0:
+                raise TrainingError("a batch has no target tokens (empty answers?)")
+            passes = len(micro) + (run.preference is not None)
+            loss_sum, tokens = 0.0, 0
+            for k, indices in enumerate(micro):
+                mine, weight = rank_share(indices, rank, world)
+                batch_items = [encoded[i] for i in mine]
+                batch = {key: v.to(device) for key, v in collate(batch_items, pad_id).items()}
+                run.checkpointing.for_batch(batch["input_ids"].numel())
+                with run.sync(k == passes - 1):
+                    with autocast(device, bf16):
+                        loss, _n = run.forward(answer_loss, batch)
+                    (loss * (weight * world) / step_targets).backward()
+                loss_sum += float(loss.detach()) * weight
+                tokens += sum(len(e) for e in batch_items) if weight else 0
+            pref_loss = _preference_pass(run, settings, device, bf16, pad_id) if run.preference else None
+            if accelerator is not None:
+                loss_sum, tokens = _summed(accelerator, device, loss_sum, tokens)
+            result.tokens += int(tokens)
+            result.target_tokens += step_targets
+            clip(trainable, settings.max_grad_norm)
+            run.stepper.step()
+            run.scheduler.step()
+            run.stepper.zero_grad(set_to_none=True)
+            step_loss = loss_sum / step_targets
+            if not math.isfinite(step_loss):
+                raise TrainingError(f"training loss became {step_loss} at step {step + 1}; lower the learning rate")
+            done = step + 1
+            point = _record_step(run, settings, bar, on_step, done, step_loss, pref_loss, t0)
+            if done < total and plateaued(result.history, settings, total):
+                log.info("loss plateaued; stopping early", step=done, planned=total)
+                if on_step:
+                    on_step(total, total, point)
+                result.stopped_early_at = done
+                break
+            if checkpoint_dir is not None and done % settings.checkpoint_every == 0 and done < total \
+                    and rank == 0 and not run.sharded:
+                _save_checkpoint(checkpoint_dir, _checkpoint_state(model, run, done))
+    return _finish(model, run, accelerator, t0)
 
-    from trainer.preference import dpo_step_loss, kto_step_loss
+
+def _set_up(model, encoded: list[Encoded], settings, device: torch.device, checkpoint_dir: Path | None,
+            n_facts: int | None, pairs: list | None, accelerator: Accelerator | None) -> _Run:
+    """Seed, plan the steps, build the optimizer and schedule, go on from a checkpoint for the
+    same plan, and wrap the model in the engine when several processes train."""
+    from peft import set_peft_model_state_dict  # with transformers, seconds to import: only when training
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     sharded = accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
@@ -286,77 +365,57 @@ def train_lora(model, encoded: list[Encoded], settings, *, device: torch.device,
     for _ in range(start if preference else 0):  # a resumed run continues the same pair order
         next(pair_source)
     forward, stepper, sync = _engine(model, optimizer, accelerator)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    clip = accelerator.clip_grad_norm_ if accelerator else torch.nn.utils.clip_grad_norm_
     checkpointing = Checkpointing(model, use_checkpointing(device, settings.activation_checkpointing),
                                   settings.checkpoint_above_tokens)
-    model.train()
-    t0 = time.perf_counter()
-    with tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress or rank > 0 or None,
-              dynamic_ncols=True) as bar, frozen_weights_in_bf16(model, bf16 and not sharded):
-        for step in range(start, total):
-            micro = steps[step]
-            step_targets = sum(max(0, sum(1 for x in encoded[i].labels[1:] if x != IGNORE)) for b in micro for i in b)
-            if step_targets == 0:
-                raise TrainingError("a batch has no target tokens (empty answers?)")
-            passes = len(micro) + (preference is not None)
-            loss_sum, tokens = 0.0, 0
-            for k, indices in enumerate(micro):
-                mine, weight = rank_share(indices, rank, world)
-                batch_items = [encoded[i] for i in mine]
-                batch = {key: v.to(device) for key, v in collate(batch_items, pad_id).items()}
-                checkpointing.for_batch(batch["input_ids"].numel())
-                with sync(k == passes - 1):
-                    with autocast(device, bf16):
-                        loss, _n = forward(answer_loss, batch)
-                    (loss * (weight * world) / step_targets).backward()
-                loss_sum += float(loss.detach()) * weight
-                tokens += sum(len(e) for e in batch_items) if weight else 0
-            pref_loss = None
-            if preference is not None:
-                with sync(True):
-                    with autocast(device, bf16):
-                        pref = forward(preference, next(pair_source), pad_id, settings.preference_beta, device)
-                    (settings.preference_weight * pref).backward()
-                pref_loss = float(pref.detach())
-            if accelerator is not None:
-                loss_sum, tokens = _summed(accelerator, device, loss_sum, tokens)
-            result.tokens += int(tokens)
-            result.target_tokens += step_targets
-            clip(trainable, settings.max_grad_norm)
-            stepper.step()
-            scheduler.step()
-            stepper.zero_grad(set_to_none=True)
-            step_loss = loss_sum / step_targets
-            if not math.isfinite(step_loss):
-                raise TrainingError(f"training loss became {step_loss} at step {step + 1}; lower the learning rate")
-            elapsed = time.perf_counter() - t0
-            point = {"loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
-                     "tokens_per_s": round(result.tokens / elapsed, 1) if elapsed else 0.0}
-            if pref_loss is not None:
-                point[objective.split("+")[-1]] = round(pref_loss, 5)  # "dpo" / "kto"
-            result.history.append({"step": step + 1, **point})
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}")
-            done = step + 1
-            if on_step and (done % settings.log_every == 0 or done == total):
-                on_step(done, total, point)
-            if done < total and plateaued(result.history, settings, total):
-                log.info("loss plateaued; stopping early", step=done, planned=total)
-                if on_step:
-                    on_step(total, total, point)
-                result.stopped_early_at = done
-                break
-            if checkpoint_dir is not None and done % settings.checkpoint_every == 0 and done < total \
-                    and rank == 0 and not sharded:
-                _save_checkpoint(checkpoint_dir, {
-                    "step": done, "total": total, "history": result.history,
-                    "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
+    return _Run(steps=steps, start=start, rank=rank, world=world, sharded=sharded, optimizer=optimizer,
+                scheduler=scheduler, forward=forward, stepper=stepper, sync=sync, objective=objective,
+                preference=preference,
+                pair_source=pair_source, checkpointing=checkpointing, result=result)
+
+
+def _preference_pass(run: _Run, settings, device: torch.device, bf16: bool, pad_id: int) -> float:
+    """The step's last pass: the weighted DPO (or KTO) loss of the next batch of pairs; its loss."""
+    with run.sync(True):
+        with autocast(device, bf16):
+            pref = run.forward(run.preference, next(run.pair_source), pad_id, settings.preference_beta, device)
+        (settings.preference_weight * pref).backward()
+    return float(pref.detach())
+
+
+def _record_step(run: _Run, settings, bar, on_step: StepHook | None, done: int, step_loss: float,
+                 pref_loss: float | None, t0: float) -> dict:
+    """The step in the history, on the progress bar and, every log_every steps and at the end,
+    passed to on_step; returns its point."""
+    result = run.result
+    elapsed = time.perf_counter() - t0
+    point = {"loss": round(step_loss, 5), "lr": run.scheduler.get_last_lr()[0],
+             "tokens_per_s": round(result.tokens / elapsed, 1) if elapsed else 0.0}
+    if pref_loss is not None:
+        point[run.objective.split("+")[-1]] = round(pref_loss, 5)  # "dpo" / "kto"
+    result.history.append({"step": done, **point})
+    bar.update(1)
+    bar.set_postfix(loss=f"{step_loss:.3f}")
+    if on_step and (done % settings.log_every == 0 or done == run.total):
+        on_step(done, run.total, point)
+    return point
+
+
+def _checkpoint_state(model, run: _Run, done: int) -> dict:
+    """What a later run with the same plan goes on from (_set_up)."""
+    from peft import get_peft_model_state_dict  # with transformers, seconds to import: only when training
+
+    return {"step": done, "total": run.total, "history": run.result.history,
+            "adapter": get_peft_model_state_dict(model), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "rng": torch.get_rng_state()}
+
+
+def _finish(model, run: _Run, accelerator: Accelerator | None, t0: float) -> TrainResult:
+    """Time and checkpointed batches into the result; under FSDP the adapter gathered on rank 0."""
+    result = run.result
     result.seconds = time.perf_counter() - t0
-    result.checkpointed_batches = checkpointing.checkpointed
-    if sharded:
-        result.adapter_state = _gathered_adapter(accelerator, forward)
+    result.checkpointed_batches = run.checkpointing.checkpointed
+    if run.sharded:
+        result.adapter_state = _gathered_adapter(accelerator, run.forward)
     model.eval()
     return result
 

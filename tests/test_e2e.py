@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from flywheel.app.demo.commands import DemoConfig, run_demo
+from flywheel.app.demo.week import DemoConfig, run_demo
 from flywheel.modelfiles import build_tiny_llama
 from store.db import session_scope
 from store.feedback import count_feedback

@@ -2,10 +2,13 @@
 characters (streamed, and as placeholder + chat.update where a workspace refuses streaming) and a
 `/flywheel versions` report over 30 versions with long gate reasons. The Slack double refuses what
 Slack refuses (blocks, sections over 3,000 characters, appends over 12,000, text over 40,000), and
-BotServer.stop fails the module on any refused payload; the answers come from the tiny model."""
+BotServer.stop fails the module on any refused payload. The long answer comes from the fast fake
+gateway, streamed over two seconds (the tiny model took 40-80 s a run to write as much: what is
+under test is the bot's delivery, not the model)."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -14,19 +17,46 @@ from flywheel.adapters import base_model_id
 from flywheel.app.demo.slack_double import SlackDouble
 from store.conversations import get_message
 from store.db import session_scope
+from store.migrate import upgrade
 from store.versions import register_version
-from tests.support.bot_harness import ADMIN_USER, BotServer, store_and_gateway, wait_answer
+from tests.support.bot_harness import ADMIN_USER, BotServer, wait_answer
+from tests.support.fake_gateway import FakeGateway
 
 LONG = 6_000
 USER = "UALICE01"
 
 
+class LongGateway(FakeGateway):
+    """Streams a ~10,000-character answer with Slack's three special characters in it, in 60
+    pieces over about two seconds, so the bot's message grows while it is written."""
+
+    PIECE = "Lumenfold & <friends> make cargo bikes; each piece of this answer says so again.\n"
+
+    def respond(self, handler, question: str) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        for n in range(60):
+            chunk = {"choices": [{"delta": {"content": f"{n}. {self.PIECE * 2}"}}], "model": "base"}
+            handler.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            handler.wfile.flush()
+            time.sleep(0.035)
+        handler.wfile.write(b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],"model":"base"}\n\n'
+                            b"data: [DONE]\n\n")
+        handler.wfile.flush()
+        handler.close_connection = True
+
+
 @pytest.fixture(scope="module")
-def gateway(tiny_model_dir, tmp_path_factory):
-    # the tiny random model rarely ends an answer itself: 1,100 tokens are ~7,500 characters
-    with store_and_gateway(tiny_model_dir, tmp_path_factory.mktemp("long"), "long-test",
-                           max_new_tokens=1100) as gw:
+def gateway(tmp_path_factory):
+    url = f"sqlite:///{tmp_path_factory.mktemp('long') / 'flywheel.db'}"
+    upgrade(url)
+    gw = LongGateway()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLYWHEEL_DATABASE_URL", url)
         yield gw
+    gw.stop()
 
 
 def _stored(channel: str, ts: str) -> str:
@@ -63,7 +93,7 @@ def test_an_answer_over_6000_characters_reaches_slack_whole(gateway, streaming):
             assert "suggest_correction" in json.dumps(blocks)
             shown = _section_text(blocks)
         answer = _stored(channel, answer_ts)
-        assert len(answer) >= LONG, f"the model wrote only {len(answer)} characters"
+        assert len(answer) >= LONG, f"the answer has only {len(answer)} characters"
         assert shown.strip() == escape(answer).strip()  # all of it, nothing cut, nothing doubled
         assert double.refused == []
 

@@ -49,7 +49,7 @@ def test_demo_runs_from_the_installed_wheel(base_model_dir, tmp_path):
     assert where[0].startswith(str(tmp_path / "venv")) and where[1] == "None", where  # the wheel, not the checkout
 
     model = build_tiny_llama(tmp_path / "tiny-untied", base_model_dir, tie_embeddings=False)
-    env.update({"FLYWHEEL_EMBED_MODEL": str(default_embedder_dir().resolve()), "FLYWHEEL_EPOCHS": "20", "FLYWHEEL_LEARNING_RATE": "5e-3",
+    env.update({"FLYWHEEL_EMBED_MODEL": str(default_embedder_dir().resolve()), "FLYWHEEL_EPOCHS": "2", "FLYWHEEL_LEARNING_RATE": "5e-3",
                 "FLYWHEEL_WARMUP_RATIO": "0", "FLYWHEEL_GATE_MIN_EVAL_ITEMS": "1",
                 "FLYWHEEL_MIN_TRAIN_EXAMPLES": "2", "FLYWHEEL_GATE_MAX_LOSS_RATIO": "3.0",
                 "FLYWHEEL_GATE_MARGIN": "-1", "FLYWHEEL_GATE_REGRESSION_TOLERANCE": "1"})

@@ -12,8 +12,12 @@ from bot.admin import Admin
 from bot.canary import Canary
 from bot.settings import BotSettings
 from flywheel.app.cli import app
+from flywheel.app.demo.slack_double import SlackDouble
 from store.audit import list_audit
+from store.conversations import record_message
 from store.db import get_engine, session_scope
+from store.feedback import upsert_vote
+from store.memory import memory_item
 from store.migrate import upgrade
 from store.versions import PRODUCTION, alias_target, find_version, register_version
 
@@ -143,3 +147,34 @@ def test_versions_lists_newest_first_with_production_marked(two_stores):
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["name"] for r in rows] == ["ft-0003", "ft-0002", "ft-0001"]
     assert [r["production"] for r in rows] == [False, False, True] and rows[0]["gate_passed"] is False
+
+
+def test_review_lists_and_decides_as_a_click_does(two_stores, monkeypatch):
+    """`flywheel review` lists what waits; `review approve ID` decides through the bot's own review:
+    audited with the CLI's actor, the correction taught to the memory, its author told in Slack."""
+    two_stores(0)
+    with session_scope() as s:
+        record_message(s, channel="CTEAM0001", ts="1800000000.000001", thread_ts="1800000000.000001",
+                       role="user", text="Where is the office?", author="UALICE01")
+        answer = record_message(s, channel="CTEAM0001", ts="1800000000.000002", thread_ts="1800000000.000001",
+                                role="assistant", text="In Paris.", author="UBOT0001", model_version="base")
+        row = upsert_vote(s, message_id=answer.id, user="UALICE01", kind="correction", value="correction",
+                          correction="In Tartu, Estonia.", review="pending")
+    code, out = _cli("review")
+    assert code == 0 and f"{row.id}\tcorrection\tby UALICE01" in out and "In Tartu, Estonia." in out
+    monkeypatch.delenv("SLACK_BOT_TOKEN", raising=False)
+    code, out = _cli("review", "approve", str(row.id))
+    assert code == 2 and "SLACK_BOT_TOKEN" in out
+    with SlackDouble() as slack:
+        monkeypatch.setenv("SLACK_BOT_TOKEN", slack.bot_token)
+        monkeypatch.setenv("SLACK_API_URL", slack.api_url)
+        code, out = _cli("review", "approve", str(row.id), "--as", "cli:ops")
+        assert code == 0 and "approved by cli:ops: UALICE01's correction" in out, out
+        slack.wait_for("chat.postEphemeral", lambda c: c.args.get("user") == "UALICE01")
+        code, out = _cli("review", "reject", str(row.id), "--as", "cli:ops")
+        assert code == 1, out  # decided already
+    with session_scope() as s:
+        trail = {(e.actor, e.action, e.outcome) for e in list_audit(s) if e.action.startswith("correction.")}
+        assert trail == {("cli:ops", "correction.approve", "ok"), ("cli:ops", "correction.reject", "error")}
+        assert memory_item(s, f"message:{answer.id}").answer == "In Tartu, Estonia."
+    assert _cli("review")[1].strip() == "Nothing waits for review."

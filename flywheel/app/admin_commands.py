@@ -1,4 +1,4 @@
-"""`flywheel versions | promote | rollback`: the admin's model commands without Slack.
+"""`flywheel versions | promote | rollback | review`: the admin's commands without Slack.
 
 promote and rollback run the bot's own admin actions (bot.admin.Admin.approve / rollback, through
 Admin.admin_action), so they are checked, audited and announced to the gateway exactly as
@@ -7,7 +7,10 @@ and alias.move events in the change's own transaction, and a refusal or a failur
 `command.<action>` event with outcome `error`. The actor is `cli:<login>` (or `--as NAME`): the
 CLI's authority is access to the database (FLYWHEEL_DATABASE_URL), not a Slack user id. The
 gateway is asked to swap at once when FLYWHEEL_GATEWAY_URL and FLYWHEEL_GATEWAY_ADMIN_TOKEN are
-set (the bot's pod has both); otherwise replicas follow at their next poll."""
+set (the bot's pod has both); otherwise replicas follow at their next poll. `review approve|reject`
+decides through the bot's own review (bot.review.Review.decide), so the memory learns an approved
+correction and its author hears of the decision in Slack, as after a click: it needs the bot's
+SLACK_BOT_TOKEN (the bot's pod has it)."""
 from __future__ import annotations
 
 import getpass
@@ -20,6 +23,7 @@ from typing import Annotated
 import typer
 
 from store.db import session_scope
+from store.review import count_pending, pending_reviews, subject
 from store.versions import CANDIDATE, PRODUCTION, alias_target, count_versions, list_versions
 
 ACTOR_HELP = "Who the audit log names (default: cli:<login>)"
@@ -125,3 +129,70 @@ def versions(
     shown = (page - 1) * limit + len(items)
     if shown < total:
         typer.echo(f"({shown} of {total}; older ones: --page {page + 1})")
+
+
+review_app = typer.Typer(help="The review queue (corrections, 👍 and 'Add to training data' waiting), as /flywheel review", no_args_is_help=False)
+
+
+@review_app.callback(invoke_without_command=True)
+def review_list(ctx: typer.Context,
+                limit: Annotated[int, typer.Option(min=1, help="How many, oldest first")] = 20) -> None:
+    """List what waits for review, oldest first: the id to approve or reject, what it is, by whom."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with session_scope() as s:
+        waiting = count_pending(s)
+        items = [(row.id, subject(row), row.user, msg.text, row.correction) for row, msg in pending_reviews(s, limit=limit)]
+    if not items:
+        typer.echo("Nothing waits for review.")
+        return
+    typer.echo(f"{waiting} item(s) wait for review" + (f" (the oldest {limit} below)" if waiting > limit else ""))
+    for item_id, kind, user, answer, suggestion in items:
+        line = f"{item_id}\t{kind}\tby {user}\tanswer: {' '.join((answer or '').split())[:80]}"
+        typer.echo(line + (f"\tsuggested: {' '.join(suggestion.split())[:80]}" if suggestion else ""))
+
+
+def _decide(feedback_id: int, actor: str | None, *, approve: bool, text: str | None) -> None:
+    """Decide as a click on Approve / Reject (or an edit) does: audited, the memory taught, the
+    author told in Slack; exit 1 when it was refused or failed."""
+    # the bot's review side (Slack SDK, the memory's embedder): seconds to import, only here
+    from bot.app import make_web_client
+    from bot.channels import ChannelVisibility
+    from bot.feedback import Feedback
+    from bot.review import Review
+    from bot.settings import BotSettings
+    from flywheel.memory import Memory, MemorySettings
+
+    who = _actor(actor)
+    settings = BotSettings().model_copy(update={"admins": [who]})
+    if not settings.slack_bot_token:
+        typer.secho("review decisions need SLACK_BOT_TOKEN (the author is told in Slack, as after a click); "
+                    "run this where the bot runs", fg="red", err=True)
+        raise typer.Exit(2)
+    feedback = Feedback(settings, Memory(MemorySettings()), ChannelVisibility(settings.channel_visibility_ttl_s))
+    decided, said, follow_up = Review(settings, feedback).decide(
+        make_web_client(settings), who, feedback_id, approve=approve, text=text)
+    if not decided:
+        typer.secho(_plain(said), fg="red", err=True)
+        raise typer.Exit(1)
+    follow_up()
+    typer.echo(_plain(said))
+
+
+@review_app.command("approve")
+def review_approve(
+    feedback_id: Annotated[int, typer.Argument(help="The id `flywheel review` lists")],
+    text: Annotated[str | None, typer.Option("--text", help="Approve with this text instead (an edit)")] = None,
+    actor: Annotated[str | None, typer.Option("--as", help=ACTOR_HELP)] = None,
+) -> None:
+    """Approve an item (optionally edited): it teaches the memory and the next training run."""
+    _decide(feedback_id, actor, approve=True, text=text)
+
+
+@review_app.command("reject")
+def review_reject(
+    feedback_id: Annotated[int, typer.Argument(help="The id `flywheel review` lists")],
+    actor: Annotated[str | None, typer.Option("--as", help=ACTOR_HELP)] = None,
+) -> None:
+    """Reject an item: it teaches nothing."""
+    _decide(feedback_id, actor, approve=False, text=None)

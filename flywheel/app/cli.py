@@ -41,8 +41,9 @@ def main(log_level: str = typer.Option("INFO", envvar="FLYWHEEL_LOG_LEVEL", help
     configure_logging(log_level)
 
 
-from flywheel.app.admin_commands import promote, rollback, versions  # noqa: E402
+from flywheel.app.admin_commands import promote, review_app, rollback, versions  # noqa: E402
 
 app.command("versions")(versions)
 app.command("promote")(promote)
 app.command("rollback")(rollback)
+app.add_typer(review_app, name="review")

@@ -226,6 +226,33 @@ def cpu_list(text: str) -> set[int]:
 
 
 def main() -> None:
+    args = parse_args()
+    if args.gateway_cpus is not None:
+        os.sched_setaffinity(0, args.gateway_cpus)  # this process, and the gateway it starts, inherit it
+    work = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
+    db_url = f"sqlite:///{work / 'flywheel.db'}"
+    adapters = store_with_adapters(args, work, db_url)
+    vllm, vllm_url = start_vllm(args)
+    base_name = next(m["id"] for m in httpx.get(f"{vllm_url}/v1/models").json()["data"] if not m.get("parent"))
+    proc = None
+    try:
+        proc, gateway = start_gateway(args, vllm_url, base_name, adapters, db_url, work)
+        print_placement(args, vllm, vllm_url, gateway, proc)
+        idle = idle_cpu_ms_per_s(proc.pid, 4 if args.quick else 10)
+        result = asyncio.run(bench(args, vllm_url, gateway, base_name, proc.pid, idle))
+        result.update(asyncio.run(swaps(gateway)), quick=args.quick, pin=args.pin, model=args.model.name)
+        print("RESULT " + json.dumps(result), flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        if vllm is not None:
+            vllm.cleanup()
+
+
+def parse_args() -> argparse.Namespace:
+    """The options, with --concurrency as a list, --requests filled in and --pin as CPU sets
+    (args.vllm_cpus, args.gateway_cpus; None with --pin none)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "tiny-llama")
     parser.add_argument("--vllm-url", help="use this running vLLM server (started with --enable-lora)")
@@ -240,14 +267,17 @@ def main() -> None:
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.requests = args.requests or (60 if args.quick else 200)
     args.model = args.model.resolve()
-    vllm_cpus = gateway_cpus = None
+    args.vllm_cpus = args.gateway_cpus = None
     if args.pin != "none":
-        vllm_cpus, gateway_cpus = (cpu_list(part) for part in args.pin.split(":"))
-        if not (vllm_cpus | gateway_cpus) <= os.sched_getaffinity(0):
+        args.vllm_cpus, args.gateway_cpus = (cpu_list(part) for part in args.pin.split(":"))
+        if not (args.vllm_cpus | args.gateway_cpus) <= os.sched_getaffinity(0):
             parser.error(f"--pin {args.pin}: this machine offers CPUs {sorted(os.sched_getaffinity(0))} (or --pin none)")
-        os.sched_setaffinity(0, gateway_cpus)  # this process, and the gateway it starts, inherit it
-    work = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
-    db_url = f"sqlite:///{work / 'flywheel.db'}"
+    return args
+
+
+def store_with_adapters(args, work: Path, db_url: str) -> Path:
+    """A migrated SQLite store in `work` (this process's store from now on) with two PEFT adapters
+    of the model registered in it, ft-0001 and ft-0002; the adapters' folder."""
     os.environ["FLYWHEEL_DATABASE_URL"] = db_url
     os.environ.setdefault("FLYWHEEL_LOG_LEVEL", "WARNING")
 
@@ -266,32 +296,25 @@ def main() -> None:
         with session_scope() as session:
             register_version(session, name=name, adapter_path=str(path), adapter_sha256=adapter_digest(path),
                              base_model=base_model_id(args.model), gate_passed=True, gate_reasons=[])
-    vllm = None
+    return adapters
+
+
+def start_vllm(args) -> tuple[VLLMServer | None, str]:
+    """The vLLM server to measure against: --vllm-url's (None: not ours to stop), or one started
+    on the model, on --pin's CPUs."""
     if args.vllm_url:
-        vllm_url = args.vllm_url.rstrip("/")
-    else:
-        started = time.perf_counter()
-        vllm = VLLMServer(args.model, cpus=vllm_cpus).start()
-        vllm_url = vllm.url
-        print(f"vLLM server ready in {time.perf_counter() - started:.1f} s")
-    base_name = next(m["id"] for m in httpx.get(f"{vllm_url}/v1/models").json()["data"] if not m.get("parent"))
-    proc = None
-    try:
-        proc, gateway = start_gateway(args, vllm_url, base_name, adapters, db_url, work)
-        cpus = f"gateway and load generator on CPUs {sorted(os.sched_getaffinity(proc.pid))}"
-        if vllm is not None:
-            cpus += f", vLLM on {sorted(os.sched_getaffinity(vllm.proc.pid))}"
-        print(f"model {args.model.name}, vLLM {vllm_url}, gateway {gateway}, {os.cpu_count()} CPUs, {cpus}")
-        idle = idle_cpu_ms_per_s(proc.pid, 4 if args.quick else 10)
-        result = asyncio.run(bench(args, vllm_url, gateway, base_name, proc.pid, idle))
-        result.update(asyncio.run(swaps(gateway)), quick=args.quick, pin=args.pin, model=args.model.name)
-        print("RESULT " + json.dumps(result), flush=True)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
-        if vllm is not None:
-            vllm.cleanup()
+        return None, args.vllm_url.rstrip("/")
+    started = time.perf_counter()
+    vllm = VLLMServer(args.model, cpus=args.vllm_cpus).start()
+    print(f"vLLM server ready in {time.perf_counter() - started:.1f} s")
+    return vllm, vllm.url
+
+
+def print_placement(args, vllm: VLLMServer | None, vllm_url: str, gateway: str, proc: subprocess.Popen) -> None:
+    cpus = f"gateway and load generator on CPUs {sorted(os.sched_getaffinity(proc.pid))}"
+    if vllm is not None:
+        cpus += f", vLLM on {sorted(os.sched_getaffinity(vllm.proc.pid))}"
+    print(f"model {args.model.name}, vLLM {vllm_url}, gateway {gateway}, {os.cpu_count()} CPUs, {cpus}")
 
 
 if __name__ == "__main__":

@@ -123,24 +123,37 @@ def main() -> None:
 
 def one_run(args) -> dict:
     """Fresh store and processes, one burst of events; the run's JSON result."""
+    tmp, url, model = fresh_store(args)
+    slack_port, gw_port, bot_port = free_port(), free_port(), free_port()
+    env = deployment_env(args, tmp, url, slack_port, gw_port)
+    logs = {name: open(tmp / f"{name}.log", "w") for name in ("slack", "gateway", "bot")}  # noqa: SIM115 - closed in finally
+    procs = start_slack_and_gateway(env, logs, model, slack_port, gw_port)
+    try:
+        sender = start_bot(procs, env, logs, gw_port, bot_port)
+        burst = send_burst(args, sender)
+        return run_result(args, url, bot_port, burst)
+    finally:
+        stop(procs, logs)
+
+
+def fresh_store(args) -> tuple[Path, str, Path]:
+    """A temporary folder and a migrated store in it (or --database-url); the resolved model."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-bot-"))
     url = args.database_url or f"sqlite:///{tmp / 'flywheel.db'}"
     os.environ["FLYWHEEL_DATABASE_URL"] = url
 
-    import httpx
-
     from flywheel.modelfiles import read_marker
-    from store.conversations import count_messages
-    from store.db import session_scope
     from store.migrate import upgrade
-    from store.models import Role
-    from flywheel.app.demo.slack_double import BOT_USER_ID, SlackSender
 
     model = args.model.resolve()
     if read_marker(model) is None:
         sys.exit(f"no model at {args.model}: run `make model` (or pass --model)")
     upgrade(url)
-    slack_port, gw_port, bot_port = free_port(), free_port(), free_port()
+    return tmp, url, model
+
+
+def deployment_env(args, tmp: Path, url: str, slack_port: int, gw_port: int) -> dict[str, str]:
+    """The environment every process of the deployment starts with."""
     env = {**os.environ, "FLYWHEEL_DATABASE_URL": url, "FLYWHEEL_LOG_LEVEL": "WARNING",
            "FLYWHEEL_MAX_NEW_TOKENS": str(args.max_tokens), "FLYWHEEL_ADAPTERS_DIR": str(tmp / "adapters"),
            "FLYWHEEL_REPLICA_ID": "bench", "HF_HUB_OFFLINE": "1",
@@ -149,8 +162,13 @@ def one_run(args) -> dict:
            "FLYWHEEL_GATEWAY_URL": f"http://127.0.0.1:{gw_port}", "FLYWHEEL_MAX_TOKENS": str(args.max_tokens),
            "FLYWHEEL_REPORTS_ENABLED": "false", "FLYWHEEL_STREAM_UPDATE_INTERVAL_S": "1.0"}
     env.pop("SLACK_APP_TOKEN", None)
-    logs = {name: open(tmp / f"{name}.log", "w") for name in ("slack", "gateway", "bot")}  # noqa: SIM115 - closed in finally
-    procs = {
+    return env
+
+
+def start_slack_and_gateway(env: dict, logs: dict, model: Path, slack_port: int,
+                            gw_port: int) -> dict[str, subprocess.Popen]:
+    """The local Slack double and the gateway with the model, started (not yet waited for)."""
+    return {
         "slack": subprocess.Popen([PY, "-m", "flywheel.app.demo.slack_double", "--port", str(slack_port),
                                    "--token", TOKEN], cwd=ROOT, env=env, stdout=logs["slack"],
                                   stderr=subprocess.STDOUT),
@@ -158,66 +176,101 @@ def one_run(args) -> dict:
                                      "--base-model", str(model)], cwd=ROOT, env=env, stdout=logs["gateway"],
                                     stderr=subprocess.STDOUT),
     }
-    try:
-        wait_http(f"http://127.0.0.1:{gw_port}/readyz", procs["gateway"], 300, "gateway")
-        procs["bot"] = subprocess.Popen([PY, "-m", "flywheel", "bot", "serve", "--port", str(bot_port)], cwd=ROOT,
-                                        env=env, stdout=logs["bot"], stderr=subprocess.STDOUT)
-        wait_http(f"http://127.0.0.1:{bot_port}/healthz", procs["bot"], 60, "bot")
-        sender = SlackSender(f"http://127.0.0.1:{bot_port}/slack/events", SECRET)
 
-        def body(i: int) -> str:
-            ts = sender.next_ts()
-            if args.kind == "reaction" and i >= 0:
-                return sender.event_body({"type": "reaction_added", "user": "UBENCH01", "reaction": "+1",
-                                          "item_user": BOT_USER_ID, "event_ts": ts,
-                                          "item": {"type": "message", "channel": "CBENCH000", "ts": ts}})
-            return sender.event_body({
-                "type": "app_mention", "user": "UBENCH01", "channel": f"CBENCH{i % 20:03d}",
-                "text": f"<@{BOT_USER_ID}> question number {i}: what is the refund policy?",
-                "ts": ts, "event_ts": ts})
 
-        asyncio.run(fire(sender.url, [body(-1)], sender, 1))  # warm-up: auth.test, pools
-        bodies = [body(i) for i in range(args.events)]
-        fired_at = time.perf_counter()
-        latencies, statuses, wall = asyncio.run(fire(sender.url, bodies, sender, args.concurrency))
-        deadline, answered = time.monotonic() + args.answer_timeout, 0
-        while time.monotonic() < deadline:
-            with session_scope() as s:
-                answered = count_messages(s, Role.assistant) - 1  # minus the warm-up
-            if answered >= len(bodies) or args.kind != "mention":
-                break
-            time.sleep(0.25)
-        answers_s = time.perf_counter() - fired_at
-        served = httpx.get(f"http://127.0.0.1:{bot_port}/metrics", timeout=5).text
-        result = {
-            "events": len(latencies), "concurrency": args.concurrency, "database": url.split(":", 1)[0],
-            "ack_ms": {"p50": round(statistics.median(latencies), 1), "p99": round(percentile(latencies, 99), 1),
-                       "max": round(max(latencies), 1), "mean": round(statistics.fmean(latencies), 1)},
-            "events_per_s": round(len(latencies) / wall, 1),
-            "non_200": sum(1 for s in statuses if s != 200),
-            "kind": args.kind, "max_tokens": args.max_tokens,
-            "target_ack_p99_ms": 100, "ack_p99_ok": percentile(latencies, 99) <= 100,
-            "bot_answers_ok": _metric(served, 'flywheel_bot_answers_total{outcome="ok"}'),
-            # the bot's own view: time from request read to response, without client or accept queueing
-            "server_ack_ms_mean": _server_mean_ms(served, "event"),
-            "server_ack_share_under_100ms": _server_share(served, "event", "0.1"),
-            "load_average_1m": round(os.getloadavg()[0], 2),
-            "cpu_count": os.cpu_count(),
-        }
-        if args.kind == "mention":
-            result.update(answered=answered, all_answered=answered >= len(bodies),
-                          answers_per_s=round(answered / answers_s, 2))
-        return result
-    finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for f in logs.values():
-            f.close()
+def start_bot(procs: dict, env: dict, logs: dict, gw_port: int, bot_port: int):
+    """Once the gateway is ready, the bot (added to `procs`); a sender of signed events to it."""
+    from flywheel.app.demo.slack_double import SlackSender
+
+    wait_http(f"http://127.0.0.1:{gw_port}/readyz", procs["gateway"], 300, "gateway")
+    procs["bot"] = subprocess.Popen([PY, "-m", "flywheel", "bot", "serve", "--port", str(bot_port)], cwd=ROOT,
+                                    env=env, stdout=logs["bot"], stderr=subprocess.STDOUT)
+    wait_http(f"http://127.0.0.1:{bot_port}/healthz", procs["bot"], 60, "bot")
+    return SlackSender(f"http://127.0.0.1:{bot_port}/slack/events", SECRET)
+
+
+def event_body(sender, kind: str, i: int) -> str:
+    """A signed-to-be event: a mention with question number i, or (kind reaction, i >= 0) a +1."""
+    from flywheel.app.demo.slack_double import BOT_USER_ID
+
+    ts = sender.next_ts()
+    if kind == "reaction" and i >= 0:
+        return sender.event_body({"type": "reaction_added", "user": "UBENCH01", "reaction": "+1",
+                                  "item_user": BOT_USER_ID, "event_ts": ts,
+                                  "item": {"type": "message", "channel": "CBENCH000", "ts": ts}})
+    return sender.event_body({
+        "type": "app_mention", "user": "UBENCH01", "channel": f"CBENCH{i % 20:03d}",
+        "text": f"<@{BOT_USER_ID}> question number {i}: what is the refund policy?",
+        "ts": ts, "event_ts": ts})
+
+
+def send_burst(args, sender) -> dict:
+    """A warm-up event, then the burst; waits for the answers (mentions). Latencies, statuses,
+    wall seconds, answers and the seconds until the last of them."""
+    asyncio.run(fire(sender.url, [event_body(sender, args.kind, -1)], sender, 1))  # warm-up: auth.test, pools
+    bodies = [event_body(sender, args.kind, i) for i in range(args.events)]
+    fired_at = time.perf_counter()
+    latencies, statuses, wall = asyncio.run(fire(sender.url, bodies, sender, args.concurrency))
+    answered = wait_answers(args, len(bodies))
+    return {"latencies": latencies, "statuses": statuses, "wall": wall, "answered": answered,
+            "answers_s": time.perf_counter() - fired_at, "sent": len(bodies)}
+
+
+def wait_answers(args, expected: int) -> int:
+    """Answers in the store (the warm-up's left out) once all `expected` are there, or at the
+    answer timeout; at once for events that need no answer."""
+    from store.conversations import count_messages
+    from store.db import session_scope
+    from store.models import Role
+
+    deadline, answered = time.monotonic() + args.answer_timeout, 0
+    while time.monotonic() < deadline:
+        with session_scope() as s:
+            answered = count_messages(s, Role.assistant) - 1  # minus the warm-up
+        if answered >= expected or args.kind != "mention":
+            break
+        time.sleep(0.25)
+    return answered
+
+
+def run_result(args, url: str, bot_port: int, burst: dict) -> dict:
+    """The run's JSON result: the acks as the sender saw them, the bot's own metrics, the answers."""
+    import httpx
+
+    latencies, statuses, answered = burst["latencies"], burst["statuses"], burst["answered"]
+    served = httpx.get(f"http://127.0.0.1:{bot_port}/metrics", timeout=5).text
+    result = {
+        "events": len(latencies), "concurrency": args.concurrency, "database": url.split(":", 1)[0],
+        "ack_ms": {"p50": round(statistics.median(latencies), 1), "p99": round(percentile(latencies, 99), 1),
+                   "max": round(max(latencies), 1), "mean": round(statistics.fmean(latencies), 1)},
+        "events_per_s": round(len(latencies) / burst["wall"], 1),
+        "non_200": sum(1 for s in statuses if s != 200),
+        "kind": args.kind, "max_tokens": args.max_tokens,
+        "target_ack_p99_ms": 100, "ack_p99_ok": percentile(latencies, 99) <= 100,
+        "bot_answers_ok": _metric(served, 'flywheel_bot_answers_total{outcome="ok"}'),
+        # the bot's own view: time from request read to response, without client or accept queueing
+        "server_ack_ms_mean": _server_mean_ms(served, "event"),
+        "server_ack_share_under_100ms": _server_share(served, "event", "0.1"),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "cpu_count": os.cpu_count(),
+    }
+    if args.kind == "mention":
+        result.update(answered=answered, all_answered=answered >= burst["sent"],
+                      answers_per_s=round(answered / burst["answers_s"], 2))
+    return result
+
+
+def stop(procs: dict, logs: dict) -> None:
+    """Terminate every process of the deployment (killed after 20 s) and close their logs."""
+    for proc in procs.values():
+        proc.terminate()
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for f in logs.values():
+        f.close()
 
 
 def _server_mean_ms(text: str, kind: str) -> float | None:

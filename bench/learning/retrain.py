@@ -28,7 +28,9 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -104,7 +106,33 @@ def sampled_paraphrases(train_rows, embedder, base_dir: Path, n: int, attempts: 
             for alt in alts[:n]]
 
 
+@dataclass
+class Retrained:
+    """The adapter trained on the copied store, what scoring it needs, and the figures of its training."""
+    model: Any
+    tok: Any
+    device: Any
+    memory: Any
+    train_rows: list[dict]
+    extra: list[dict]
+    noted: list[dict]
+    result: Any
+    started: float  # time.monotonic() at the start of training (the imports left out) and at its end
+    trained: float
+
+
 def main() -> None:
+    args = parse_args()
+    src, out = copy_store(args)
+    run = retrain(args)
+    rows = json.loads((src / "results.json").read_text())["rows"]
+    alone, after = answer(run, rows)
+    summary = summarize(args, run, rows, alone, after)
+    (out / "answers.json").write_text(json.dumps({"summary": summary, "lora": alone, "after": after}, indent=1))
+    print("RESULT " + json.dumps(summary), flush=True)
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("demo_output", type=Path)
     ap.add_argument("name")
@@ -114,25 +142,28 @@ def main() -> None:
     ap.add_argument("--median-stop", action="store_true")
     ap.add_argument("--extra-paraphrases", type=int, default=0)
     ap.add_argument("--extra-attempts", type=int, default=1)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def copy_store(args) -> tuple[Path, Path]:
+    """The demo's folder, and out/retrain-NAME holding a fresh copy of its store, which the
+    environment now points the settings at."""
     src = args.demo_output.resolve()
     out = ROOT / "bench" / "learning" / "out" / f"retrain-{args.name}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     shutil.copy(src / "flywheel.db", out / "flywheel.db")
     setup_env(out)
+    return src, out
 
-    import torch
 
+def retrain(args) -> Retrained:
+    """Build the snapshot as the trainer does, add the recipe's rows and train a LoRA adapter on it."""
     import trainer.train as training
-    from flywheel.memory import plan, search_k
-    from flywheel.prompt import PromptSettings, build_messages
     from store.db import session_scope
     from trainer.dataset import build_snapshot
     from trainer.encode import encode_rows
     from trainer.evaluate import eval_memory
-    from trainer.generate import generate_answers
-    from trainer.metrics import token_f1
     from trainer.modeling import add_lora, load_base_model, load_tokenizer, pick_device, use_bf16
     from trainer.notes import noted_rows
     from trainer.settings import TrainerSettings
@@ -154,22 +185,35 @@ def main() -> None:
     train_rows += extra
     noted = [] if args.no_notes else (unrelated_noted_rows if args.unrelated_notes else noted_rows)(train_rows, memory)
     encoded, _too_long = encode_rows(tok, train_rows + noted, settings.max_length)
-    hook = None
-    if args.neftune > 0:
-        def neftune(_module, _inputs, output):
-            if not torch.is_grad_enabled():
-                return output
-            scale = args.neftune / (output.shape[-2] * output.shape[-1]) ** 0.5
-            return output + torch.empty_like(output).uniform_(-1, 1) * scale
-        hook = model.get_input_embeddings().register_forward_hook(neftune)
+    hook = neftune_hook(model, args.neftune) if args.neftune > 0 else None
     result = training.train_lora(model, encoded, settings, device=device, bf16=use_bf16(device, settings.bf16),
                                  pad_id=tok.pad_token_id, progress=False,
                                  n_facts=sum(1 for r in train_rows if not r["augmented"]))
     if hook is not None:
         hook.remove()
-    trained = time.monotonic()
+    return Retrained(model, tok, device, memory, train_rows, extra, noted, result, started, time.monotonic())
 
-    rows = json.loads((src / "results.json").read_text())["rows"]
+
+def neftune_hook(model, alpha: float):
+    """NEFTune: uniform noise, alpha/sqrt(L*d), added to the input embeddings while training; the hook's handle."""
+    import torch
+
+    def neftune(_module, _inputs, output):
+        if not torch.is_grad_enabled():
+            return output
+        scale = alpha / (output.shape[-2] * output.shape[-1]) ** 0.5
+        return output + torch.empty_like(output).uniform_(-1, 1) * scale
+    return model.get_input_embeddings().register_forward_hook(neftune)
+
+
+def answer(run: Retrained, rows: list[dict]) -> tuple[list[str], list[str | None]]:
+    """The demo's questions answered by the adapter alone with production's prompt, and by the
+    adapter with the memory planned as the bot plans it (straight from the memory, or with notes)."""
+    from flywheel.memory import plan, search_k
+    from flywheel.prompt import PromptSettings, build_messages
+    from trainer.generate import generate_answers
+
+    model, tok, device, memory = run.model, run.tok, run.device, run.memory
     prompts = [build_messages([{"role": "user", "content": r["question"]}], PromptSettings()) for r in rows]
     model.eval()
     alone = generate_answers(model, tok, prompts, device=device, max_new_tokens=40)  # the demo's answer length
@@ -183,17 +227,24 @@ def main() -> None:
             todo.append((i, p.apply(prompts[i])))
     for (i, _), text in zip(todo, generate_answers(model, tok, [m for _, m in todo], device=device, max_new_tokens=40)):
         after[i] = text
-    summary = {"name": args.name, "train_rows": len(train_rows), "noted_rows": len(noted), "extra_rows": len(extra),
-               "planned_steps": result.steps, "stopped_early_at": result.stopped_early_at,
-               "final_loss": round(result.final_loss, 5), "train_s": round(trained - started),
-               "eval_s": round(time.monotonic() - trained)}
+    return alone, after
+
+
+def summarize(args, run: Retrained, rows: list[dict], alone: list[str], after: list[str | None]) -> dict:
+    """The RESULT: the training's figures and, per kind of question, token F1 of both answers."""
+    from trainer.metrics import token_f1
+
+    result = run.result
+    summary = {"name": args.name, "train_rows": len(run.train_rows), "noted_rows": len(run.noted),
+               "extra_rows": len(run.extra), "planned_steps": result.steps,
+               "stopped_early_at": result.stopped_early_at, "final_loss": round(result.final_loss, 5),
+               "train_s": round(run.trained - run.started), "eval_s": round(time.monotonic() - run.trained)}
     for kind in ("asked", "paraphrase", "general"):
         idx = [i for i, r in enumerate(rows) if ("general" if r.get("general") else r["kind"]) == kind]
         if idx:
             summary[kind] = {"lora": round(sum(token_f1(alone[i], rows[i]["truth"]) for i in idx) / len(idx), 3),
                              "after": round(sum(token_f1(after[i], rows[i]["truth"]) for i in idx) / len(idx), 3)}
-    (out / "answers.json").write_text(json.dumps({"summary": summary, "lora": alone, "after": after}, indent=1))
-    print("RESULT " + json.dumps(summary), flush=True)
+    return summary
 
 
 if __name__ == "__main__":

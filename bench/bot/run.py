@@ -199,7 +199,9 @@ def event_body(sender, kind: str, i: int) -> str:
                                   "item_user": BOT_USER_ID, "event_ts": ts,
                                   "item": {"type": "message", "channel": "CBENCH000", "ts": ts}})
     return sender.event_body({
-        "type": "app_mention", "user": "UBENCH01", "channel": f"CBENCH{i % 20:03d}",
+        # a person each: the bot's fair lines give one person 2 answers written + 5 waiting and tell
+        # the rest "too many questions", which is not what this measures
+        "type": "app_mention", "user": f"UBENCH{i + 1:03d}", "channel": f"CBENCH{i % 20:03d}",
         "text": f"<@{BOT_USER_ID}> question number {i}: what is the refund policy?",
         "ts": ts, "event_ts": ts})
 

@@ -29,7 +29,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlmodel import Session
 
-from flywheel.embedding import from_bytes, to_bytes
+from flywheel.embedding import from_bytes, load_embedder, to_bytes
 from flywheel.logs import get_logger
 from flywheel.mrkdwn import escape
 from flywheel.prompt import with_notes
@@ -221,9 +221,7 @@ class Memory:
 
     @property
     def embedder(self):
-        if self._embedder is None:
-            from flywheel.embedding import load_embedder
-
+        if self._embedder is None:  # loaded on first use (the module is light; the model is not)
             self._embedder = load_embedder(self.settings.embed_model)
         return self._embedder
 

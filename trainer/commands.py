@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from store.errors import StoreError
+from trainer.lease import LeaseBusy, LeaseLost, RunStalled
 from trainer.settings import TrainerSettings
 
 train_app = typer.Typer(help="Fine-tune, evaluate and register model versions.", no_args_is_help=True)
@@ -42,11 +44,9 @@ def run(
     """One cycle: build the dataset, fine-tune, evaluate, gate and register a version. Started on
     several processes (`accelerate launch --config_file deploy/accelerate/ddp.yaml --num_processes N
     -m flywheel train run`), they train one adapter together and rank 0 does the rest."""
-    from store.errors import StoreError
-    from trainer.cycle import RunNotStarted, run_cycle
-    from trainer.lease import LeaseBusy, LeaseLost, RunStalled
-    from trainer.modeling import ModelLoadError
-    from trainer.train import TrainingError, join_processes
+    from trainer.cycle import RunNotStarted, run_cycle  # torch, transformers, datasets: ~8 s, only for a run
+    from trainer.modeling import ModelLoadError  # torch, transformers: ~4 s
+    from trainer.train import TrainingError, join_processes  # torch: ~3 s
 
     settings = _settings(max_steps=max_steps, epochs=epochs, learning_rate=learning_rate)
     accelerator = join_processes(settings)
@@ -92,7 +92,7 @@ def _exit_stalled() -> None:
 def _stopped_by_launcher(signum, _frame) -> None:
     """The launcher stops every rank with SIGTERM when one fails: raise, so that rank 0 marks its
     run failed (run_cycle) instead of dying with it 'running'."""
-    from trainer.train import TrainingError
+    from trainer.train import TrainingError  # torch (~3 s); run() imported it before this can fire
 
     raise TrainingError(f"stopped by signal {signal.Signals(signum).name}: another rank failed or the launcher was stopped")
 
@@ -104,7 +104,7 @@ def watch_cmd(
     poll: float | None = typer.Option(None, min=0.1, help="Seconds between checks"),
 ) -> None:
     """Run cycles when enough new data arrived (after a cooldown) or when an admin queued one."""
-    from trainer.train import launched_processes
+    from trainer.train import launched_processes  # torch: ~3 s, only when the watch starts
     from trainer.watch import watch
 
     if launched_processes() > 1:
@@ -123,7 +123,6 @@ def import_cmd(
 ) -> None:
     """Import examples from a file; a file with bad rows imports nothing and lists them."""
     from store.db import session_scope
-    from store.errors import StoreError
     from flywheel.embedding import EmbedderError
     from flywheel.memory import Memory
     from trainer.importer import ImportFileError, import_file

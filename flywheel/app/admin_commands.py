@@ -48,10 +48,10 @@ def _run_admin_action(actor: str, action: str, target: str, command: list[str], 
     """Run one of the bot's admin actions as `actor`, audited as the Slack command is; exit 1
     (after the audit) when it was refused or failed."""
     # the bot's admin side (Slack SDK, Bolt's helpers) adds ~0.7-1.2 s to every `flywheel` command: only here
-    from bot.admin import Admin
-    from bot.canary import Canary
-    from bot.gateway_client import GatewayClient
-    from bot.settings import BotSettings
+    from bot.admin import Admin  # Slack SDK, Bolt helpers (~0.7-1.2 s with the three below)
+    from bot.canary import Canary  # bot package: as above
+    from bot.gateway_client import GatewayClient  # httpx + bot package: as above
+    from bot.settings import BotSettings  # bot package: as above
 
     settings = BotSettings().model_copy(update={"admins": [actor]})
     gateway = GatewayClient(settings)
@@ -155,13 +155,13 @@ def review_list(ctx: typer.Context,
 def _decide(feedback_id: int, actor: str | None, *, approve: bool, text: str | None) -> None:
     """Decide as a click on Approve / Reject (or an edit) does: audited, the memory taught, the
     author told in Slack; exit 1 when it was refused or failed."""
-    # the bot's review side (Slack SDK, the memory's embedder): seconds to import, only here
-    from bot.app import make_web_client
-    from bot.channels import ChannelVisibility
-    from bot.feedback import Feedback
-    from bot.review import Review
-    from bot.settings import BotSettings
-    from flywheel.memory import Memory, MemorySettings
+    # the bot's review side: seconds to import, only here
+    from bot.app import make_web_client  # Bolt, Slack SDK
+    from bot.channels import ChannelVisibility  # Slack SDK
+    from bot.feedback import Feedback  # Slack SDK, the memory
+    from bot.review import Review  # Slack SDK
+    from bot.settings import BotSettings  # bot package (pydantic settings): with the above
+    from flywheel.memory import Memory, MemorySettings  # numpy, pgvector, the store's memory queries
 
     who = _actor(actor)
     settings = BotSettings().model_copy(update={"admins": [who]})

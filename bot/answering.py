@@ -149,7 +149,6 @@ class Answerer:
             log.info("question refused: too many waiting", channel=channel, waiting=self.queue.waiting())
             self._post(client, channel, reply_thread, TOO_MANY)
             return
-        self.visibility.visibility(client, channel)  # recorded for the trainer: what may train the shared model
         prompt = self.prompt.model_copy(update={"bot_user_id": bot_user_id or self.prompt.bot_user_id})
         if not normalize(event.get("text") or "", bot_user_id=prompt.bot_user_id):  # a bare mention
             self._post(client, channel, reply_thread, EMPTY_QUESTION)
@@ -177,6 +176,9 @@ class Answerer:
             if reply.apologize(TOO_MANY):
                 metrics.ANSWERS.labels("refused").inc()
             self._settled(placeholder)
+        # recorded for the trainer (what may train the shared model); after "Thinking…" shows, since
+        # a channel not seen for a while costs a conversations.info call
+        self.visibility.visibility(client, channel)
 
     def _store_question(self, client: WebClient, event: dict, conversation: str,
                         reply_thread: str | None) -> bool | None:

@@ -49,16 +49,15 @@ EMPTY_ANSWER = "_The model returned an empty answer. Try rephrasing the question
 
 class Answerer:
     def __init__(self, settings: BotSettings, gateway: GatewayClient, memory: Memory,
-                 visibility: ChannelVisibility, queue: FairQueue, prompt: PromptSettings | None = None,
-                 assistant: Assistant | None = None, canary: Canary | None = None) -> None:
+                 visibility: ChannelVisibility, queue: FairQueue, *, prompt: PromptSettings,
+                 assistant: Assistant, canary: Canary) -> None:
         self.settings, self.gateway, self.memory, self.visibility = settings, gateway, memory, visibility
         self.queue = queue  # the answer workers, each person's questions in a line of their own
         self._open: dict[Placeholder, tuple[UpdatedReply, str | None]] = {}  # placeholders showing
         self._lock = threading.Lock()
-        self.prompt = prompt or PromptSettings()
+        self.prompt = prompt
         self.replies = ReplyOpener(settings.slack_streaming)
-        self.assistant = assistant or Assistant(settings)
-        self.canary = canary or Canary(settings)
+        self.assistant, self.canary = assistant, canary
 
     def _plan(self, messages: list[dict], channel: str, session) -> MemoryPlan:
         """What the team taught that fits this question; a broken memory never blocks an answer."""

@@ -30,6 +30,7 @@ from bot.settings import BotSettings
 from bot.workers import FairQueue, LaneExecutor, lane_middleware
 from flywheel.logs import describe_exception, get_logger
 from flywheel.memory import Memory
+from flywheel.prompt import PromptSettings
 
 log = get_logger("bot.app")
 COMMAND = "/flywheel"
@@ -58,10 +59,12 @@ def create_app(settings: BotSettings, *, gateway: GatewayClient, socket_mode: bo
     memory = Memory()
     threading.Thread(target=memory.warm, name="memory-warm-up", daemon=True).start()
     visibility = ChannelVisibility(settings.channel_visibility_ttl_s)  # one channel-visibility cache
-    feedback = Feedback(settings, memory, visibility)
+    prompt = PromptSettings()  # one reading of the prompt settings, for answers and for what is taught
+    feedback = Feedback(settings, memory, visibility, prompt)
     assistant = Assistant(settings, visibility)
     canary = Canary(settings)  # one view of the canary alias: a command's move shows at the next answer
-    answerer = Answerer(settings, gateway, memory, visibility, answers, assistant=assistant, canary=canary)
+    answerer = Answerer(settings, gateway, memory, visibility, answers, prompt=prompt, assistant=assistant,
+                        canary=canary)
     review = feedback.review = Review(settings, feedback)
     admin = Admin(settings, gateway, review=review, canary=canary)
     forgetting = Forgetting(settings, feedback, review)

@@ -44,9 +44,9 @@ def most_asked(rows: list[tuple[str, str]], is_public, *, bot_user_id: str | Non
 
 
 class Assistant:
-    def __init__(self, settings: BotSettings, visibility: ChannelVisibility | None = None) -> None:
+    def __init__(self, settings: BotSettings, visibility: ChannelVisibility) -> None:
         self.settings = settings
-        self.visibility = visibility or ChannelVisibility()
+        self.visibility = visibility
 
     def _call(self, name: str, fn, **kwargs) -> bool:
         try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from slack_sdk.errors import SlackApiError
-from sqlalchemy.exc import DBAPIError
 from slack_sdk.web import WebClient
+from sqlalchemy.exc import DBAPIError
 
 from bot import blocks, metrics
 from bot.channels import ChannelVisibility
@@ -42,10 +42,9 @@ def find_answer(channel: str | None, ts: str | None) -> Message | None:
 
 
 class Feedback:
-    def __init__(self, settings: BotSettings, memory: Memory | None = None,
-                 visibility: ChannelVisibility | None = None) -> None:
-        self.memory, self.visibility = memory, visibility or ChannelVisibility()
-        self.prompt = PromptSettings()
+    def __init__(self, settings: BotSettings, memory: Memory | None, visibility: ChannelVisibility,
+                 prompt: PromptSettings) -> None:
+        self.memory, self.visibility, self.prompt = memory, visibility, prompt
         self.settings = settings
         self.review = None  # bot.review.Review, set by the app (it needs this object too)
 

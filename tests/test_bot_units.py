@@ -7,10 +7,12 @@ from pydantic import ValidationError
 
 from bot.admin import CommandError, examples_summary, feedback_summary, parse
 from bot.blocks import SECTION_LIMIT, answer_blocks, sections
+from bot.channels import ChannelVisibility
 from bot.feedback import Feedback
 from bot.reports import metrics_table
 from bot.settings import BotSettings
 from bot.slack_text import escape
+from flywheel.prompt import PromptSettings
 
 BOT = "UBOT0001"
 
@@ -63,7 +65,8 @@ def test_command_parsing():
 
 
 def test_reaction_meanings_follow_the_settings():
-    fb = Feedback(BotSettings(up_emojis=["+1"], down_emojis=["-1"], label_emojis={"bug": "bug-report"}))
+    fb = Feedback(BotSettings(up_emojis=["+1"], down_emojis=["-1"], label_emojis={"bug": "bug-report"}), None,
+                  ChannelVisibility(), PromptSettings())
     assert fb.reaction_meaning("+1::skin-tone-4") == ("reaction", "up")
     assert fb.reaction_meaning("-1") == ("reaction", "down")
     assert fb.reaction_meaning("bug") == ("label", "bug-report")
@@ -74,7 +77,7 @@ def test_default_label_emojis_are_the_documented_ones(monkeypatch):
     """README: `:question:`→unclear, `:warning:`→unsafe, `:zzz:`→off-topic by default."""
     for key in ("FLYWHEEL_LABEL_EMOJIS", "FLYWHEEL_UP_EMOJIS", "FLYWHEEL_DOWN_EMOJIS"):
         monkeypatch.delenv(key, raising=False)
-    fb = Feedback(BotSettings())
+    fb = Feedback(BotSettings(), None, ChannelVisibility(), PromptSettings())
     assert [fb.reaction_meaning(e) for e in ("question", "warning", ":zzz:", "warning::skin-tone-2")] == [
         ("label", "unclear"), ("label", "unsafe"), ("label", "off-topic"), ("label", "unsafe")]
     assert fb.reaction_meaning("bug") is None

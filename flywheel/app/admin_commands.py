@@ -162,6 +162,7 @@ def _decide(feedback_id: int, actor: str | None, *, approve: bool, text: str | N
     from bot.review import Review  # Slack SDK
     from bot.settings import BotSettings  # bot package (pydantic settings): with the above
     from flywheel.memory import Memory, MemorySettings  # numpy, pgvector, the store's memory queries
+    from flywheel.prompt import PromptSettings  # with the memory: the prompt module
 
     who = _actor(actor)
     settings = BotSettings().model_copy(update={"admins": [who]})
@@ -169,7 +170,8 @@ def _decide(feedback_id: int, actor: str | None, *, approve: bool, text: str | N
         typer.secho("review decisions need SLACK_BOT_TOKEN (the author is told in Slack, as after a click); "
                     "run this where the bot runs", fg="red", err=True)
         raise typer.Exit(2)
-    feedback = Feedback(settings, Memory(MemorySettings()), ChannelVisibility(settings.channel_visibility_ttl_s))
+    feedback = Feedback(settings, Memory(MemorySettings()), ChannelVisibility(settings.channel_visibility_ttl_s),
+                        PromptSettings())
     decided, said, follow_up = Review(settings, feedback).decide(
         make_web_client(settings), who, feedback_id, approve=approve, text=text)
     if not decided:

@@ -20,7 +20,13 @@ from store.db import session_scope
 from store.documents import list_documents, remove_document
 from store.errors import NotFoundError, StoreError
 from store.forget import Forgotten, forget_user
-from store.memory import deactivate_memory_item, list_memory_items, memory_item_by_id, memory_taught_since
+from store.memory import (
+    deactivate_memory_item,
+    deactivate_memory_items,
+    list_memory_items,
+    memory_item_by_id,
+    memory_taught_since,
+)
 from store.models import VersionStatus
 from store.overview import overview
 from store.replicas import list_replicas
@@ -287,9 +293,8 @@ class Admin:
             items = memory_taught_since(s, since)
             add_audit(s, actor=user, action="memory.retire", target=f"since {version}",
                       detail={"since": since.isoformat(), "items": [i.id for i in items]})
+            deactivate_memory_items(s, [item.key for item in items])
             s.commit()
-            for item in items:
-                deactivate_memory_item(s, item.key)
         return Reply(f":wastebasket: <@{user}> switched off {len(items)} memory item(s) taught since `{version}` "
                      f"went live: answers no longer use them. The corrections they came from stay.", public=True)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from sqlmodel import Session, col, func, select
 
 from store.errors import NotFoundError
-from store.memory import deactivate_memory_item, memory_items_by_key
+from store.memory import deactivate_memory_items, memory_items_by_key
 from store.models import Document, DocumentSection, utcnow
 
 
@@ -106,9 +106,8 @@ def save_import(session: Session, plan: ImportPlan) -> tuple[Document, list[Docu
     for row in plan.unchanged:
         session.add(row)  # positions may have moved (trainer/documents.py sets them)
     session.flush()
+    deactivate_memory_items(session, stale)  # in the same transaction as the sections' change
     session.commit()
-    for key in stale:
-        deactivate_memory_item(session, key)
     for row in [doc, *to_remember]:
         session.refresh(row)
     return doc, to_remember
@@ -125,9 +124,8 @@ def remove_document(session: Session, document_id: int) -> Document:
     for row in sections:
         row.active, row.updated_at = False, utcnow()
         session.add(row)
+    deactivate_memory_items(session, [section_key(row) for row in sections])
     session.commit()
-    for row in sections:
-        deactivate_memory_item(session, section_key(row))
     session.refresh(doc)
     return doc
 

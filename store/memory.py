@@ -114,15 +114,22 @@ def upsert_memory_item(session: Session, *, key: str, question: str, answer: str
     raise RuntimeError(f"could not write memory item {key}")
 
 
+def deactivate_memory_items(session: Session, keys: list[str]) -> int:
+    """Switch off the active items under `keys`, staged in the caller's transaction (so with the
+    change that retires them); how many were on."""
+    rows = [row for row in memory_items_by_key(session, keys) if row.active]
+    for row in rows:
+        row.active = False
+        touch_memory_item(session, row)
+        session.add(row)
+    return len(rows)
+
+
 def deactivate_memory_item(session: Session, key: str) -> bool:
-    row = session.exec(select(MemoryItem).where(MemoryItem.key == key)).first()
-    if row is None or not row.active:
-        return False
-    row.active = False
-    touch_memory_item(session, row)
-    session.add(row)
+    """Switch off one item, committed; whether it was on."""
+    off = deactivate_memory_items(session, [key])
     session.commit()
-    return True
+    return bool(off)
 
 
 def erase_memory_items(session: Session, rows: list[MemoryItem]) -> int:

@@ -72,8 +72,17 @@ def snapshot_text(tmp: Path) -> str:
         snap = build_snapshot(s, TrainerSettings(data_dir=tmp / "data", runs_dir=tmp / "runs",
                                                  adapters_dir=tmp / "adapters", augment=False))
     rows = [row for split in snap.dataset.values() for row in split]
-    return json.dumps(rows, ensure_ascii=False) + "".join(
-        p.read_text(errors="replace") for p in Path(snap.row.path).rglob("*.jsonl"))
+    rows += [json.loads(line) for p in Path(snap.row.path).rglob("*.jsonl")
+             for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return "\n".join(_strings(rows))  # the texts themselves: a quote in an answer is not JSON-escaped
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [s for v in value for s in _strings(v)] if isinstance(value, list) else []
 
 
 def test_private_teaching_never_trains_the_shared_model(bot, tmp_path):

@@ -594,6 +594,11 @@ class SlackSender:
     def close(self) -> None:
         self.client.close()
 
+    def _trigger_id(self) -> str:
+        """Unique like Slack's: the bot claims each one once in the store (bot/replays.py), and
+        tests that share a store each start a sender."""
+        return f"trig.{next(self._ids)}.{uuid.uuid4().hex[:12]}"
+
     def next_ts(self) -> str:
         """A timestamp for a person's message, ordered with the bot's."""
         return new_ts()
@@ -682,7 +687,7 @@ class SlackSender:
             msg.setdefault("thread_ts", thread_ts)
         return self.interactive({
             "type": "block_actions", "team": {"id": self.team_id}, "api_app_id": APP_ID,
-            "user": {"id": user, "team_id": self.team_id}, "trigger_id": f"trig.{next(self._ids)}",
+            "user": {"id": user, "team_id": self.team_id}, "trigger_id": self._trigger_id(),
             "container": {"type": "message", "message_ts": message_ts, "channel_id": channel,
                           "is_ephemeral": False, "thread_ts": thread_ts},
             "channel": {"id": channel}, "message": msg, "response_url": self._response_url(),
@@ -694,7 +699,7 @@ class SlackSender:
                         user: str = "UALICE01") -> httpx.Response:
         return self.interactive({
             "type": "view_submission", "team": {"id": self.team_id}, "api_app_id": APP_ID,
-            "user": {"id": user, "team_id": self.team_id}, "trigger_id": f"trig.{next(self._ids)}",
+            "user": {"id": user, "team_id": self.team_id}, "trigger_id": self._trigger_id(),
             "view": {"id": f"V{next(self._ids):08d}", "type": "modal", "callback_id": callback_id,
                      "private_metadata": private_metadata, "state": {"values": values}},
         })
@@ -704,7 +709,7 @@ class SlackSender:
         return self.interactive({
             "type": "message_action", "callback_id": callback_id, "team": {"id": self.team_id},
             "user": {"id": user, "team_id": self.team_id}, "channel": {"id": channel},
-            "trigger_id": f"trig.{next(self._ids)}", "response_url": self._response_url(),
+            "trigger_id": self._trigger_id(), "response_url": self._response_url(),
             "message_ts": message_ts,
             "message": {"type": "message", "ts": message_ts, "user": message_user, "text": text},
         })
@@ -714,7 +719,7 @@ class SlackSender:
                        command: str = "/flywheel") -> dict:
         return {"token": "unused", "team_id": self.team_id, "channel_id": channel, "user_id": user,
                 "command": command, "text": text, "api_app_id": APP_ID,
-                "response_url": self._response_url() or "", "trigger_id": f"trig.{next(self._ids)}"}
+                "response_url": self._response_url() or "", "trigger_id": self._trigger_id()}
 
     def command(self, text: str, **kw) -> httpx.Response:
         body = urllib.parse.urlencode(self.command_fields(text, **kw))

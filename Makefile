@@ -63,8 +63,9 @@ $(VLLM_VENV)/.installed:
 	touch $@
 
 # Shuffled (pytest-randomly prints "Using --randomly-seed=N"; PYTEST_ARGS=--randomly-seed=N replays an order).
+# The 30 slowest tests are listed at the end: where `make test`'s time goes, on every machine that runs it.
 test: setup model vllm
-	$(BIN)/python -m pytest -p randomly $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -p randomly --durations=30 $(PYTEST_ARGS)
 
 test-fast: setup model
 	$(BIN)/python -m pytest -p randomly -m "not slow" $(PYTEST_ARGS)

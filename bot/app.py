@@ -29,7 +29,7 @@ from bot.review import Review
 from bot.settings import BotSettings
 from bot.workers import FairQueue, LaneExecutor, lane_middleware
 from flywheel.logs import describe_exception, get_logger
-from flywheel.memory import Memory
+from flywheel.memory import Memory, MemorySettings
 from flywheel.prompt import PromptSettings
 
 log = get_logger("bot.app")
@@ -56,7 +56,7 @@ def create_app(settings: BotSettings, *, gateway: GatewayClient, socket_mode: bo
     answers = FairQueue(settings.listener_threads, user_running=settings.answer_user_running,
                         user_waiting=settings.answer_user_queue, capacity=settings.answer_queue)
     app = _bolt_app(settings, executor, socket_mode)
-    memory = Memory()
+    memory = Memory(MemorySettings())  # the memory settings, read once for the bot
     threading.Thread(target=memory.warm, name="memory-warm-up", daemon=True).start()
     visibility = ChannelVisibility(settings.channel_visibility_ttl_s)  # one channel-visibility cache
     prompt = PromptSettings()  # one reading of the prompt settings, for answers and for what is taught

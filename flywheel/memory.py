@@ -213,8 +213,8 @@ def search_k(settings: MemorySettings) -> int:
 class Memory:
     """The memory as one service: embedder + index + settings (bot and evaluator use it)."""
 
-    def __init__(self, settings: MemorySettings | None = None, embedder=None) -> None:
-        self.settings = settings or MemorySettings()
+    def __init__(self, settings: MemorySettings, embedder=None) -> None:
+        self.settings = settings
         self._embedder = embedder
         self.index = MemoryIndex()
         self._where: str | None = None  # where the last search ran ("database" / "process"), logged on change

@@ -251,7 +251,7 @@ def test_imports_join_the_memory_and_paraphrases_find_them(memory_db_url, tmp_pa
     faq.write_text('{"question": "Who founded Lumenfold?", "answer": "Priya Okafor founded Lumenfold in 2019."}\n'
                    '{"question": "Where is the Lumenfold warehouse?", "answer": "The warehouse is in Tartu."}\n'
                    '{"text": "my invoice is wrong", "label": "billing"}\n')
-    memory = Memory()
+    memory = Memory(MemorySettings())
     with session_scope() as s:
         result = import_file(s, faq, memory=memory)
         assert result.remembered == 2  # labels are not answers

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from flywheel.prompt import PromptSettings
 from gateway.settings import GatewaySettings
 from trainer.dataset import build_snapshot
 from trainer.settings import TrainerSettings
@@ -372,12 +373,14 @@ def test_an_admins_import_beats_a_users_correction_for_the_same_question(session
                    provenance={"file": "policy.jsonl"})
     user_fix, _ = upsert_example(session, messages=question, answer="Unlimited, just go.", source="correction",
                                  provenance={"by_admin": False})
-    items, _, _ = select_items(list_examples(session), TrainerSettings(augment_templates=0, recall_paraphrases=0))
+    items, _, _ = select_items(list_examples(session), TrainerSettings(augment_templates=0, recall_paraphrases=0),
+                              PromptSettings())
     assert [it["answer"] for it in items["train"]] == ["80 EUR per day, receipts required."]
     # an admin's correction of the same question does replace the import
     upsert_example(session, messages=question, answer="90 EUR per day since March.", source="correction",
                    provenance={"by_admin": True})
-    items, _, _ = select_items(list_examples(session), TrainerSettings(augment_templates=0, recall_paraphrases=0))
+    items, _, _ = select_items(list_examples(session), TrainerSettings(augment_templates=0, recall_paraphrases=0),
+                              PromptSettings())
     assert [it["answer"] for it in items["train"]] == ["90 EUR per day since March."]
     assert user_fix.id
 

@@ -124,12 +124,12 @@ def import_cmd(
     """Import examples from a file; a file with bad rows imports nothing and lists them."""
     from store.db import session_scope
     from flywheel.embedding import EmbedderError
-    from flywheel.memory import Memory
+    from flywheel.memory import Memory, MemorySettings
     from trainer.importer import ImportFileError, import_file
 
     try:
         with session_scope() as s:
-            result = import_file(s, file, source=source, memory=Memory())
+            result = import_file(s, file, source=source, memory=Memory(MemorySettings()))
     except (ImportFileError, StoreError, EmbedderError) as exc:
         _fail(str(exc))
     typer.echo(f"imported {file.name}: {result.created} new, {result.existing} already known, {result.golden} golden, "

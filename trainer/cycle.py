@@ -117,12 +117,11 @@ def checkpoint_key(snapshot_hash: str, settings: TrainerSettings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_cycle(settings: TrainerSettings | None = None, *, force: bool = False, owner: str | None = None,
+def run_cycle(settings: TrainerSettings, *, force: bool = False, owner: str | None = None,
               accelerator=None, on_stall: Callable[[], None] | None = None) -> Outcome:
     """One cycle. `accelerator` (trainer.train.join_processes): this process is one of several
     launched together; ranks other than 0 only train beside rank 0. `on_stall`: called (from the
     lease's thread) once a run that made no progress for settings.stall_s is failed."""
-    settings = settings or TrainerSettings()
     if accelerator is not None and not accelerator.is_main_process:
         return train_beside_rank_0(accelerator)
     engine = get_engine()

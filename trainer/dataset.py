@@ -138,11 +138,10 @@ def _text(item: dict) -> str:
     return item["messages"][-1]["content"] + "\n" + (item["answer"] or item["label"] or "")
 
 
-def select_items(examples: list[Example], settings: TrainerSettings, prompt: PromptSettings | None = None,
+def select_items(examples: list[Example], settings: TrainerSettings, prompt: PromptSettings,
                  general: list[dict] | None = None) -> tuple[dict[str, list[dict]], Counter, list[str]]:
     """Clean, redact, drop, dedupe, split and augment; returns the items per split and the counts.
     Everything people taught trains; only never-taught items (voted-up answers) are held out."""
-    prompt = prompt or PromptSettings()
     counts: Counter = Counter()
     items, redactions = _cleaned(examples, prompt, settings.max_chars, counts)
     items, rejected = _set_rejected_apart(items, counts)
@@ -388,10 +387,9 @@ def shared_examples(session: Session) -> list[Example]:
     return [ex for ex in rows if ex.source != "augmented" or ex.provenance.get("augmented_from") in ids]
 
 
-def build_snapshot(session: Session, settings: TrainerSettings | None = None, *, derive: bool = True,
+def build_snapshot(session: Session, settings: TrainerSettings, *, derive: bool = True,
                    augmenter=None) -> Snapshot:
     """Everything from store rows to a recorded, exported snapshot."""
-    settings = settings or TrainerSettings()
     prompt = PromptSettings()
     derivation = derive_examples(session, admins=frozenset(settings.admins),
                                  context_turns=prompt.context_max_messages).__dict__ if derive else {}

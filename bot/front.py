@@ -460,15 +460,13 @@ def _stop(signum, _frame) -> None:
     raise _Stop(signum)
 
 
-def serve(settings: BotSettings, host: str, port: int, *, fd: int | None = None,
-          worker: WorkerProcess | None = None) -> int:
+def serve(settings: BotSettings, host: str, port: int, worker: WorkerProcess, *, fd: int | None = None) -> int:
     """Start the worker, serve the front until SIGTERM or SIGINT, stop the worker; the exit code.
     uvicorn stops gracefully on the signal, then raises it again for the handler here."""
     import uvicorn
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
-    worker = worker or WorkerProcess()
     try:
         try:
             worker.start()
@@ -504,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # pydantic's ValidationError too
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    return serve(settings, args.host, args.port, fd=args.fd)
+    return serve(settings, args.host, args.port, WorkerProcess(), fd=args.fd)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,23 @@
 """The audit log: every admin action and every refusal, with who and when."""
 from __future__ import annotations
 
+import getpass
+import os
+
 from sqlmodel import Session, col, select
 
 from store.models import AuditEvent
+
+
+def cli_actor(name: str | None) -> str:
+    """Who the audit log names for a command run from the CLI: `name` (its --as), else
+    cli:<login>. The CLI's authority is access to the database, not a Slack user id."""
+    if name:
+        return name
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # a uid without a passwd entry (some containers)
+        return f"cli:uid{os.getuid()}"
 
 
 def add_audit(session: Session, *, actor: str, action: str, target: str, outcome: str = "ok",

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 from sqlmodel import Session, col, func, select
 
+from store.docquestions import retire_section_questions
 from store.errors import NotFoundError
 from store.memory import deactivate_memory_items, memory_items_by_key
 from store.models import Document, DocumentSection, utcnow
-
 
 
 def section_key(section: DocumentSection) -> str:
@@ -107,6 +107,8 @@ def save_import(session: Session, plan: ImportPlan) -> tuple[Document, list[Docu
         session.add(row)  # positions may have moved (trainer/documents.py sets them)
     session.flush()
     deactivate_memory_items(session, stale)  # in the same transaction as the sections' change
+    retire_section_questions(session, [s.id for s, _ in plan.changed], "section changed")
+    retire_section_questions(session, [s.id for s in plan.retired], "section removed")
     session.commit()
     for row in [doc, *to_remember]:
         session.refresh(row)
@@ -125,6 +127,7 @@ def remove_document(session: Session, document_id: int) -> Document:
         row.active, row.updated_at = False, utcnow()
         session.add(row)
     deactivate_memory_items(session, [section_key(row) for row in sections])
+    retire_section_questions(session, [row.id for row in sections], "document removed")
     session.commit()
     session.refresh(doc)
     return doc

@@ -145,6 +145,14 @@ def count_examples(session: Session, since: datetime | None = None) -> dict[str,
 
 def exclude_examples(session: Session, example_ids: list[int], reason: str) -> int:
     """Exclude examples and remember why (a rebuild may re-activate its own 'stale' exclusions)."""
+    count = stage_exclusions(session, example_ids, reason)
+    session.commit()
+    return count
+
+
+def stage_exclusions(session: Session, example_ids: list[int], reason: str) -> int:
+    """exclude_examples staged in the caller's transaction (with the change that makes them
+    stale); how many were active."""
     count = 0
     for example_id in example_ids:
         row = session.get(Example, example_id)
@@ -154,5 +162,4 @@ def exclude_examples(session: Session, example_ids: list[int], reason: str) -> i
         row.provenance = {**row.provenance, "excluded_reason": reason}
         session.add(row)
         count += 1
-    session.commit()
     return count

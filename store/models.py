@@ -348,3 +348,42 @@ class DocumentSection(SQLModel, table=True):
     active: bool = Field(default=True, index=True)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)  # when this text was imported
+
+
+class DocQuestionState(StrEnum):
+    """A question generated from a document's section (trainer/docquestions.py), on its way to
+    the training data: `filtered` never reaches a reviewer (the reason says which check it
+    failed); `pending` waits for one; `approved` teaches (an example and a memory item) and
+    `rejected` does not; `stale`: its section changed or went after it was generated, so what it
+    was checked and reviewed against is gone (an approved one stops teaching)."""
+    filtered = "filtered"
+    pending = "pending"
+    approved = "approved"
+    rejected = "rejected"
+    stale = "stale"
+
+
+DOCUMENT_EXAMPLE_SOURCE = "document"  # Example.source of an approved generated question (store.docquestions)
+
+
+class DocQuestion(SQLModel, table=True):
+    """A question a document's section answers and its short answer taken from the section, as
+    the model generated it through the gateway (or as a reviewer edited it), tied to the text it
+    was checked against (`section_version`: the section's version then; a re-import that changes
+    the section bumps its version, and the questions of an older version are no longer current)."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    document_id: int = Field(foreign_key="document.id", index=True)
+    section_id: int = Field(foreign_key="documentsection.id", index=True)
+    section_version: int
+    question: str = Field(sa_column=Column(Text, nullable=False))
+    answer: str = Field(sa_column=Column(Text, nullable=False))
+    status: str = Field(default=DocQuestionState.pending, max_length=16, index=True)
+    reason: Optional[str] = Field(default=None, max_length=64)  # why filtered or stale
+    edited: bool = False  # a reviewer changed the question or the answer before approving
+    decided_by: Optional[str] = Field(default=None, max_length=64)
+    decided_at: Optional[datetime] = None
+    example_id: Optional[int] = Field(default=None, foreign_key="example.id")
+    review_ts: Optional[str] = Field(default=None, max_length=32)  # the admin channel's post showing it
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)

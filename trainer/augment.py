@@ -141,14 +141,29 @@ def keep_own(questions: list[str], candidates: list[list[str]], embedder, min_si
     return out
 
 
+def gateway_client(url: str, api_key: str | None) -> httpx.Client:
+    """An HTTP client for the gateway's OpenAI-compatible API (a CPU model may take a minute)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=60.0)
+
+
+def complete(client: httpx.Client, body: dict) -> str:
+    """The text of one chat completion through the gateway (`client`: its base URL and key);
+    AugmentError when the gateway refuses or answers something that is not a completion."""
+    resp = client.post("/v1/chat/completions", json=body)
+    if resp.status_code != 200:
+        raise AugmentError(f"gateway answered {resp.status_code}: {resp.text[:200]}")
+    try:
+        return str(resp.json()["choices"][0]["message"]["content"] or "")
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise AugmentError(f"gateway answered no completion: {resp.text[:200]}") from exc
+
+
 def paraphrase(client: httpx.Client, question: str, answer: str, n: int, model: str) -> list[str]:
     """Up to n + 1 candidate questions for one taught answer (one spare: some get filtered)."""
     body = {"model": model, "temperature": 0.7, "top_p": 0.9, "max_tokens": 24 * (n + 1),
             "messages": paraphrase_messages(question, answer, n + 1)}
-    resp = client.post("/v1/chat/completions", json=body)
-    if resp.status_code != 200:
-        raise AugmentError(f"gateway answered {resp.status_code}: {resp.text[:200]}")
-    return candidate_lines(question, resp.json()["choices"][0]["message"]["content"])
+    return candidate_lines(question, complete(client, body))
 
 
 def _embedder():
@@ -179,9 +194,8 @@ def augment_examples(session: Session, settings) -> int:
     todo = [ex for ex in taught if ex.id not in done and "paraphrased" not in ex.provenance]
     if not todo:
         return 0
-    headers = {"Authorization": f"Bearer {settings.gateway_api_key}"} if settings.gateway_api_key else {}
     asked: list[tuple] = []
-    with httpx.Client(base_url=settings.gateway_url.rstrip("/"), headers=headers, timeout=60.0) as client:
+    with gateway_client(settings.gateway_url, settings.gateway_api_key) as client:
         for i, ex in enumerate(todo):
             question, found, seen = ex.messages[-1]["content"], [], set()
             try:

@@ -22,7 +22,7 @@ from flywheel.prompt import PromptSettings, build_messages, normalize
 from flywheel.redact import redact
 from store.datasets import record_snapshot, snapshot_by_hash
 from store.examples import list_examples, set_splits
-from store.models import DatasetSnapshot, Example
+from store.models import DOCUMENT_EXAMPLE_SOURCE, DatasetSnapshot, Example
 from trainer.augment import template_paraphrases
 from trainer.clean import normalize_for_hash
 from trainer.dedup import NearDupIndex, exact_key
@@ -36,16 +36,20 @@ disable_progress_bars()
 # rejected: answers voted down with nothing better taught (no SFT target; KTO's undesirable ones).
 SPLITS = ("train", "eval", "golden", "recall", "general", "rejected")
 STORED_SPLITS = ("train", "eval", "golden")  # the ones an Example row can be in
+# Curated: imported, or a document's question a reviewer approved (store/docquestions.py); an
+# admin stands behind it.
+CURATED_SOURCES = ("import", DOCUMENT_EXAMPLE_SOURCE)
 # What people taught: always trained on, never withheld for evaluation.
-TAUGHT_SOURCES = ("correction", "import", "shortcut")
+TAUGHT_SOURCES = ("correction", *CURATED_SOURCES, "shortcut")
 # Which example wins when several give different targets for the same context: first who stands
 # behind it (an admin's import, correction or golden item outranks anyone else's correction), then
 # the source, then the newest.
-SOURCE_PRIORITY = {"correction": 5, "import": 4, "shortcut": 3, "label": 3, "feedback": 2, "augmented": 1}
+SOURCE_PRIORITY = {"correction": 5, "import": 4, DOCUMENT_EXAMPLE_SOURCE: 4, "shortcut": 3, "label": 3,
+                   "feedback": 2, "augmented": 1}
 
 
 def rank(item: dict) -> tuple:
-    by_admin = item["source"] == "import" or item["golden"] or item.get("by_admin", False)
+    by_admin = item["source"] in CURATED_SOURCES or item["golden"] or item.get("by_admin", False)
     return (by_admin, SOURCE_PRIORITY.get(item["source"], 0), item["updated"], item["example_id"])
 FEATURES = Features({
     "example_id": Value("int64"),

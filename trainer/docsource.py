@@ -23,7 +23,7 @@ CONTENT_TYPES = {"text/markdown": "markdown", "text/x-markdown": "markdown", "te
 
 
 class DocumentSettings(BaseSettings):
-    """`flywheel docs import`'s limits."""
+    """`flywheel docs import`'s limits, and how `flywheel docs questions --generate` asks."""
 
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")
 
@@ -33,6 +33,14 @@ class DocumentSettings(BaseSettings):
     # a section longer than this is split at paragraphs: the embedder reads 128 tokens (~500
     # characters) of each, and every note goes into the prompt
     docs_section_chars: int = Field(default=800, ge=200)
+    # Questions generated from sections (`flywheel docs questions --generate`, trainer/docquestions.py)
+    gateway_url: str | None = None  # the gateway they are asked through
+    gateway_api_key: str | None = None
+    docs_questions: int = Field(default=3, ge=1, le=10)  # asked for per section, at most
+    # the untouched instruct model: an adapter learned to answer the team's questions, not to label
+    docs_questions_model: str = "base"
+    # share of an answer's content words that must appear in its section (the rest is the model's own)
+    docs_questions_min_support: float = Field(default=0.8, gt=0.0, le=1.0)
 
 
 class DocumentError(ValueError):

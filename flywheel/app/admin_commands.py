@@ -13,29 +13,19 @@ correction and its author hears of the decision in Slack, as after a click: it n
 SLACK_BOT_TOKEN (the bot's pod has it)."""
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import re
 import shlex
 from typing import Annotated
 
 import typer
 
+from store.audit import cli_actor
 from store.db import session_scope
 from store.review import count_pending, pending_reviews, subject
 from store.versions import CANDIDATE, PRODUCTION, alias_target, count_versions, list_versions
 
 ACTOR_HELP = "Who the audit log names (default: cli:<login>)"
-
-
-def _actor(name: str | None) -> str:
-    if name:
-        return name
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):  # a uid without a passwd entry (some containers)
-        return f"cli:uid{os.getuid()}"
 
 
 def _plain(text: str) -> str:
@@ -81,7 +71,7 @@ def promote(
     actor: Annotated[str | None, typer.Option("--as", help=ACTOR_HELP)] = None,
 ) -> None:
     """Approve and promote a version (as `/flywheel promote`): the production alias moves, audited."""
-    who = _actor(actor)
+    who = cli_actor(actor)
     command = ["promote", version] + (["--force", force] if force is not None else [])
     _run_admin_action(who, "promote", version, command, lambda admin: admin.approve(who, version, force))
 
@@ -92,7 +82,7 @@ def rollback(
     actor: Annotated[str | None, typer.Option("--as", help=ACTOR_HELP)] = None,
 ) -> None:
     """Put the previous production version back (as `/flywheel rollback`), audited."""
-    who = _actor(actor)
+    who = cli_actor(actor)
     command = ["rollback"] + (["--expect", expect] if expect else [])
     _run_admin_action(who, "rollback", PRODUCTION, command, lambda admin: admin.rollback(who, expect))
 
@@ -164,7 +154,7 @@ def _decide(feedback_id: int, actor: str | None, *, approve: bool, text: str | N
     from flywheel.memory import Memory, MemorySettings  # numpy, pgvector, the store's memory queries
     from flywheel.prompt import PromptSettings  # with the memory: the prompt module
 
-    who = _actor(actor)
+    who = cli_actor(actor)
     settings = BotSettings().model_copy(update={"admins": [who]})
     if not settings.slack_bot_token:
         typer.secho("review decisions need SLACK_BOT_TOKEN (the author is told in Slack, as after a click); "

@@ -12,7 +12,7 @@ from slack_sdk.http_retry.builtin_handlers import (
 )
 from slack_sdk.web import WebClient
 
-from bot import blocks, metrics
+from bot import blocks, docreview, metrics
 from bot.admin import Admin
 from bot.answering import Answerer
 from bot.assistant import Assistant
@@ -75,7 +75,7 @@ def create_app(settings: BotSettings, *, gateway: GatewayClient, socket_mode: bo
     register_visibility_listeners(app, visibility)
     register_feedback_listeners(app, feedback)
     register_admin_listeners(app, admin)
-    register_review_listeners(app, review)
+    register_review_listeners(app, review, docreview.DocReview(settings, memory))
     register_home_listeners(app, settings, visibility, assistant)
     app.error(_log_listener_error)
     return app
@@ -170,11 +170,13 @@ def register_admin_listeners(app: App, admin: Admin) -> None:
         on_watch_button(admin, ack, body, client, respond)
 
 
-def register_review_listeners(app: App, review: Review) -> None:
-    """The correction review's buttons and its edit form."""
+def register_review_listeners(app: App, review: Review, documents: docreview.DocReview) -> None:
+    """The correction review's buttons and its edit form; those of documents' questions."""
     app.action(re.compile(f"^({blocks.REVIEW_APPROVE}|{blocks.REVIEW_EDIT}|{blocks.REVIEW_REJECT})$"))(
         review.on_button)
     app.view_submission(blocks.REVIEW_EDIT_VIEW)(review.on_edit_submit)
+    app.action(re.compile("^(" + "|".join(docreview.ACTIONS) + ")$"))(documents.on_button)
+    app.view_submission(docreview.EDIT_VIEW)(documents.on_edit_submit)
 
 
 def register_home_listeners(app: App, settings: BotSettings, visibility: ChannelVisibility,

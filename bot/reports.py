@@ -1,5 +1,6 @@
 """Training reports in the admin channel: one message per run, updated as it progresses, and
-when the run finishes the metrics table, the gate verdict, the plot and Approve / Reject."""
+when the run finishes the metrics table, the gate verdict, the plot and Approve / Reject. The same
+rounds post documents' generated questions waiting for review (bot/docreview.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +16,7 @@ from slack_sdk.web import WebClient
 from bot import metrics
 from bot.admin import Admin, run_line
 from bot.blocks import REPORT_APPROVE, REPORT_REJECT, WATCH_STOP_CANARY, mrkdwn, plain
+from bot.docreview import post_waiting
 from bot.periodic import Periodic
 from bot.settings import BotSettings
 from bot.slack_text import escape, escape_within
@@ -163,6 +165,7 @@ class ReportPoller:
                 version = find_version(s, run.model_version) if run.model_version else None
                 work.append((run, version))
         writes = sum(self._show(run, version) for run, version in work)
+        writes += post_waiting(self.settings, self.client)  # documents' questions for review
         if time.monotonic() - self._watched_at >= WATCH_EVERY_S:  # the live version, on real answers
             self._watched_at = time.monotonic()
             writes += self.watch.check()

@@ -151,6 +151,20 @@ def pending_questions(session: Session, document_id: int | None = None, *,
     return list(session.exec(stmt).all())
 
 
+def with_sections(session: Session, rows: list[DocQuestion]) -> list[tuple[DocQuestion, str]]:
+    """Each question with its section's title path."""
+    titles = {sec.id: sec.title for sec in session.exec(select(DocumentSection).where(
+        col(DocumentSection.id).in_({row.section_id for row in rows}))).all()} if rows else {}
+    return [(row, titles[row.section_id]) for row in rows]
+
+
+def posted_questions(session: Session, ts: str) -> list[DocQuestion]:
+    """The questions the admin channel's post `ts` shows, in the order it shows them."""
+    stmt = (select(DocQuestion).join(DocumentSection, DocumentSection.id == DocQuestion.section_id)
+            .where(DocQuestion.review_ts == ts).order_by(col(DocumentSection.position), col(DocQuestion.id)))
+    return list(session.exec(stmt).all())
+
+
 def get_question(session: Session, question_id: int) -> DocQuestion | None:
     return session.get(DocQuestion, question_id)
 

@@ -12,11 +12,13 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from bot import docreview
 from flywheel.app.cli import app
 from flywheel.memory import Memory, MemorySettings
 from store.audit import list_audit
 from store.db import session_scope
 from store.docquestions import (
+    add_questions,
     approve_document,
     current_questions,
     decide_question,
@@ -30,6 +32,7 @@ from store.documents import list_documents, remove_document, sections_of
 from store.errors import InvalidStateError
 from store.memory import memory_items_by_key
 from store.models import DocQuestion, DocQuestionState, Example, ExampleStatus
+from tests.support.bot_harness import ADMIN_CHANNEL, BotServer
 from tests.support.fake_gateway import FakeGateway
 from tests.test_memory import real_embedder_dir
 from trainer.dataset import shared_examples
@@ -308,3 +311,71 @@ def test_the_commands_generate_report_and_approve(db_url, embedder, monkeypatch)
     assert again.exit_code == 1 and "waits for review" in again.output
     report = runner.invoke(app, ["docs", "questions"])
     assert "4 approved (4 as generated), 1 rejected; approved as generated 44%" in report.output
+
+
+# -- the admin channel -------------------------------------------------------------------------
+REVIEWER, BOB = "UREVIEW01", "UBOB0001"
+
+
+def shown(call) -> str:
+    return json.dumps(call.args.get("blocks"), ensure_ascii=False)
+
+
+def press(bot: BotServer, action_id: str, value: int, ts: str, user: str = REVIEWER):
+    resp = bot.sender.block_action(action_id=action_id, value=str(value), channel=ADMIN_CHANNEL, message_ts=ts,
+                                   user=user)
+    assert resp.status_code == 200
+    return bot.sender.last_response_id
+
+
+def test_the_admin_channel_reviews_a_documents_questions(sqlite_url, memory):
+    with session_scope() as s:
+        doc = load(s, memory, DOCS / "handbook.md")
+        laptops, badges = (sec for sec in sections_of(s, doc.id) if sec.title in ("Onboarding › Laptops",
+                                                                                    "Onboarding › Badges"))
+        first, second, _filtered = add_questions(s, laptops, [
+            ("Which laptop does a new hire get?", "a 14-inch ThinkPad X1 Carbon", None),
+            ("Where do I collect my laptop?", "from room 2.14", None), ("Colour?", "red", UNSUPPORTED)])
+        (third,) = add_questions(s, badges, [("Who prints the badges?", "reception", None)])
+        private = load(s, memory, DOCS / "parking.txt", visible_in="CPRIV001")
+        add_questions(s, sections_of(s, private.id)[0], [("How many parking spaces are there?", "forty", None)])
+    gateway = FakeGateway()
+    bot = BotServer(gateway_url=gateway.url, reviewers=[REVIEWER]).start()
+    try:
+        post = bot.double.wait_for("chat.postMessage", lambda c: c.args.get("channel") == ADMIN_CHANNEL
+                                   and docreview.APPROVE_ALL in shown(c))[0]
+        ts = post.response["ts"]
+        assert "Which laptop does a new hire get?" in shown(post) and "Onboarding › Badges" in shown(post)
+        assert "Colour?" not in shown(post) and "Approve all 3" in shown(post)
+        hidden = bot.double.wait_for("chat.postMessage", lambda c: "visible only in <#CPRIV001>" in c.args.get("text", ""))
+        assert "parking spaces" not in json.dumps(hidden[0].args)
+        # a non-reviewer is refused, audited
+        rid = press(bot, docreview.APPROVE_ALL, doc.id, ts, user=BOB)
+        assert "Only Flywheel admins and reviewers" in bot.double.wait_for(
+            "response", lambda c: c.args["response_id"] == rid)[0].args["text"]
+        # one rejected, one edited in the modal, the rest approved at once
+        press(bot, docreview.REJECT, second.id, ts)
+        bot.double.wait_for("chat.update", lambda c: c.args.get("ts") == ts and "rejected by <@UREVIEW01>" in shown(c))
+        press(bot, docreview.EDIT, first.id, ts)
+        modal = bot.double.wait_for("views.open", lambda c: docreview.EDIT_VIEW in json.dumps(c.args))[0]
+        assert "a 14-inch ThinkPad X1 Carbon" in json.dumps(modal.args)
+        answer = {docreview.TEXT_INPUT: {"type": "plain_text_input", "value": "A 14-inch ThinkPad X1 Carbon."}}
+        resp = bot.sender.view_submission(callback_id=docreview.EDIT_VIEW, user=REVIEWER,
+                                          values={docreview.ANSWER_BLOCK: answer},
+                                          private_metadata=json.dumps({"question_id": first.id}))
+        assert resp.status_code == 200 and not resp.content
+        bot.double.wait_for("chat.update", lambda c: c.args.get("ts") == ts and "approved (edited) by" in shown(c))
+        press(bot, docreview.APPROVE_ALL, doc.id, ts)
+        final = bot.double.wait_for("chat.update", lambda c: c.args.get("ts") == ts
+                                    and docreview.APPROVE not in shown(c))[0]
+        assert shown(final).count(":white_check_mark: approved") == 2 and "rejected by" in shown(final)
+    finally:
+        bot.stop()
+        gateway.stop()
+    with session_scope() as s:
+        rows = {r.id: r for r in current_questions(s, doc.id)}
+        assert rows[first.id].answer == "A 14-inch ThinkPad X1 Carbon." and rows[first.id].edited
+        assert rows[third.id].status == DocQuestionState.approved and rows[third.id].decided_by == REVIEWER
+        items = memory_items_by_key(s, [question_key(rows[first.id]), question_key(rows[third.id])])
+        assert len(items) == 2 and all(i.active for i in items)
+        assert [e.outcome for e in list_audit(s, action="docquestion.approve")].count("refused") == 1

@@ -17,6 +17,7 @@ REVIEW_APPROVE, REVIEW_EDIT, REVIEW_REJECT = "review_approve", "review_edit", "r
 REVIEW_EDIT_VIEW = "review_edit_modal"
 WATCH_ROLLBACK, WATCH_STOP_CANARY = "watch_rollback", "watch_stop_canary"  # under a version-watch alert
 
+SOURCE_MARK = ":bookmark:"  # opens the line under an answer that says what it is based on
 SECTION_LIMIT = 2900  # Slack allows 3000 characters per section text
 THINKING = "_Thinking…_"
 
@@ -71,7 +72,7 @@ def answer_blocks(text: str, *, model_version: str | None, latency_ms: float, st
     served = f"model `{model_version or 'unknown'}` · {latency_ms / 1000:.1f} s"
     return [
         *sections(escape(text)),
-        *([{"type": "context", "elements": [mrkdwn(f":bookmark: {source}")]}] if source else []),
+        *([{"type": "context", "elements": [mrkdwn(f"{SOURCE_MARK} {source}")]}] if source else []),
         {"type": "context", "elements": [mrkdwn(served)]},
         feedback_block(style),
         {"type": "actions", "block_id": "answer_actions", "elements": [

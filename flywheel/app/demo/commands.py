@@ -27,10 +27,24 @@ def run(
     paraphrases: int = typer.Option(2, min=0, help="Paraphrases asked per fact (never taught)"),
     recheck: int = typer.Option(0, min=0, help="After the week, ask only a seeded sample of N facts (their "
                                 "questions and paraphrases) through the bot again (0: all; for large fact sets)"),
+    docs: Path = typer.Option(None, "--docs", help="The team's documents (a folder or file of Markdown, HTML, "
+                              "text, PDF): imported before the week, then every question through the bot "
+                              "before any correction (the docs phase)"),
+    until: str = typer.Option(None, "--until", help="docs: stop after the docs phase (needs --docs); "
+                              "default: the whole week"),
 ) -> None:
     """Play a week in a team workspace: ask, react, correct, train, gate, promote, ask again."""
     if backend not in ("transformers", "vllm"):
         typer.secho("error: --backend must be transformers or vllm", fg="red", err=True)
+        raise typer.Exit(2)
+    if until not in (None, "docs"):
+        typer.secho("error: --until must be docs (or left out for the whole week)", fg="red", err=True)
+        raise typer.Exit(2)
+    if until == "docs" and docs is None:
+        typer.secho("error: --until docs needs --docs DIR (the documents to import)", fg="red", err=True)
+        raise typer.Exit(2)
+    if docs is not None and not docs.exists():
+        typer.secho(f"error: --docs {docs}: no such file or folder", fg="red", err=True)
         raise typer.Exit(2)
     if facts_file is not None:
         from flywheel.app.demo.script import FactsFileError, read_facts_file  # the demo's imports: ~1 s on every command
@@ -49,7 +63,7 @@ def run(
     try:
         run_demo(DemoConfig(output=output, model_dir=model, backend=backend, facts=facts or None,
                             facts_file=facts_file, paraphrases=paraphrases,
-                            recheck=recheck or None))
+                            recheck=recheck or None, docs=docs, until=until))
     except (ServiceError, TimeoutError, RuntimeError, ValueError) as exc:
         typer.secho(f"\ndemo failed: {exc}\n(service logs in {output / 'logs'})", fg="red", err=True)
         raise typer.Exit(1)

@@ -15,7 +15,8 @@ from pathlib import Path
 import typer
 
 from flywheel.app.demo.processes import Service, ServiceError, free_port, run_flywheel
-from flywheel.app.demo.script import (ask_bot, ask_model, load_facts, make_rows, play_week, production_version,
+from flywheel.app.demo.script import (ask_bot, ask_model, check_citations, imported_sections, load_facts,
+                                      make_rows, memory_size, play_week, production_version, ran,
                                       render_table, sample_recheck, summarize, wait_for_memory,
                                       wait_for_production, write_results)
 from flywheel.app.demo.slack_double import SlackDouble, SlackSender
@@ -41,6 +42,8 @@ class DemoConfig:
     facts_file: Path | None = None  # JSONL {"question", "answer", "paraphrases"}; None: the bundled company
     paraphrases: int = 2
     recheck: int | None = None  # facts asked through the bot again after the week (None: all)
+    docs: Path | None = None  # the team's documents, imported before the week (the docs phase)
+    until: str | None = None  # "docs": stop after the docs phase; None: the whole week
     max_tokens: int = 40
     trainer_env: dict = field(default_factory=dict)  # the trainer's defaults fit the data size
     quiet_slack: bool = False
@@ -98,6 +101,11 @@ def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
         ws = Workspace(SlackSender(f"{bot_url}/slack/events", SIGNING_SECRET, double=slack), slack, admin=ADMIN)
         _ask_base_model(cfg, rechecked, say)
         laps.mark("before")
+        if cfg.docs is not None:
+            _ask_with_docs(cfg, env, ws, rechecked, again, say)
+            laps.mark("docs")
+            if cfg.until == "docs":
+                return _results(cfg, rows, rechecked, slack, laps, say)
         corrections = _play_week(ws, rows, say)
         laps.mark("week")
         _ask_with_memory(ws, rechecked, corrections, again, say)
@@ -111,6 +119,7 @@ def run_demo(cfg: DemoConfig, say=typer.echo) -> dict:
         laps.mark("after")
         say("\n▶ And once more from the adapter alone (memory off, same prompt)")
         ask_model(rechecked, cfg.model_dir, say, cfg.max_tokens, adapter=version["adapter_path"], phase="lora_only")
+        laps.mark("lora_only")
         return _results(cfg, rows, rechecked, slack, laps, say, version=version, swap_s=swap_s,
                         corrections=corrections)
 
@@ -170,17 +179,35 @@ def _ask_base_model(cfg: DemoConfig, rechecked: list, say) -> None:
     ask_model(rechecked, cfg.model_dir, say, cfg.max_tokens)
 
 
+def _ask_with_docs(cfg: DemoConfig, env: dict[str, str], ws: Workspace, rechecked: list, again: str, say) -> None:
+    """The cold start: the admin imports the team's documents with `flywheel docs import`; every
+    question through the bot before anyone corrected anything, each answer's citation checked
+    against the sections it names."""
+    say(f"\n▶ Monday, first thing: the admin imports the team's documents (`flywheel docs import {cfg.docs}`)")
+    if run_flywheel(["docs", "import", str(cfg.docs.resolve())], env) != 0:
+        raise ServiceError("`flywheel docs import` failed (see above)")
+    sections = imported_sections()
+    count = sum(map(len, sections.values()))
+    wait_for_memory(count)
+    say(f"  {count} sections are in the memory")
+    say(f"\n▶ Monday: every question through the bot with only the documents to go on{again}")
+    ask_bot(ws, rechecked, "docs", say)
+    check_citations(rechecked, sections)
+
+
 def _play_week(ws: Workspace, rows: list, say) -> int:
     """Monday to Thursday noon: the team asks, votes and corrects; the admin approves the
-    corrections, which then reach the memory. How many corrections there were."""
+    corrections, which then reach the memory (beside what it held: imported sections). How
+    many corrections there were."""
     asked = sum(r.kind == "asked" for r in rows)
+    held = memory_size()
     say(f"\n▶ Monday–Thursday: the team asks {asked} questions; 👍 good answers, 👎 and correct bad ones")
     corrections = play_week(ws, rows, say)
     say(f"\n▶ Thursday noon: the admin reviews the {corrections} corrections in {ADMIN_CHANNEL} "
         "and approves them (corrections from non-admins wait for a reviewer)")
     approved = ws.approve_corrections(ADMIN_CHANNEL, corrections)
     say(f"  {approved} approved")
-    wait_for_memory(corrections)
+    wait_for_memory(held + corrections)
     return corrections
 
 
@@ -219,24 +246,33 @@ def _promote(ws: Workspace, gateway_url: str, version: dict, say) -> float:
     return swap_s
 
 
+_SAID = {"before": "base", "docs": "docs", "memory": "memory", "after": "adapter+memory"}  # lora_only: in brackets
+
+
 def _results(cfg: DemoConfig, rows: list, rechecked: list, slack: SlackDouble, laps: _Laps, say, *,
-             version: dict, swap_s: float, corrections: int) -> dict:
-    """The summary, written under cfg.output with the report and shown as a table."""
+             version: dict | None = None, swap_s: float | None = None, corrections: int | None = None) -> dict:
+    """The summary, written under cfg.output with the report and shown as a table; version,
+    swap_s and corrections are None when the demo stopped after the docs phase."""
     summary = summarize(rows)
     if slack.refused:  # the bot sent something Slack would answer with invalid_blocks
         say(f"\n⚠ Slack would have refused {len(slack.refused)} payload(s): {slack.refused[:3]}")
-    laps.mark("lora_only")
-    extra = {"version": version, "swap_s": round(swap_s, 2), "facts_file": str(cfg.facts_file or "bundled"),
-             "paraphrases": cfg.paraphrases, "corrections": corrections,
+    extra = {"version": version, "swap_s": None if swap_s is None else round(swap_s, 2),
+             "facts_file": str(cfg.facts_file or "bundled"), "docs": None if cfg.docs is None else str(cfg.docs),
+             "until": cfg.until, "paraphrases": cfg.paraphrases, "corrections": corrections,
              "rechecked_rows": len(rechecked), "refused_by_slack": slack.refused,
              "timings_s": laps.timings()}
     write_results(cfg.output, rows, extra)
-    _copy_report(version, cfg.output)
+    if version is not None:
+        _copy_report(version, cfg.output)
     say("\n" + render_table(rechecked))
+    phases = ran(rechecked)
     for kind in ("asked", "paraphrase", "general"):
         m = summary[kind]
-        say(f"mean token F1, {kind} (n={m['n']}): base {m['before_f1']} → memory {m['memory_f1']} → "
-            f"adapter+memory {m['after_f1']} (adapter alone {m['lora_only_f1']})")
+        chain = " → ".join(f"{_SAID[p]} {m[p + '_f1']}" for p in phases if p in _SAID)
+        alone = f" (adapter alone {m['lora_only_f1']})" if "lora_only" in phases else ""
+        cited = m.get("docs_cite_ok")
+        cites = "" if cited is None else f"; docs answers citing a section that holds the answer: {cited:.0%}"
+        say(f"mean token F1, {kind} (n={m['n']}): {chain}{alone}{cites}")
     say(f"report, plot and tables in {cfg.output}/ ({extra['timings_s']['total']:.0f} s in all)")
     return {"summary": summary, "rows": rows, **extra}
 

@@ -12,6 +12,7 @@ from bot.blocks import (
     CORRECTION_INPUT,
     CORRECTION_VIEW,
     REVIEW_APPROVE,
+    SOURCE_MARK,
     SUGGEST_ACTION,
     THINKING,
 )
@@ -27,6 +28,7 @@ class Answer:
     ts: str
     text: str
     model_version: str | None
+    source: str | None = None  # what the answer says it is based on (the citation under it)
 
 
 class Workspace:
@@ -49,7 +51,7 @@ class Workspace:
                 with session_scope() as session:
                     stored = get_message(session, self.channel, msg["ts"])
                 if stored is not None and (_finished(msg) or stored.error):
-                    return Answer(question, ts, msg["ts"], stored.text, stored.model_version)
+                    return Answer(question, ts, msg["ts"], stored.text, stored.model_version, _source(msg))
             time.sleep(0.1)
         raise TimeoutError(f"no answer to {question!r} within {self.answer_timeout_s:.0f} s")
 
@@ -95,8 +97,20 @@ class Workspace:
             raise RuntimeError(f"the bot answered HTTP {resp.status_code}: {resp.text[:200]}")
 
 
-def _finished(msg: dict) -> bool:
+def _blocks(msg: dict) -> list[dict]:
     blocks = msg.get("blocks") or []
-    if isinstance(blocks, str):
-        blocks = json.loads(blocks)
-    return any(b.get("block_id") == "feedback" for b in blocks)
+    return json.loads(blocks) if isinstance(blocks, str) else blocks
+
+
+def _finished(msg: dict) -> bool:
+    return any(b.get("block_id") == "feedback" for b in _blocks(msg))
+
+
+def _source(msg: dict) -> str | None:
+    """The citation under an answer: its context line after the bookmark (bot.blocks.answer_blocks)."""
+    for block in _blocks(msg):
+        for element in block.get("elements", []) if block.get("type") == "context" else []:
+            text = element.get("text", "")
+            if text.startswith(SOURCE_MARK):
+                return text[len(SOURCE_MARK):].strip()
+    return None

@@ -24,6 +24,7 @@ from flywheel.memory import Memory, MemoryPlan, citation
 from flywheel.prompt import PromptSettings, build_messages, normalize, question_of
 from store.conversations import record_message, thread_messages
 from store.db import session_scope
+from store.memory import memory_keys
 from store.models import Role, utcnow
 from store.placeholders import Placeholder, close_placeholder, open_placeholder, placeholders_before
 from store.receipts import record_event_once
@@ -264,6 +265,7 @@ class Answerer:
                                       until_ts=question_ts)
             messages = build_messages(history, prompt)
             plan = self._plan(messages, channel, s)
+            cited = memory_keys(s, [item.id for item in plan.used])  # what citation(plan) names
         metrics.MEMORY.labels("answer" if plan.direct else "notes" if plan.notes else "none").inc()
         progress = Progress(reply, self.settings.stream_update_interval_s)
         try:
@@ -286,7 +288,8 @@ class Answerer:
         with session_scope() as s:  # stored before Slack shows it, so votes always find it
             record_message(s, channel=channel, ts=answer_ts, thread_ts=conversation, role=Role.assistant,
                            text=answer.text or EMPTY_ANSWER, author=bot_user_id,
-                           model_version=answer.model_version, latency_ms=answer.latency_ms, error=error)
+                           model_version=answer.model_version, latency_ms=answer.latency_ms, error=error,
+                           cited=cited)
         if error:
             if reply.apologize(EMPTY_ANSWER):
                 metrics.ANSWERS.labels("empty").inc()

@@ -10,6 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from bot import blocks, metrics
 from bot.channels import ChannelVisibility
+from bot.docflags import flag_sections
 from bot.settings import BotSettings
 from bot.slack_text import base_emoji
 from flywheel.logs import get_logger
@@ -232,6 +233,7 @@ class Feedback:
             client.chat_postEphemeral(channel=msg.channel, user=user, text=thanks)
         except SlackApiError as exc:
             log.info("could not confirm the correction", error=exc.response.get("error"))
+        flag_sections(self.settings, self.visibility, client, row, msg)  # an answer from a document: flagged
 
     def remember(self, client: WebClient, msg: Message, user: str, answer: str, *, source: str) -> bool:
         """Put a taught answer into the correction memory, visible where it was taught (public

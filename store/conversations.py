@@ -36,15 +36,17 @@ def record_message(
     model_version: str | None = None,
     latency_ms: float | None = None,
     error: str | None = None,
+    cited: list[str] | None = None,
 ) -> Message:
-    """Store a message once: a second call with the same (channel, ts) returns the first row."""
+    """Store a message once: a second call with the same (channel, ts) returns the first row.
+    `cited`: a bot answer's memory item keys (Message.cited)."""
     existing = get_message(session, channel, ts)
     if existing:
         return existing
     conv = get_or_create_conversation(session, channel, thread_ts or ts)
     msg = Message(
         conversation_id=conv.id, channel=channel, ts=ts, role=str(role), text=text, author=author,
-        model_version=model_version, latency_ms=latency_ms, error=error,
+        model_version=model_version, latency_ms=latency_ms, error=error, cited=cited,
     )
     session.add(msg)
     try:

@@ -11,15 +11,19 @@ from dataclasses import dataclass, field
 
 from sqlmodel import Session, col, func, select
 
+from store.audit import add_audit
 from store.docquestions import retire_section_questions
 from store.errors import NotFoundError
 from store.memory import deactivate_memory_items, memory_items_by_key
 from store.models import Document, DocumentSection, utcnow
 
+SECTION_KEY = "section:"  # how a section's memory item key starts
+SECTION_FLAGGED = "section.flagged"  # the audit action: a correction says a section may be out of date
+
 
 def section_key(section: DocumentSection) -> str:
     """The memory item of one version of a section."""
-    return f"section:{section.id}:{section.version}"
+    return f"{SECTION_KEY}{section.id}:{section.version}"
 
 
 @dataclass
@@ -131,6 +135,35 @@ def remove_document(session: Session, document_id: int) -> Document:
     session.commit()
     session.refresh(doc)
     return doc
+
+
+def cited_sections(session: Session, keys: list[str]) -> list[tuple[Document, DocumentSection]]:
+    """The sections among an answer's cited memory item keys (Message.cited) whose text is still
+    the one the answer was given (same version, active), with their documents; in key order."""
+    out = []
+    for key in keys:
+        if not key.startswith(SECTION_KEY):
+            continue
+        section_id, _, version = key.removeprefix(SECTION_KEY).partition(":")
+        section = session.get(DocumentSection, int(section_id))
+        if section is None or not section.active or str(section.version) != version:
+            continue
+        out.append((session.get(Document, section.document_id), section))
+    return out
+
+
+def flag_cited_sections(session: Session, keys: list[str], *, actor: str, feedback_id: int,
+                        message_id: int) -> list[tuple[Document, DocumentSection]]:
+    """A correction (`feedback_id`, by `actor`) of an answer that cited these memory item keys:
+    each cited section still as the answer had it may be out of date, audited (`section.flagged`,
+    target `section ID`); the sections flagged, with their documents. Commits."""
+    cited = cited_sections(session, keys)
+    for doc, section in cited:
+        add_audit(session, actor=actor, action=SECTION_FLAGGED, target=f"section {section.id}",
+                  detail={"document": doc.id, "section": section.title, "version": section.version,
+                          "feedback_id": feedback_id, "message_id": message_id})
+    session.commit()
+    return cited
 
 
 def list_documents(session: Session) -> list[tuple[Document, int]]:

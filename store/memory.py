@@ -151,6 +151,14 @@ def memory_items_by_key(session: Session, keys: list[str]) -> list[MemoryItem]:
     return list(session.exec(select(MemoryItem).where(col(MemoryItem.key).in_(keys))).all()) if keys else []
 
 
+def memory_keys(session: Session, item_ids: list[int]) -> list[str]:
+    """The keys of these items, in the order of `item_ids` (an id without a row is left out)."""
+    if not item_ids:
+        return []
+    keys = dict(session.exec(select(MemoryItem.id, MemoryItem.key).where(col(MemoryItem.id).in_(item_ids))).all())
+    return [keys[i] for i in item_ids if i in keys]
+
+
 def memory_item_by_id(session: Session, item_id: int) -> MemoryItem | None:
     return session.get(MemoryItem, item_id)
 

@@ -104,6 +104,9 @@ class Message(SQLModel, table=True):
     model_version: Optional[str] = Field(default=None, max_length=64)
     latency_ms: Optional[float] = None
     error: Optional[str] = Field(default=None, sa_column=Column(Text))
+    # a bot answer's memory items, as their keys ("section:<id>:<version>" for a document's
+    # section): what its citation named ([] none); None on other messages and older answers
+    cited: Optional[list] = Field(default=None, sa_column=Column(JSON))
     created_at: datetime = Field(default_factory=utcnow)
 
 

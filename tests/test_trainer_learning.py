@@ -39,11 +39,11 @@ def test_smollm2_learns_the_faq():
     encoded, _ = encode_rows(tok, train, cfg.max_length)
     result = train_lora(model, encoded, cfg, device=cpu, bf16=False, pad_id=tok.pad_token_id, progress=False)
     scores = {}
-    for name in (CANDIDATE, BASE):
+    # the base model only on the paraphrases: its score on the training questions is asserted nowhere
+    for name, split, items in ((CANDIDATE, "train", train), (CANDIDATE, "paraphrase", para), (BASE, "paraphrase", para)):
         with variant(model, name):
-            for split, items in (("train", train), ("paraphrase", para)):
-                preds = generate_answers(model, tok, [r["messages"] for r in items], device=cpu, max_new_tokens=40)
-                scores[(name, split)] = answer_metrics(preds, [r["answer"] for r in items])["token_f1"]
+            preds = generate_answers(model, tok, [r["messages"] for r in items], device=cpu, max_new_tokens=40)
+            scores[(name, split)] = answer_metrics(preds, [r["answer"] for r in items])["token_f1"]
     print({f"{a}/{b}": round(v, 3) for (a, b), v in scores.items()}, "final loss", result.final_loss)
     assert result.final_loss < 0.1
     assert scores[(CANDIDATE, "train")] > 0.9

@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from bot import docreview
 from flywheel.app.cli import app
-from flywheel.memory import Memory, MemorySettings
 from store.audit import list_audit
 from store.db import session_scope
 from store.docquestions import (
@@ -34,7 +33,7 @@ from store.memory import memory_items_by_key
 from store.models import DocQuestion, DocQuestionState, Example, ExampleStatus
 from tests.support.bot_harness import ADMIN_CHANNEL, BotServer
 from tests.support.fake_gateway import FakeGateway
-from tests.test_memory import real_embedder_dir
+from tests.test_documents import embedder, memory  # noqa: F401 (fixtures: one embedder, a memory per test)
 from trainer.dataset import shared_examples
 from trainer.docquestions import (
     DUPLICATE,
@@ -90,17 +89,6 @@ class Gateway:
 
     def client(self) -> httpx.Client:
         return httpx.Client(transport=httpx.MockTransport(self), base_url=SETTINGS.gateway_url)
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    real_embedder_dir()
-    return Memory(MemorySettings()).embedder
-
-
-@pytest.fixture
-def memory(embedder):
-    return Memory(MemorySettings(), embedder=embedder)
 
 
 def load(session, memory, path: Path, **kw):

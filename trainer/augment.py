@@ -12,7 +12,9 @@ import re
 import httpx
 from sqlmodel import Session
 
+from flywheel.embedding import EmbedderError, load_embedder
 from flywheel.logs import get_logger
+from flywheel.memory import MemorySettings
 from store.examples import list_examples, mark_paraphrased, upsert_example
 
 log = get_logger("trainer.augment")
@@ -168,9 +170,6 @@ def paraphrase(client: httpx.Client, question: str, answer: str, n: int, model: 
 
 def _embedder():
     """The memory's sentence embedder, or None where it is not installed (the filter is then off)."""
-    from flywheel.embedding import EmbedderError, load_embedder
-    from flywheel.memory import MemorySettings
-
     try:
         return load_embedder(MemorySettings().embed_model)
     except EmbedderError as exc:
@@ -183,7 +182,7 @@ def augment_examples(session: Session, settings) -> int:
     already sent is not sent again), keep those that stay with their own fact, store them as
     augmented examples. Best effort: without a gateway, or when it fails, training goes on with
     the rule templates alone and the items left are tried again next time."""
-    from trainer.dataset import TAUGHT_SOURCES
+    from trainer.dataset import TAUGHT_SOURCES  # trainer.dataset imports this module: not at the top
 
     if not settings.gateway_url:
         log.info("model paraphrases skipped", reason="no FLYWHEEL_GATEWAY_URL")

@@ -184,8 +184,8 @@ def _snapshot(settings: TrainerSettings, lease: TrainerLease, engine):
 
 def _train_and_register(settings: TrainerSettings, snap, run_id: int, lease: TrainerLease, engine,
                         others: OtherRanks) -> Outcome:
-    from trainer.evaluate import eval_memory
-    from trainer.modeling import load_tokenizer, pick_device
+    from trainer.evaluate import eval_memory  # torch, transformers: ~2 s, only when a run trains
+    from trainer.modeling import load_tokenizer, pick_device  # torch, transformers
 
     device = others.accelerator.device if others.accelerator is not None else pick_device(settings.device)
     tokenizer = load_tokenizer(Path(settings.base_model))

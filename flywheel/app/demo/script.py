@@ -25,7 +25,9 @@ from typing import Callable
 import httpx
 
 from flywheel.app.demo.workspace import Answer, Workspace
+from flywheel.precision import inference_autocast
 from flywheel.prompt import PromptSettings, build_messages
+from gateway.settings import GatewaySettings
 from store.db import session_scope
 from store.documents import list_documents, sections_of
 from store.memory import count_memory
@@ -147,12 +149,10 @@ def ask_model(rows: list[Row], model_dir: Path, say: Callable[[str], None], max_
     """Every question to the base model (or base + adapter) with production's prompt and no
     memory, greedy, batched in this process: the gateway serves one request at a time, and these
     two phases ask every question without any Slack in between."""
-    import torch
+    import torch  # torch and transformers: ~2 s, only for the two phases that ask the model directly
 
-    from flywheel.precision import inference_autocast
-    from gateway.settings import GatewaySettings
-    from trainer.generate import generate_answers
-    from trainer.modeling import load_base_model, load_tokenizer
+    from trainer.generate import generate_answers  # torch, transformers
+    from trainer.modeling import load_base_model, load_tokenizer  # torch, transformers
 
     device = torch.device("cpu")
     tokenizer = load_tokenizer(model_dir)

@@ -16,10 +16,11 @@ from store.docquestions import (
     memory_item,
     pending_questions,
     question_report,
+    with_sections,
 )
 from store.documents import get_document, list_documents, remove_document
 from store.errors import StoreError
-from store.models import DocQuestion, Document, DocumentSection
+from store.models import DocQuestion, Document
 
 docs_app = typer.Typer(help="Import the team's documents (Markdown, HTML, text, PDF; files, folders, URLs): "
                             "their sections answer as notes.", no_args_is_help=True)
@@ -172,9 +173,8 @@ def questions_cmd(
         for doc_id in ids:
             typer.echo(report_line(get_document(s, doc_id), question_report(s, doc_id)))
         if document_id is not None:
-            for row in pending_questions(s, document_id):
-                section = s.get(DocumentSection, row.section_id)
-                typer.echo(f"  {row.id}\t{section.title}\tQ: {row.question}\tA: {row.answer}")
+            for row, title in with_sections(s, pending_questions(s, document_id)):
+                typer.echo(f"  {row.id}\t{title}\tQ: {row.question}\tA: {row.answer}")
 
 
 def _remember(session: Session, doc: Document, rows: list[DocQuestion]) -> str:
